@@ -1,0 +1,194 @@
+"""`mammodp`: one thin command per pipeline stage.
+
+Each command parses its options, loads params.yaml into typed config and calls one stage
+function. A `MammoDPError` becomes one line on stderr and exit code 1; anything else is a
+bug and keeps its traceback. Stage modules are imported inside the commands so that
+`mammodp --help` stays fast and light.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from mammodp.errors import MammoDPError
+
+app = typer.Typer(
+    help="Privacy-preserving mammography classifiers: one command per DVC stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read.")
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Turn a MammoDPError into one clear line and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except MammoDPError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _cfg(params: Path):
+    from mammodp.config import load_config
+
+    return load_config(params)
+
+
+@app.command()
+@_user_errors
+def phantom(
+    out: Path = typer.Option(Path("data/raw"), help="Folder to write the phantom raw data into."),
+    if_missing: bool = typer.Option(False, help="Do nothing if OUT already holds data."),
+    params: Path = ParamsOpt,
+):
+    """Write the built-in phantom data set (CBIS-DDSM and BCDR layouts) to OUT."""
+    from mammodp.stages import phantom as stage
+
+    stage.run(_cfg(params), out=out, if_missing=if_missing)
+
+
+@app.command()
+@_user_errors
+def prepare(
+    source: str = typer.Option(..., help="cbis-ddsm or bcdr."),
+    root: Path = typer.Option(..., help="Folder with the source's CSVs and images (searched recursively)."),
+    out: Path = typer.Option(..., help="Output folder: patches + manifest.parquet/.csv."),
+    params: Path = ParamsOpt,
+):
+    """Import a raw data set into lossless patches and a patient-disjoint manifest."""
+    from mammodp.stages import prepare as stage
+
+    stage.run(_cfg(params), source=source, root=root, out=out)
+
+
+@app.command()
+@_user_errors
+def validate(
+    manifest: list[Path] = typer.Option(
+        None, help="Manifests to check (default: every prepared manifest)."
+    ),
+    report_dir: Path = typer.Option(Path("reports/validation"), help="Where JSON reports go."),
+    params: Path = ParamsOpt,
+):
+    """Run the Great Expectations suite over the manifests; exit 1 on any failure."""
+    from mammodp.stages import validate as stage
+
+    stage.run(_cfg(params), manifests=manifest or None, report_dir=report_dir)
+
+
+@app.command("train-gan")
+@_user_errors
+def train_gan(
+    out: Path = typer.Option(Path("models/mcgan"), help="Checkpoint and sample folder."),
+    resume: bool = typer.Option(False, help="Continue from OUT's last checkpoint."),
+    device: Optional[str] = typer.Option(None, help="Override gan.device (cpu, cuda)."),
+    params: Path = ParamsOpt,
+):
+    """Train the malignancy-conditioned GAN (optionally with a DP discriminator)."""
+    from mammodp.stages import train_gan as stage
+
+    stage.run(_cfg(params), out=out, resume=resume, device=device)
+
+
+@app.command()
+@_user_errors
+def synthesize(
+    generator: Path = typer.Option(Path("models/mcgan"), help="Folder of the trained generator."),
+    out: Path = typer.Option(Path("data/synthetic"), help="Where PNGs and manifest go."),
+    params: Path = ParamsOpt,
+):
+    """Write a synthetic set (N per class) with a manifest recording its provenance."""
+    from mammodp.stages import synthesize as stage
+
+    stage.run(_cfg(params), generator=generator, out=out)
+
+
+@app.command("synth-quality")
+@_user_errors
+def synth_quality(
+    out: Path = typer.Option(Path("metrics/synthesis.json"), help="Metrics JSON."),
+    plots: Path = typer.Option(Path("plots/synthesis"), help="Folder for the closest-pairs grid."),
+    params: Path = ParamsOpt,
+):
+    """FID, FRD and memorisation of the synthetic set against real data."""
+    from mammodp.stages import synth_quality as stage
+
+    stage.run(_cfg(params), out=out, plots=plots)
+
+
+@app.command()
+@_user_errors
+def train(
+    regime: str = typer.Option(..., help="real | real+synth | synth | synth-pretrain+dp-finetune"),
+    epsilon: str = typer.Option(..., help="Target budget, or inf for non-private."),
+    seed: Optional[list[int]] = typer.Option(None, help="Seeds to run (default: train.seeds)."),
+    resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint."),
+    device: Optional[str] = typer.Option(None, help="Override train.device."),
+    params: Path = ParamsOpt,
+):
+    """Train the Swin classifier for one (regime, epsilon) over the seeds."""
+    from mammodp.config import parse_epsilon
+    from mammodp.stages import train as stage
+
+    stage.run(
+        _cfg(params),
+        regime=regime,
+        epsilon=parse_epsilon(epsilon),
+        seeds=seed or None,
+        resume=resume,
+        device=device,
+    )
+
+
+@app.command()
+@_user_errors
+def evaluate(params: Path = ParamsOpt):
+    """Evaluate every trained run internally and externally; fairness and privacy-utility plots."""
+    from mammodp.stages import evaluate as stage
+
+    stage.run(_cfg(params))
+
+
+@app.command()
+@_user_errors
+def tune(
+    epsilon: str = typer.Option(..., help="Privacy budget to tune for."),
+    params: Path = ParamsOpt,
+):
+    """Optuna study of clipping norm, noise and learning rate for one budget."""
+    from mammodp.config import parse_epsilon
+    from mammodp.stages import tune as stage
+
+    stage.run(_cfg(params), epsilon=parse_epsilon(epsilon))
+
+
+@app.command()
+@_user_errors
+def promote(params: Path = ParamsOpt):
+    """Register the best validation run per budget and set registry aliases."""
+    from mammodp.stages import promote as stage
+
+    stage.run(_cfg(params))
+
+
+def main() -> None:  # pragma: no cover - console entry point alternative
+    app(prog_name="mammodp")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

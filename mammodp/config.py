@@ -1,0 +1,418 @@
+"""Typed, frozen configuration built from params.yaml.
+
+One `@dataclass(frozen=True)` per params section. Loading rejects unknown keys, missing
+keys and wrong types with a `ConfigError` naming the dotted key (`train.lr`). Stages take
+these objects; library modules take plain typed arguments and never read params.yaml.
+
+Optuna varies values with `dataclasses.replace`; MLflow logs `flatten(asdict(cfg))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mammodp.errors import ConfigError
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """The built-in synthetic data set (`mammodp phantom`)."""
+
+    seed: int = 0  # drives every random draw; same seed -> byte-identical files
+    cbis_train_patients: int = 48  # patients in the CBIS-layout training CSV
+    cbis_test_patients: int = 16  # patients in the CBIS-layout test CSV
+    bcdr_patients: int = 24  # patients in the BCDR-layout external set
+    image_height: int = 512  # px, full-field CBIS-style mammogram
+    image_width: int = 320  # px
+    bcdr_scale: float = 0.75  # BCDR images are acquired at this fraction of CBIS resolution
+    mass_radius: tuple[float, float] = (10.0, 26.0)  # px, range of mass radii (CBIS scale)
+    difficulty: float = 0.5  # 0 = trivially separable shapes, 1 = indistinguishable
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where data lives (paths relative to the repo root)."""
+
+    raw_dir: str = "data/raw"  # versioned by data.dvc (`dvc add data/raw`)
+    cbis_dir: str = "data/raw/cbis-ddsm"  # case-description CSVs + DICOM tree below it
+    bcdr_dir: str = "data/raw/bcdr"  # BCDR-*_dataset folders with outlines CSVs
+    prepared_dir: str = "data/prepared"  # prepared/{cbis,bcdr}/manifest.parquet + patches
+    synthetic_dir: str = "data/synthetic"  # synthetic PNGs + manifest.parquet
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Patch extraction and splits (`mammodp prepare`)."""
+
+    patch_size: int = 64  # px, side of the stored square patch
+    margin: int = 60  # px (source resolution) added on every side of a lesion's bbox
+    min_size: int = 128  # px (source resolution), smallest square crop side
+    val_fraction: float = 0.15  # fraction of CBIS-train patients held out for validation
+    stratify: str = "breast_density"  # manifest column the val split is stratified on
+    on_error: Literal["fail", "skip"] = "fail"  # skip: bad files are listed in a report
+    workers: int = 2  # processes decoding files in parallel
+    seed: int = 0  # split seed
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Bounds for the Great Expectations suite (`mammodp validate`)."""
+
+    min_class_fraction: float = 0.2  # each class is at least this fraction of every split
+    intensity_mean: tuple[float, float] = (0.05, 0.95)  # bounds on a patch's mean in [0, 1]
+    intensity_std_min: float = 0.01  # a patch with less spread is blank or broken
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Classifier architecture."""
+
+    preset: str = "swin_micro"  # a key of mammodp.models.swin.PRESETS
+    pretrained_weights: str | None = None  # local weights file; null = random init
+    mode: Literal["full", "frozen_backbone"] = "full"  # what is trained (and privatised)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD settings shared by every private run."""
+
+    delta: float = 1e-4  # target delta of (epsilon, delta)-DP
+    max_grad_norm: float = 1.0  # clipping norm C, per privacy unit
+    accountant: Literal["prv", "rdp"] = "prv"  # PRV falls back to RDP if it fails
+    privacy_unit: Literal["patch", "patient"] = "patch"  # what one record is
+    reproducible_noise: bool = False  # seed the noise generator (breaks the DP guarantee)
+    grad_chunk: int = 32  # samples per vmap chunk (bounds per-sample-gradient memory)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Classifier training grid and loop (`mammodp train`)."""
+
+    regimes: tuple[str, ...] = ("real", "real+synth", "synth", "synth-pretrain+dp-finetune")
+    epsilons: tuple[float, ...] = (1.0, 6.0, INF)  # target budgets; inf = non-private
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 8
+    pretrain_epochs: int = 4  # synthetic pretraining epochs (synth-pretrain regime)
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 1e-8
+    batch_size: int = 64  # logical batch: expected size under Poisson sampling
+    physical_batch_size: int = 64  # largest batch pushed through the model at once
+    label_smoothing: float = 0.1
+    flip: bool = True  # random horizontal/vertical flips (training only)
+    synth_ratio: float = 1.0  # synthetic samples per real sample in real+synth
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    num_workers: int = 0  # DataLoader workers
+    params_from_tune: bool = False  # take lr / C / sigma from metrics/tune/eps=E.json
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluation, CIs and fairness (`mammodp evaluate`)."""
+
+    bootstrap: int = 200  # bootstrap resamples for 95% CIs
+    ci: float = 0.95
+    age_bins: tuple[float, ...] = (0, 30, 60, 70, 80, 100)  # Study B's bins, [lo, hi)
+    subgroups: tuple[str, ...] = ("age_bin", "breast_density", "view")
+    threshold: Literal["youden", "fixed"] = "youden"  # operating point, chosen on val only
+    fixed_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class GanDPConfig:
+    """DP-SGD on the MCGAN discriminator (the generator is post-processing)."""
+
+    enabled: bool = False
+    epsilon: float = 10.0
+    delta: float = 1e-4
+    max_grad_norm: float = 1.0
+    accountant: Literal["prv", "rdp"] = "rdp"
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Malignancy-conditioned DCGAN (`mammodp train-gan`)."""
+
+    image_size: Literal[64, 128] = 64
+    latent_dim: int = 100
+    width: int = 64  # channels of the widest layer / 16 (paper: 64 -> 1024)
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    real_label_range: tuple[float, float] = (0.7, 1.2)  # one-sided label smoothing
+    checkpoint_every: int = 5  # epochs
+    sample_every: int = 5  # epochs between sample grids logged to MLflow
+    device: str = "auto"
+    amp: bool = False
+    dp: GanDPConfig = field(default_factory=GanDPConfig)
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    """Synthetic set written by `mammodp synthesize`."""
+
+    n_per_class: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SynthQualityConfig:
+    """FID / FRD / memorisation (`mammodp synth-quality`)."""
+
+    subsets: int = 3  # K random subsets; figures are mean +- std over them
+    subset_size: int = 64  # images per side of each comparison
+    inception_weights: str | None = None  # local Inception weights; null = skip FID
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Optuna study per privacy budget (`mammodp tune`)."""
+
+    epsilons: tuple[float, ...] = (1.0, 6.0)
+    n_trials: int = 4
+    storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL; shared by workers
+    data: Literal["real", "synthetic"] = "real"  # which validation data scores trials
+    max_grad_norm: tuple[float, float] = (0.1, 5.0)  # log-uniform range
+    noise_multiplier: tuple[float, float] = (0.5, 5.0)
+    lr: tuple[float, float] = (1e-4, 1e-2)
+    max_epochs: int = 8  # cap on epochs when the accountant would allow more
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """MLflow registry promotion (`mammodp promote`)."""
+
+    model_name: str = "mammodp-classifier"
+    max_epsilon: float = 6.0  # champion = best validation AUPRC with epsilon <= this
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole params.yaml."""
+
+    plan: str = "demo"  # name of the experiment plan these params came from
+    seed: int = 0  # python / numpy / torch seed
+    experiment: str = "mammodp"  # MLflow experiment name
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+    synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    synth_quality: SynthQualityConfig = field(default_factory=SynthQualityConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against type hint `tp` and convert lists to tuples; raise naming `key`."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {type(value).__name__}", field=key)
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{value!r} matches none of {tp}", field=key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{value!r} is not one of {list(get_args(tp))}", field=key)
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list, got {value!r}", field=key)
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"expected {len(args)} values, got {len(value)}", field=key)
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true/false, got {value!r}", field=key)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {value!r}", field=key)
+        return value
+    if tp is float:
+        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
+            return INF
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, got {value!r}", field=key)
+        if math.isnan(value):
+            raise ConfigError("NaN is not a valid value", field=key)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}", field=key)
+        return value
+    raise ConfigError(f"unsupported config type {tp}", field=key)  # a bug in this module
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key; known keys here: {', '.join(sorted(names))}",
+            field=where + unknown[0],
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a missing required field
+        raise ConfigError(str(exc), field=prefix or "params") from exc
+    _check(obj, prefix)
+    return obj
+
+
+def _check(obj: Any, prefix: str) -> None:
+    """Range checks that types alone cannot express."""
+
+    def bad(name: str, msg: str) -> None:
+        raise ConfigError(msg, field=f"{prefix}.{name}" if prefix else name)
+
+    if isinstance(obj, PrepareConfig):
+        if obj.patch_size < 16:
+            bad("patch_size", "must be at least 16")
+        if not 0 < obj.val_fraction < 1:
+            bad("val_fraction", "must be in (0, 1)")
+        if obj.margin < 0 or obj.min_size < 1:
+            bad("margin", "margin must be >= 0 and min_size >= 1")
+    if isinstance(obj, DPConfig):
+        if not 0 < obj.delta < 1:
+            bad("delta", "must be in (0, 1)")
+        if obj.max_grad_norm <= 0:
+            bad("max_grad_norm", "must be > 0")
+        if obj.grad_chunk < 1:
+            bad("grad_chunk", "must be >= 1")
+    if isinstance(obj, TrainConfig):
+        known = {"real", "real+synth", "synth", "synth-pretrain+dp-finetune"}
+        for r in obj.regimes:
+            if r not in known:
+                bad("regimes", f"unknown regime {r!r}; known: {sorted(known)}")
+        for e in obj.epsilons:
+            if not e > 0:
+                bad("epsilons", f"a budget must be > 0 (inf = non-private), got {e}")
+        if obj.batch_size < 1 or obj.physical_batch_size < 1:
+            bad("batch_size", "batch sizes must be >= 1")
+        if obj.lr <= 0:
+            bad("lr", "must be > 0")
+        if not 0 <= obj.label_smoothing < 1:
+            bad("label_smoothing", "must be in [0, 1)")
+    if isinstance(obj, TuneConfig):
+        for name in ("max_grad_norm", "noise_multiplier", "lr"):
+            lo, hi = getattr(obj, name)
+            if not 0 < lo <= hi:
+                bad(name, f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate params.yaml.
+
+    Args:
+        path: the YAML file.
+        overrides: optional dotted-key overrides (`{"train.lr": 0.01}`), applied before checks.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key is unknown or ill-typed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("params file not found", path=p)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", path=p) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("top level must be a mapping", path=p)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {p})") from exc
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config dataclass (or dict) to dotted keys, e.g. for `mlflow.log_params`."""
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def format_epsilon(eps: float) -> str:
+    """Canonical text of a budget in names and tags: `1`, `6`, `0.5`, `inf`."""
+    if math.isinf(eps):
+        return "inf"
+    return f"{eps:g}"
+
+
+def parse_epsilon(text: str | float) -> float:
+    """Inverse of `format_epsilon`; accepts numbers too."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    t = text.strip().lower()
+    if t in ("inf", "infinity", "+inf"):
+        return INF
+    try:
+        value = float(t)
+    except ValueError as exc:
+        raise ConfigError(f"not a privacy budget: {text!r}", field="epsilon") from exc
+    if not value > 0:
+        raise ConfigError(f"a budget must be > 0, got {text!r}", field="epsilon")
+    return value
+
+
+__all__ = [n for n in dir() if n.endswith("Config")] + [
+    "load_config",
+    "flatten",
+    "format_epsilon",
+    "parse_epsilon",
+    "INF",
+]

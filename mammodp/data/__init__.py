@@ -1,0 +1,1 @@
+"""mammodp.data."""

@@ -1,0 +1,165 @@
+"""MLflow conventions: one run helper, tags, lineage, plots.
+
+The tracking store is MLflow's own default (a bare `mlflow ui` in the repo root shows every
+run) unless `MLFLOW_TRACKING_URI` says otherwise; tests point that at a temp store.
+MLflow is imported here, at the edge, so the training core runs where MLflow is absent.
+
+Run names: `<stage>/<regime>/eps=<e>/seed=<s>` (parts omitted when they do not apply).
+Tags on every run: `stage`, `git_commit`, `data_version` (+ `regime`, `epsilon`, `delta`,
+`seed` where they apply).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import math
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit(cwd: str = ".") -> str:
+    """The current commit (with `-dirty` if the tree has changes), or `unknown` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def data_version(dvc_file: str | Path = "data.dvc") -> str:
+    """The DVC content hash of the raw data (from data.dvc), or `untracked`."""
+    p = Path(dvc_file)
+    if not p.is_file():
+        return "untracked"
+    try:
+        outs = (yaml.safe_load(p.read_text()) or {}).get("outs", [])
+        return str(outs[0].get("md5", "untracked")) if outs else "untracked"
+    except (yaml.YAMLError, AttributeError, IndexError):
+        return "untracked"
+
+
+def manifest_hash(path: str | Path) -> str:
+    """Short SHA-256 of a manifest file: the lineage of exactly the rows a run used."""
+    h = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return h[:16]
+
+
+def run_name(stage: str, regime: str | None = None, epsilon: float | None = None,
+             seed: int | None = None) -> str:
+    """`<stage>/<regime>/eps=<e>/seed=<s>`, leaving out the parts that are None."""
+    from mammodp.config import format_epsilon
+
+    parts = [stage]
+    if regime is not None:
+        parts.append(regime)
+    if epsilon is not None:
+        parts.append(f"eps={format_epsilon(epsilon)}")
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    return "/".join(parts)
+
+
+def _clean(value: Any) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment: str,
+    stage: str,
+    *,
+    name: str | None = None,
+    tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    nested: bool = False,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    description: str | None = None,
+) -> Iterator[Any]:
+    """Open (or resume, with `run_id`) an MLflow run with the house tags; yields the run.
+
+    Args:
+        experiment: MLflow experiment name (one per study, from params `experiment`).
+        stage: pipeline stage name; becomes tag `stage`.
+        name: run name; defaults to the stage.
+        tags: extra tags (values stringified; inf -> "inf").
+        params: flat params to log (values stringified, batched).
+        nested: nest under the active run.
+        parent_run_id: nest under this run even if it is not active (e.g. a grid parent).
+        run_id: resume an existing run instead of creating one.
+        description: run description (`mlflow.note.content`).
+    """
+    import mlflow
+
+    mlflow.set_experiment(experiment)
+    all_tags = {"stage": stage, "git_commit": git_commit(), "data_version": data_version()}
+    all_tags.update(tags or {})
+    if parent_run_id is not None:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if description:
+        all_tags["mlflow.note.content"] = description
+    with mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else (name or stage),
+        nested=nested,
+        tags=None if run_id else {k: _clean(v) for k, v in all_tags.items()},
+    ) as run:
+        if run_id is not None and tags:
+            mlflow.set_tags({k: _clean(v) for k, v in tags.items()})
+        if params:
+            log_params(params)
+        yield run
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params in batches of 100 (MLflow's limit), stringifying values."""
+    import mlflow
+
+    items = [(k, _clean(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics; non-finite values (inf epsilon) are skipped, not crashed on."""
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_figure(fig: Any, artifact_file: str) -> None:
+    """Log a matplotlib figure as an artifact (PNG) of the active run."""
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file)
+
+
+def find_runs(experiment: str, filter_string: str = "", order_by: list[str] | None = None):
+    """Runs of `experiment` as a pandas DataFrame (empty if the experiment does not exist)."""
+    import mlflow
+    import pandas as pd
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return pd.DataFrame()
+    return mlflow.search_runs(
+        experiment_ids=[exp.experiment_id], filter_string=filter_string, order_by=order_by or []
+    )
