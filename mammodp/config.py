@@ -29,9 +29,9 @@ class PhantomConfig:
     """The built-in synthetic data set (`mammodp phantom`)."""
 
     seed: int = 0  # drives every random draw; same seed -> byte-identical files
-    cbis_train_patients: int = 48  # patients in the CBIS-layout training CSV
-    cbis_test_patients: int = 16  # patients in the CBIS-layout test CSV
-    bcdr_patients: int = 24  # patients in the BCDR-layout external set
+    cbis_train_patients: int = 120  # patients in the CBIS-layout training CSV
+    cbis_test_patients: int = 40  # patients in the CBIS-layout test CSV
+    bcdr_patients: int = 60  # patients in the BCDR-layout external set
     image_height: int = 512  # px, full-field CBIS-style mammogram
     image_width: int = 320  # px
     bcdr_scale: float = 0.75  # BCDR images are acquired at this fraction of CBIS resolution
