@@ -139,6 +139,8 @@ def train(
     seed: Optional[list[int]] = typer.Option(None, help="Seeds to run (default: train.seeds)."),
     resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint."),
     device: Optional[str] = typer.Option(None, help="Override train.device."),
+    out: Optional[Path] = typer.Option(None, help="Model folder (default models/classifier/REGIME-EPS)."),
+    metrics: Optional[Path] = typer.Option(None, help="Metrics JSON (default metrics/train/REGIME-EPS.json)."),
     params: Path = ParamsOpt,
 ):
     """Train the Swin classifier for one (regime, epsilon) over the seeds."""
@@ -152,38 +154,49 @@ def train(
         seeds=seed or None,
         resume=resume,
         device=device,
+        out=out,
+        metrics_out=metrics,
     )
 
 
 @app.command()
 @_user_errors
-def evaluate(params: Path = ParamsOpt):
+def evaluate(
+    models: Path = typer.Option(Path("models/classifier"), help="Folder of trained grid cells."),
+    out: Path = typer.Option(Path("metrics/eval"), help="Metrics folder (summary.json, runs/)."),
+    plots: Path = typer.Option(Path("plots/eval"), help="Plots folder."),
+    params: Path = ParamsOpt,
+):
     """Evaluate every trained run internally and externally; fairness and privacy-utility plots."""
     from mammodp.stages import evaluate as stage
 
-    stage.run(_cfg(params))
+    stage.run(_cfg(params), models=models, out=out, plots=plots)
 
 
 @app.command()
 @_user_errors
 def tune(
     epsilon: str = typer.Option(..., help="Privacy budget to tune for."),
+    out: Optional[Path] = typer.Option(None, help="Result JSON (default metrics/tune/eps=E.json)."),
     params: Path = ParamsOpt,
 ):
     """Optuna study of clipping norm, noise and learning rate for one budget."""
     from mammodp.config import parse_epsilon
     from mammodp.stages import tune as stage
 
-    stage.run(_cfg(params), epsilon=parse_epsilon(epsilon))
+    stage.run(_cfg(params), epsilon=parse_epsilon(epsilon), out=out)
 
 
 @app.command()
 @_user_errors
-def promote(params: Path = ParamsOpt):
+def promote(
+    out: Path = typer.Option(Path("metrics/promote.json"), help="Record of what was promoted."),
+    params: Path = ParamsOpt,
+):
     """Register the best validation run per budget and set registry aliases."""
     from mammodp.stages import promote as stage
 
-    stage.run(_cfg(params))
+    stage.run(_cfg(params), out=out)
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

@@ -1,0 +1,186 @@
+"""Stage `evaluate`: every trained run on val, internal test (CBIS) and external test (BCDR).
+
+Per run: metrics with bootstrap CIs (cluster bootstrap by patient) at the threshold chosen
+on validation during training, PR/ROC curves, subgroup metrics and Study B's SPD. Across
+runs: the privacy-utility curve (mean over seeds, per regime), the fairness chart and
+Pearson's r between epsilon and SPD over the private runs. Test sets are only evaluated
+here, never used for selection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mammodp.config import Config, format_epsilon
+from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.errors import DataError
+from mammodp.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"val": "validation", "internal": "CBIS test", "external": "BCDR"}
+
+
+def _tables(cfg: Config) -> dict[str, PatchTable]:
+    root = Path(cfg.data.prepared_dir)
+    cbis = read_manifest_table(root / "cbis" / "manifest.parquet")
+    bcdr = read_manifest_table(root / "bcdr" / "manifest.parquet")
+    out = {"val": cbis[cbis["split"] == "val"], "internal": cbis[cbis["split"] == "test"],
+           "external": bcdr[bcdr["split"] == "external"]}
+    return {k: PatchTable.from_frame(v) for k, v in out.items()}
+
+
+def _subgroups(frame: pd.DataFrame, probs: np.ndarray, cfg: Config) -> dict[str, pd.DataFrame]:
+    """Per-attribute subgroup metrics with SPD (attributes absent from a source are skipped)."""
+    from mammodp.metrics.fairness import age_bins, statistical_parity_difference, subgroup_metrics
+
+    df = frame.copy()
+    df["p_malignant"] = probs
+    if "age" in df.columns:
+        df["age_bin"] = age_bins(df["age"], cfg.evaluate.age_bins)
+    out = {}
+    for attr in cfg.evaluate.subgroups:
+        if attr not in df.columns or df[attr].isna().all():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sub = subgroup_metrics(df, attr)
+            for m in ("auroc", "auprc"):
+                sub[f"spd_{m}"] = statistical_parity_difference(sub, m)
+        out[attr] = sub
+    return out
+
+
+def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path("metrics/eval"),
+        plots: Path = Path("plots/eval")) -> dict:
+    """Evaluate the whole grid; write metrics/eval/{summary.json,runs/}, plots/eval/ and log to MLflow."""
+    import mlflow
+    from tqdm.auto import tqdm
+
+    from mammodp import tracking
+    from mammodp.metrics.classification import evaluate_predictions
+    from mammodp.metrics.fairness import epsilon_spd_correlation
+    from mammodp.metrics.plots import plot_fairness, plot_pr_roc, plot_privacy_utility
+    from mammodp.serving import load_classifier, predict_proba
+
+    tables = _tables(cfg)
+    cells = [(r, e) for r in cfg.train.regimes for e in cfg.train.epsilons]
+    run_dirs = []
+    for regime, eps in cells:
+        for seed in cfg.train.seeds:
+            d = Path(models) / f"{regime}-{format_epsilon(eps)}" / f"seed={seed}"
+            if not (d / "meta.json").is_file():
+                raise DataError("trained model missing; run its train stage first", path=d)
+            run_dirs.append((regime, eps, seed, d))
+
+    records, fairness_rows, curves_all = [], [], {}
+    out, plots = Path(out), Path(plots)
+    with atomic_dir(out / "runs") as runs_tmp, atomic_dir(plots / "figures") as fig_tmp:
+        for regime, eps, seed, d in tqdm(run_dirs, desc="evaluate"):
+            model, meta = load_classifier(d)
+            thr = float(meta["threshold"])
+            per_run = {"regime": regime, "epsilon_target": eps, "epsilon": meta["epsilon"], "seed": seed,
+                       "run_id": meta["run_id"], "threshold": thr, "splits": {}, "fairness": {}}
+            curves = {}
+            for split, table in tables.items():
+                probs = predict_proba(model, table.images)
+                m = evaluate_predictions(table.labels, probs, threshold=thr, n_boot=cfg.evaluate.bootstrap,
+                                         ci=cfg.evaluate.ci, seed=seed,
+                                         groups=table.frame["patient_id"].astype(str).to_numpy())
+                per_run["splits"][split] = m
+                curves[split] = (table.labels, probs)
+                if split != "val":
+                    for attr, sub in _subgroups(table.frame, probs, cfg).items():
+                        per_run["fairness"].setdefault(split, {})[attr] = json.loads(sub.reset_index().to_json(orient="records"))
+                        for g, row in sub.iterrows():
+                            fairness_rows.append({"regime": regime, "epsilon": meta["epsilon"], "epsilon_target": eps,
+                                                  "seed": seed, "split": split, "attribute": attr, "group": str(g),
+                                                  **{k: row[k] for k in ("n", "auroc", "auprc", "spd_auroc", "spd_auprc")}})
+            name = f"{regime}-{format_epsilon(eps)}-seed={seed}"
+            write_json(runs_tmp / f"{name}.json", per_run)
+            fig = plot_pr_roc({SPLITS[k]: v for k, v in curves.items()})
+            fig.savefig(fig_tmp / f"pr_roc_{name}.png", dpi=90)
+            curves_all[name] = curves
+            # Results go to the training run too, so the MLflow UI compares the grid in one table.
+            with tracking.start_run(cfg.experiment, "train", run_id=meta["run_id"]):
+                for split, m in per_run["splits"].items():
+                    tracking.log_metrics({f"{split}_{k}": v for k, v in m.items()})
+                tracking.log_figure(fig, f"eval/pr_roc_{name}.png")
+                mlflow.log_dict(per_run, "eval/metrics.json")
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+            records.append(per_run)
+
+        # Privacy-utility: mean over seeds per (regime, target epsilon, split).
+        rows = []
+        for r in records:
+            for split in ("internal", "external", "val"):
+                m = r["splits"][split]
+                rows.append({"regime": r["regime"], "epsilon": r["epsilon_target"], "split": split,
+                             "auprc": m["auprc"], "auroc": m["auroc"], "auprc_benign": m["auprc_benign"],
+                             "ci_low": m.get("auprc_ci_low", np.nan), "ci_high": m.get("auprc_ci_high", np.nan),
+                             "prevalence": m["prevalence"], "epsilon_spent": r["epsilon"]})
+        pu = pd.DataFrame(rows)
+        pu_mean = (pu.groupby(["regime", "epsilon", "split"], as_index=False)
+                   .agg(auprc=("auprc", "mean"), auroc=("auroc", "mean"), auprc_benign=("auprc_benign", "mean"),
+                        ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"), prevalence=("prevalence", "mean"),
+                        epsilon_spent=("epsilon_spent", "max"), n_seeds=("auprc", "size")))
+        finite = pu_mean["epsilon"][np.isfinite(pu_mean["epsilon"])]
+        inf_x = float(finite.max() * 4) if len(finite) else 1.0
+        pu_mean["epsilon_plot"] = [e if math.isfinite(e) else inf_x for e in pu_mean["epsilon"]]
+        plot_df = pu_mean[pu_mean["split"] != "val"]
+        fig_pu = plot_privacy_utility(plot_df)
+        fig_pu.savefig(fig_tmp / "privacy_utility.png", dpi=100)
+
+        fair = pd.DataFrame(fairness_rows)
+        correlations = {}
+        fig_fair = None
+        if len(fair):
+            for (split, attr, group), sub in fair.groupby(["split", "attribute", "group"]):
+                key = f"{split}/{attr}/{group}"
+                correlations[key] = epsilon_spd_correlation(sub.rename(columns={"spd_auroc": "spd"})[["epsilon", "spd"]])
+            main = fair[(fair["split"] == "internal")]
+            attr0 = main["attribute"].iloc[0] if len(main) else None
+            if attr0 is not None:
+                fdf = main[main["attribute"] == attr0].copy()
+                fdf["run"] = fdf["regime"] + " eps=" + fdf["epsilon_target"].map(format_epsilon)
+                fdf = fdf.groupby(["run", "group"], as_index=False).agg(auroc=("auroc", "mean"), spd=("spd_auroc", "mean"))
+                fig_fair = plot_fairness(fdf, "auroc", group_col="group", run_col="run", spd_col="spd")
+                fig_fair.suptitle(f"Internal test AUROC by {attr0} (SPD annotated)")
+                fig_fair.savefig(fig_tmp / "fairness.png", dpi=100)
+
+    plots.mkdir(parents=True, exist_ok=True)
+    pu_mean.to_csv(plots / "privacy_utility.csv", index=False)
+    if len(fair):
+        fair.to_csv(plots / "fairness.csv", index=False)
+    summary = {
+        "privacy_utility": json.loads(pu_mean.to_json(orient="records")),
+        "epsilon_spd_pearson": correlations,
+        "n_runs": len(records),
+        "selection": "thresholds and checkpoints chosen on the validation split only",
+        "privacy_note": "epsilon per run as recorded by its accountant; see each run's privacy/what_epsilon_covers.txt",
+    }
+    write_json(out / "summary.json", summary)
+    with tracking.start_run(cfg.experiment, "evaluate", name="evaluate",
+                            params={"bootstrap": cfg.evaluate.bootstrap, "n_runs": len(records)}):
+        mlflow.log_artifact(str(plots / "privacy_utility.csv"), "plots")
+        tracking.log_figure(fig_pu, "plots/privacy_utility.png")
+        if fig_fair is not None:
+            tracking.log_figure(fig_fair, "plots/fairness.png")
+        mlflow.log_dict(summary, "summary.json")
+        for key, c in correlations.items():
+            if c.get("r") is not None and math.isfinite(c["r"]):
+                tracking.log_metrics({f"pearson_eps_spd/{key}".replace(" ", "_").replace("[", "").replace(")", "").replace(",", "-"): c["r"]})
+    for r in records:
+        i, e = r["splits"]["internal"], r["splits"]["external"]
+        print(f"{r['regime']:>28} eps={format_epsilon(r['epsilon_target']):>4} seed={r['seed']}: "
+              f"AUPRC internal {i['auprc']:.3f} external {e['auprc']:.3f} | AUROC {i['auroc']:.3f} / {e['auroc']:.3f}")
+    return summary

@@ -1,0 +1,253 @@
+"""Stage `train`: one (regime, epsilon) cell of the grid, over the seeds.
+
+Regimes:
+- `real`: real CBIS training patches only (DP-SGD unless epsilon = inf).
+- `real+synth`: real patches (private) plus synthetic ones mixed into every step at
+  `train.synth_ratio`; synthetic records are public here and never enter the accountant.
+- `synth`: synthetic patches only; no real training record is touched, so the training
+  itself spends no budget on them (the generator's own epsilon, if any, is what covers them).
+- `synth-pretrain+dp-finetune`: non-private pretraining on synthetic patches, then
+  (DP-)fine-tuning on real patches.
+
+Each seed is one MLflow run under the grid's parent run, tagged as DESIGN.md says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mammodp.config import Config, flatten, format_epsilon
+from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.errors import ConfigError, DataError
+from mammodp.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+REGIMES = ("real", "real+synth", "synth", "synth-pretrain+dp-finetune")
+SYNTH_REGIMES = ("real+synth", "synth", "synth-pretrain+dp-finetune")
+
+PRIVACY_NOTE = (
+    "epsilon covers the real CBIS training patches used by DP-SGD (privacy unit as tagged), "
+    "accounted over Poisson sampling at the recorded sample rate, steps and noise. It does not "
+    "cover: the validation split read every epoch for model selection; hyper-parameters chosen "
+    "by tuning on private data; the synthetic data's generator unless it was trained with DP."
+)
+
+
+def cbis_manifest(cfg: Config) -> Path:
+    return Path(cfg.data.prepared_dir) / "cbis" / "manifest.parquet"
+
+
+def synthetic_manifest(cfg: Config) -> Path:
+    return Path(cfg.data.synthetic_dir) / "manifest.parquet"
+
+
+def synthetic_provenance(df: pd.DataFrame) -> dict:
+    """What the synthetic set's manifest says about its generator's privacy."""
+    eps = str(df["generator_epsilon"].iloc[0]) if "generator_epsilon" in df.columns else "unknown"
+    run_id = str(df["generator_run_id"].iloc[0]) if "generator_run_id" in df.columns else "unknown"
+    covered = eps not in ("non-private", "unknown", "inf", "nan")
+    return {
+        "generator_epsilon": eps,
+        "generator_run_id": run_id,
+        "synthetic_privacy": f"dp(eps={eps})" if covered else "not_covered",
+    }
+
+
+def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None):
+    """The FitSpec of one run from params (and tuned values where `params_from_tune`)."""
+    from mammodp.training import FitSpec
+
+    t, dp = cfg.train, cfg.dp
+    spec = FitSpec(
+        epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
+        physical_batch_size=t.physical_batch_size, label_smoothing=t.label_smoothing,
+        flip=t.flip, amp=t.amp, seed=seed, epsilon=epsilon, delta=dp.delta,
+        max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, privacy_unit=dp.privacy_unit,
+        grad_chunk=dp.grad_chunk, reproducible_noise=dp.reproducible_noise,
+        synth_ratio=t.synth_ratio,
+    )
+    if tuned:
+        spec = replace(spec, **{k: v for k, v in tuned.items() if k in ("lr", "max_grad_norm", "noise_multiplier", "epochs")})
+    return spec
+
+
+def load_tuned(cfg: Config, epsilon: float) -> dict | None:
+    """Best params of the Optuna study for this budget, when `train.params_from_tune` is on."""
+    if not cfg.train.params_from_tune or math.isinf(epsilon):
+        return None
+    p = Path("metrics/tune") / f"eps={format_epsilon(epsilon)}.json"
+    if not p.is_file():
+        raise DataError("train.params_from_tune is on but the tuning result is missing; run `mammodp tune`", path=p)
+    return json.loads(p.read_text())["best_params"]
+
+
+def grid_parent_run(cfg: Config) -> str:
+    """Find or create the parent run that groups the grid's runs (keyed by the grid's params)."""
+    import hashlib
+
+    import mlflow
+
+    from mammodp import tracking
+
+    grid = {"model": asdict(cfg.model), "train": asdict(cfg.train), "dp": asdict(cfg.dp)}
+    key = hashlib.sha256(json.dumps(grid, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    runs = tracking.find_runs(cfg.experiment, f"tags.stage = 'train-grid' and tags.grid_id = '{key}'")
+    if len(runs):
+        return str(runs.iloc[0]["run_id"])
+    with tracking.start_run(cfg.experiment, "train-grid", name=f"train/grid/{key}",
+                            tags={"grid_id": key, "plan": cfg.plan},
+                            params=flatten(grid),
+                            description="Parent of the classifier grid: regimes x budgets x seeds.") as run:
+        mlflow.set_tag("grid_regimes", ",".join(cfg.train.regimes))
+        return run.info.run_id
+
+
+def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = False, device: str | None = None,
+        out: Path | None = None, metrics_out: Path | None = None) -> dict:
+    """Train one grid cell for every seed; write `out/seed=S/` models and a metrics JSON."""
+    from mammodp.runtime import resolve_device
+
+    if regime not in REGIMES:
+        raise ConfigError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}", field="regime")
+    eps_txt = format_epsilon(epsilon)
+    out = Path(out or Path("models/classifier") / f"{regime}-{eps_txt}")
+    metrics_out = Path(metrics_out or Path("metrics/train") / f"{regime}-{eps_txt}.json")
+    dev = resolve_device(device or cfg.train.device)
+    seeds = list(seeds or cfg.train.seeds)
+
+    manifest = cbis_manifest(cfg)
+    real_df = read_manifest_table(manifest)
+    val = PatchTable.from_frame(real_df[real_df["split"] == "val"])
+    real = None if regime == "synth" else PatchTable.from_frame(real_df[real_df["split"] == "train"])
+    synth, provenance = None, {"synthetic_privacy": "none"}
+    if regime in SYNTH_REGIMES:
+        sm = synthetic_manifest(cfg)
+        sdf = read_manifest_table(sm)
+        synth = PatchTable.from_frame(sdf)
+        provenance = synthetic_provenance(sdf)
+        if synth.images.shape[-2:] != val.images.shape[-2:]:
+            raise DataError(f"synthetic patches are {synth.images.shape[-2:]} but real ones "
+                            f"{val.images.shape[-2:]}; regenerate the synthetic set", path=sm)
+    tuned = load_tuned(cfg, epsilon)
+
+    results = []
+    parent = grid_parent_run(cfg)
+    with atomic_dir(out) as tmp_out:
+        # Resume reads the checkpoints the previous attempt left in the live folder.
+        ckpt_root = Path("checkpoints") / "classifier" / f"{regime}-{eps_txt}"
+        for seed in seeds:
+            results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
+                                       dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
+                                       resume, parent, manifest))
+    summary = {
+        "regime": regime, "epsilon_target": epsilon, "delta": cfg.dp.delta,
+        "privacy_unit": cfg.dp.privacy_unit, "runs": results,
+        "val_auprc_mean": float(np.nanmean([r["val_auprc"] for r in results])),
+        "epsilon_spent_max": max(r["epsilon"] for r in results),
+        "privacy_note": PRIVACY_NOTE, **provenance,
+    }
+    write_json(metrics_out, summary)
+    print(f"train {regime} eps={eps_txt}: val AUPRC {summary['val_auprc_mean']:.3f}, "
+          f"epsilon spent {format_epsilon(summary['epsilon_spent_max']) if math.isinf(summary['epsilon_spent_max']) else round(summary['epsilon_spent_max'], 3)} "
+          f"(target {eps_txt}) -> {out}")
+    return summary
+
+
+def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
+                resume, parent, manifest) -> dict:
+    import mlflow
+
+    from mammodp import tracking
+    from mammodp.metrics.classification import choose_threshold, classification_metrics
+    from mammodp.models.swin import create_classifier
+    from mammodp.pyfunc_model import log_classifier
+    from mammodp.runtime import seed_everything
+    from mammodp.serving import save_classifier
+    from mammodp.training import fit
+
+    seed_everything(seed)
+    spec = fit_spec(cfg, epsilon, seed, tuned)
+    model = create_classifier(cfg.model.preset, pretrained_weights=cfg.model.pretrained_weights, mode=cfg.model.mode)
+    eps_txt = format_epsilon(epsilon)
+    private_touched_without_dp = math.isinf(epsilon) and real is not None
+    tags = {
+        "regime": regime, "epsilon": eps_txt, "delta": cfg.dp.delta, "seed": seed,
+        "privacy_unit": cfg.dp.privacy_unit, "model_selection": "validation split (touched every epoch)",
+        "private_data_without_dp": str(private_touched_without_dp or provenance["synthetic_privacy"] == "not_covered").lower(),
+        "manifest_hash": tracking.manifest_hash(manifest), **provenance,
+    }
+    desc = f"{regime} at target epsilon {eps_txt}, seed {seed}. {PRIVACY_NOTE}"
+    if provenance["synthetic_privacy"] == "not_covered":
+        desc += (" The synthetic data came from a generator trained on private data WITHOUT DP: "
+                 "this run's epsilon does not cover the synthetic pathway (synthetic_privacy=not_covered).")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with tracking.start_run(cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
+                            tags=tags, parent_run_id=parent, description=desc,
+                            params={**flatten(cfg.model, "model"), **flatten(cfg.train, "train"),
+                                    **flatten(cfg.dp, "dp"), "tuned_params": json.dumps(tuned or {})}) as run:
+
+        def on_epoch(rec, offset=0):
+            tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
+
+        if regime == "synth-pretrain+dp-finetune":
+            pre = replace(spec, epsilon=math.inf, epochs=cfg.train.pretrain_epochs)
+            pre_res = fit(model, pre, private=None, public=synth, val=val, device=dev,
+                          checkpoint=ckpt_dir / "pretrain.pt", resume=resume,
+                          on_epoch=lambda r: tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
+                                                                   "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
+                          desc=f"pretrain seed={seed}")
+            model.load_state_dict(pre_res.best_state)
+            res = fit(model, replace(spec, synth_ratio=0.0), private=real, public=None, val=val, device=dev,
+                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
+        elif regime == "synth":
+            res = fit(model, replace(spec, epsilon=math.inf), private=None, public=synth, val=val, device=dev,
+                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
+        elif regime == "real+synth":
+            res = fit(model, spec, private=real, public=synth, val=val, device=dev,
+                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
+        else:
+            res = fit(model, replace(spec, synth_ratio=0.0), private=real, public=None, val=val, device=dev,
+                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
+
+        model.load_state_dict(res.best_state)
+        privacy = dict(res.privacy)
+        spent = float(privacy["epsilon"])
+        thr = choose_threshold(val.labels, res.val_probs, method=cfg.evaluate.threshold, fixed=cfg.evaluate.fixed_threshold)
+        val_metrics = classification_metrics(val.labels, res.val_probs, threshold=thr)
+        within = (spent <= epsilon * (1 + 1e-6)) if math.isfinite(epsilon) else True
+        meta = {
+            "preset": cfg.model.preset, "mode": cfg.model.mode, "patch_size": cfg.prepare.patch_size,
+            "margin": cfg.prepare.margin, "min_size": cfg.prepare.min_size,
+            "regime": regime, "seed": seed, "epsilon_target": epsilon, "epsilon": spent,
+            "delta": cfg.dp.delta, "threshold": thr, "best_epoch": res.best_epoch, "run_id": run.info.run_id,
+            "privacy": privacy, "privacy_note": PRIVACY_NOTE, **provenance,
+        }
+        save_classifier(model, meta, model_dir)
+        mlflow.log_params({
+            "noise_multiplier": privacy.get("noise_multiplier", 0.0), "sample_rate": privacy.get("sample_rate"),
+            "steps": privacy.get("steps", 0), "delta": cfg.dp.delta, "max_grad_norm": spec.max_grad_norm,
+            "accountant": privacy.get("accountant", "none"), "privacy_unit": cfg.dp.privacy_unit,
+            "accountant_fallback": privacy.get("accountant_fallback", False), "threshold": thr,
+        })
+        mlflow.set_tag("within_budget", str(within).lower())
+        tracking.log_metrics({f"final_val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))})
+        tracking.log_metrics({"best_val_auprc": res.best_val_auprc, "best_epoch": res.best_epoch})
+        if math.isfinite(spent):
+            mlflow.log_metric("epsilon", spent, step=len(res.history))
+        mlflow.log_dict(meta, "privacy/meta.json")
+        mlflow.log_text(PRIVACY_NOTE, "privacy/what_epsilon_covers.txt")
+        log_classifier(model_dir, val.images[0, 0])
+        if not within:
+            log.warning("run %s spent epsilon %.3f above its target %s", run.info.run_id, spent, eps_txt)
+        return {"seed": seed, "run_id": run.info.run_id, "val_auprc": res.best_val_auprc,
+                "epsilon": spent, "within_budget": within, "best_epoch": res.best_epoch,
+                "threshold": thr, "model_dir": str(Path(model_dir).name), **{k: privacy.get(k) for k in
+                ("noise_multiplier", "sample_rate", "steps", "accountant", "accountant_fallback")}}
