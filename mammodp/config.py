@@ -321,6 +321,14 @@ def _check(obj: Any, prefix: str) -> None:
             bad("val_fraction", "must be in (0, 1)")
         if obj.margin < 0 or obj.min_size < 1:
             bad("margin", "margin must be >= 0 and min_size >= 1")
+    if isinstance(obj, ValidateConfig):
+        if not 0 <= obj.min_class_fraction < 0.5:
+            bad("min_class_fraction", "must be in [0, 0.5): both classes need room in a split")
+        lo, hi = obj.intensity_mean
+        if not 0 <= lo < hi <= 1:
+            bad("intensity_mean", f"must be [low, high] with 0 <= low < high <= 1, got [{lo}, {hi}]")
+        if obj.intensity_std_min < 0:
+            bad("intensity_std_min", "must be >= 0")
     if isinstance(obj, DPConfig):
         if not 0 < obj.delta < 1:
             bad("delta", "must be in (0, 1)")

@@ -114,9 +114,6 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
                     tracking.log_metrics({f"{split}_{k}": v for k, v in m.items()})
                 tracking.log_figure(fig, f"eval/pr_roc_{name}.png")
                 mlflow.log_dict(per_run, "eval/metrics.json")
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
             records.append(per_run)
 
         # Privacy-utility: mean over seeds per (regime, target epsilon, split).
