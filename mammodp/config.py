@@ -143,7 +143,8 @@ class GanDPConfig:
     epsilon: float = 10.0
     delta: float = 1e-4
     max_grad_norm: float = 1.0
-    accountant: Literal["prv", "rdp"] = "rdp"
+    accountant: Literal["prv", "rdp"] = "rdp"  # PRV falls back to RDP if it fails
+    reproducible_noise: bool = False  # seed the DP noise from `seed` (breaks the DP guarantee)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class GanConfig:
 
     image_size: Literal[64, 128] = 64
     latent_dim: int = 100
-    width: int = 64  # channels of the widest layer / 16 (paper: 64 -> 1024)
+    width: int = 64  # channels of the narrowest generator layer (64 = paper: 1024 -> ... -> 64)
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-4
@@ -162,6 +163,8 @@ class GanConfig:
     sample_every: int = 5  # epochs between sample grids logged to MLflow
     device: str = "auto"
     amp: bool = False
+    collapse_threshold: float = 0.1  # mode collapse: sample diversity < this x real diversity
+    diverge_loss: float = 20.0  # nats; an epoch-mean loss above this (or non-finite) = diverging
     dp: GanDPConfig = field(default_factory=GanDPConfig)
 
 
@@ -180,6 +183,10 @@ class SynthQualityConfig:
     subsets: int = 3  # K random subsets; figures are mean +- std over them
     subset_size: int = 64  # images per side of each comparison
     inception_weights: str | None = None  # local Inception weights; null = skip FID
+    frd_version: Literal["v0", "v1"] = "v0"  # frd-score feature set (v0 = the paper's table)
+    memorisation_size: int = 32  # px, side images are downsampled to for nearest neighbours
+    memorisation_percentile: float = 1.0  # percentile of the held-out baseline = threshold
+    closest_pairs: int = 8  # synthetic/training pairs shown in the closest-pairs grid
     seed: int = 0
 
 
@@ -350,6 +357,33 @@ def _check(obj: Any, prefix: str) -> None:
             bad("lr", "must be > 0")
         if not 0 <= obj.label_smoothing < 1:
             bad("label_smoothing", "must be in [0, 1)")
+    if isinstance(obj, GanConfig):
+        for name in ("width", "latent_dim", "epochs", "batch_size", "checkpoint_every", "sample_every"):
+            if getattr(obj, name) < 1:
+                bad(name, "must be >= 1")
+        if obj.lr <= 0:
+            bad("lr", "must be > 0")
+        lo, hi = obj.real_label_range
+        if not 0 < lo <= hi:
+            bad("real_label_range", f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
+    if isinstance(obj, GanDPConfig):
+        if not obj.epsilon > 0:
+            bad("epsilon", "must be > 0")
+        if not 0 < obj.delta < 1:
+            bad("delta", "must be in (0, 1)")
+        if obj.max_grad_norm <= 0:
+            bad("max_grad_norm", "must be > 0")
+    if isinstance(obj, SynthesizeConfig) and obj.n_per_class < 1:
+        bad("n_per_class", "must be >= 1")
+    if isinstance(obj, SynthQualityConfig):
+        if obj.subsets < 1:
+            bad("subsets", "must be >= 1")
+        if obj.subset_size < 2:
+            bad("subset_size", "must be >= 2 (a covariance needs two images)")
+        if not 0 < obj.memorisation_percentile < 100:
+            bad("memorisation_percentile", "must be in (0, 100)")
+        if obj.memorisation_size < 4 or obj.closest_pairs < 1:
+            bad("memorisation_size", "memorisation_size must be >= 4 and closest_pairs >= 1")
     if isinstance(obj, TuneConfig):
         for name in ("max_grad_norm", "noise_multiplier", "lr"):
             lo, hi = getattr(obj, name)
