@@ -2,6 +2,18 @@
 
 `mlflow models serve -m models:/mammodp-classifier@champion --env-manager local` loads this
 class from the installed package; the weights and meta travel as the `model_dir` artifact.
+
+Request format (JSON body of `POST /invocations`), one patch per row:
+- `{"dataframe_records": [{"image": "<base64 PNG or DICOM>"}]}`: a patch;
+- `{"dataframe_records": [{"image": "<base64 full mammogram>", "roi": [x0, y0, x1, y1]}]}`:
+  cropped around the box exactly as `mammodp prepare` crops;
+- `{"dataframe_split": {"columns": ["pixels"], "data": [[patch_2d], ...]}}`: the tensor
+  route, each patch a 2-D list of floats in [0, 1].
+The signature declares the three columns as optional, so that any one route validates; a
+request with neither `image` nor `pixels`, an undecodable image, a bad box or a wrong shape
+is answered 400 with a message (MLflow's scoring server maps `INVALID_PARAMETER_VALUE` to 400).
+Response per row: `p_malignant`, `label` (1 = malignant, at the threshold chosen on the
+validation split) and `epsilon` (the model's spent epsilon as text, `inf` if non-private).
 """
 
 from __future__ import annotations
@@ -12,49 +24,118 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from mammodp.serving import epsilon_text, load_classifier, predict_proba, request_to_patches
+from mammodp.serving import (
+    IMAGE_COL,
+    PIXELS_COL,
+    ROI_COL,
+    epsilon_text,
+    load_classifier,
+    predict_proba,
+    request_to_patches,
+)
+
+# Libraries the model needs at load time, pinned to what logged it. Given explicitly so that
+# logging does not spawn a subprocess to infer them; mammodp itself is not on PyPI, hence
+# `--env-manager local` (serve from the project's venv).
+_REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydicom", "scipy")
 
 
 class MammoClassifier(mlflow.pyfunc.PythonModel):
     """decode -> crop/resize -> model -> `p_malignant`, `label`, `epsilon` per row."""
 
     def load_context(self, context):
+        """Rebuild the classifier from the `model_dir` artifact."""
         self.model, self.meta = load_classifier(context.artifacts["model_dir"])
 
     def predict(self, context, model_input, params=None):
-        patches = request_to_patches(model_input, self.meta)
+        """Score a request; client faults become `INVALID_PARAMETER_VALUE` (HTTP 400).
+
+        Args:
+            context: MLflow's context (unused after loading).
+            model_input: DataFrame with `image` [+ `roi`] or `pixels`, or a patch array.
+            params: unused.
+
+        Returns:
+            DataFrame with `p_malignant` (float), `label` (int), `epsilon` (text).
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from mammodp.errors import MammoDPError
+
+        try:
+            patches = request_to_patches(model_input, self.meta)
+        except MammoDPError as exc:
+            raise MlflowException(f"bad request: {exc}", error_code=INVALID_PARAMETER_VALUE) from exc
         p = predict_proba(self.model, patches)
         thr = float(self.meta.get("threshold", 0.5))
         return pd.DataFrame({
-            "p_malignant": p.astype(float),
-            "label": (p >= thr).astype(int),
+            "p_malignant": p.astype(np.float64),
+            "label": (p >= thr).astype(np.int64),
             "epsilon": [epsilon_text(self.meta.get("epsilon"))] * len(p),
         })
+
+
+def signature():
+    """The model signature: three optional input columns, three output columns."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+    inputs = Schema([
+        ColSpec(DataType.string, IMAGE_COL, required=False),
+        # A box is a list or JSON text, and absent for patches: `any` lets rows differ.
+        ColSpec(AnyType(), ROI_COL, required=False),
+        ColSpec(Array(Array(DataType.double)), PIXELS_COL, required=False),
+    ])
+    outputs = Schema([
+        ColSpec(DataType.double, "p_malignant"),
+        ColSpec(DataType.long, "label"),
+        ColSpec(DataType.string, "epsilon"),
+    ])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in _REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
 
 
 def log_classifier(model_dir: str | Path, example_patch: np.ndarray, name: str = "model"):
     """Log a saved classifier as a pyfunc model with signature and input example.
 
-    The input is a DataFrame with a base64 `image` column (PNG or DICOM bytes); any number
-    of rows (the batch dimension is dynamic).
+    Call inside an active run. The input example is one patch as a base64 16-bit PNG in
+    the `image` column (the batch dimension is dynamic: any number of rows).
+
+    Args:
+        model_dir: folder written by `mammodp.serving.save_classifier`.
+        example_patch: (H, W) float patch in [0, 1] for the input example.
+        name: the logged model's name within the run (`runs:/<id>/<name>`).
+
+    Returns:
+        MLflow's `ModelInfo`.
     """
     import base64
     import io
 
-    from mlflow.models import infer_signature
     from PIL import Image
 
     from mammodp.data.imageio import to_uint16
 
     buf = io.BytesIO()
-    Image.fromarray(to_uint16(example_patch)).save(buf, format="PNG")
-    example = pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
-    out = pd.DataFrame({"p_malignant": [0.5], "label": [1], "epsilon": ["inf"]})
-    signature = infer_signature(example, out)
+    Image.fromarray(to_uint16(np.asarray(example_patch))).save(buf, format="PNG")
+    example = pd.DataFrame({IMAGE_COL: [base64.b64encode(buf.getvalue()).decode("ascii")]})
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=MammoClassifier(),
         artifacts={"model_dir": str(model_dir)},
-        signature=signature,
+        signature=signature(),
         input_example=example,
+        pip_requirements=_pip_requirements(),
     )
