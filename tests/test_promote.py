@@ -1,0 +1,150 @@
+"""`mammodp promote` against a real MLflow registry in a temporary SQLite store."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mammodp.config import load_config
+from mammodp.errors import PrivacyError
+from mammodp.stages import promote
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "mammodp-classifier"
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A real tiny classifier saved with `save_classifier` (logged into each run that needs one)."""
+    import torch
+
+    from mammodp.models.swin import create_classifier
+    from mammodp.serving import save_classifier
+
+    torch.manual_seed(0)
+    model = create_classifier("swin_micro", pretrained_weights=None, mode="full")
+    meta = {"preset": "swin_micro", "mode": "full", "patch_size": 32, "margin": 4, "min_size": 16,
+            "threshold": 0.5, "epsilon": 1.0}
+    return save_classifier(model, meta, tmp_path_factory.mktemp("clf") / "clf")
+
+
+def cfg(experiment: str, max_epsilon: float = 6.0):
+    c = load_config(REPO / "params.yaml")
+    return dataclasses.replace(c, experiment=experiment,
+                               promote=dataclasses.replace(c.promote, model_name=NAME, max_epsilon=max_epsilon))
+
+
+def train_run(experiment: str, eps: str, val: float, *, model_dir: Path | None = None, internal: float = 0.5,
+              within: str = "true", drop_tags: tuple[str, ...] = (), regime: str = "real") -> str:
+    """A run tagged and logged like `mammodp train`'s (privacy tags, params, metrics, model)."""
+    import mlflow
+
+    from mammodp import tracking
+    from mammodp.pyfunc_model import log_classifier
+
+    tags = {"regime": regime, "epsilon": eps, "delta": "0.0001", "seed": "0", "privacy_unit": "patch",
+            "synthetic_privacy": "none", "within_budget": within}
+    for t in drop_tags:
+        tags.pop(t)
+    with tracking.start_run(experiment, "train", name=f"train/{regime}/eps={eps}", tags=tags,
+                            params={"accountant": "rdp", "noise_multiplier": 1.1, "sample_rate": 0.1,
+                                    "steps": 40, "max_grad_norm": 1.0, "delta": 1e-4}) as run:
+        tracking.log_metrics({"best_val_auprc": val, "final_val_auprc": val - 0.01,
+                              "internal_auprc": internal, "external_auprc": internal - 0.1})
+        if eps != "inf":
+            mlflow.log_metric("epsilon", float(eps) * 0.97, step=4)
+        if model_dir is not None:
+            log_classifier(model_dir, np.full((32, 32), 0.5, np.float32))
+        return run.info.run_id
+
+
+def registry_state() -> dict:
+    """Everything a promotion could change: versions (tags, timestamps) and aliases."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    rm = client.get_registered_model(NAME)
+    versions = sorted(client.search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
+    return {
+        "aliases": dict(rm.aliases), "updated": rm.last_updated_timestamp, "description": rm.description,
+        "versions": [(v.version, v.run_id, dict(v.tags), v.last_updated_timestamp) for v in versions],
+    }
+
+
+def test_aliases_follow_validation_and_second_promotion_changes_nothing(store, model_dir):
+    import mlflow
+
+    exp = "test-promote"
+    # eps=1: the better TEST run has the worse validation AUPRC: test must not decide.
+    train_run(exp, "1", 0.60, internal=0.95)
+    best1 = train_run(exp, "1", 0.70, internal=0.40, model_dir=model_dir)
+    best6 = train_run(exp, "6", 0.80, model_dir=model_dir, regime="real+synth")
+    train_run(exp, "6", 0.99, within="false")  # overspent its budget: never promoted
+    best_inf = train_run(exp, "inf", 0.95, model_dir=model_dir)
+
+    record = promote.run(cfg(exp), out=store / "metrics" / "promote.json")
+
+    client = mlflow.MlflowClient()
+    by_alias = {a: client.get_model_version_by_alias(NAME, a) for a in ("eps-1", "eps-6", "eps-inf", "champion")}
+    assert by_alias["eps-1"].run_id == best1
+    assert by_alias["eps-6"].run_id == best6
+    assert by_alias["eps-inf"].run_id == best_inf
+    # Champion: best validation among budgets <= 6 (the non-private run is better but excluded).
+    assert by_alias["champion"].run_id == best6
+    tags = by_alias["eps-6"].tags
+    assert tags["epsilon"] == "6" and tags["delta"] == "0.0001" and tags["accountant"] == "rdp"
+    assert tags["privacy_unit"] == "patch" and tags["regime"] == "real+synth"
+    assert tags["synthetic_privacy"] == "none" and tags["source_run_id"] == best6
+    assert tags["val_auprc"] == "0.8" and tags["internal_auprc"] == "0.5" and tags["external_auprc"] == "0.4"
+    assert float(tags["epsilon_spent"]) == pytest.approx(5.82)
+    assert record["champion"]["run_id"] == best6
+    assert [s["reason"] for s in record["skipped"]] == ["spent epsilon exceeded its target (within_budget=false)"]
+    assert json.loads((store / "metrics" / "promote.json").read_text()) == json.loads(json.dumps(record))
+
+    before = registry_state()
+    n_runs = len(mlflow.search_runs(experiment_names=[exp]))
+    again = promote.run(cfg(exp), out=store / "metrics" / "promote.json")
+    assert registry_state() == before
+    assert len(mlflow.search_runs(experiment_names=[exp])) == n_runs  # no audit run for a no-op
+    assert again == record
+    assert len(before["versions"]) == 3
+
+
+def test_run_without_privacy_record_is_refused(store):
+    from typer.testing import CliRunner
+
+    from mammodp.cli import app
+
+    exp = "test-promote-refuse"
+    train_run(exp, "1", 0.7)
+    bad = train_run(exp, "6", 0.9, drop_tags=("delta", "privacy_unit"))
+    with pytest.raises(PrivacyError) as err:
+        promote.run(cfg(exp), out=store / "promote.json")
+    assert bad in str(err.value) and "delta, privacy_unit" in str(err.value)
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["experiment"] = exp
+    (store / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["promote", "--out", str(store / "promote.json")])
+    assert result.exit_code == 1
+    assert bad in result.output and "lacks its privacy record" in result.output
+    assert not (store / "promote.json").exists()
+
+
+def test_alias_names_are_valid_registry_aliases():
+    assert promote.alias_for(1.0) == "eps-1"
+    assert promote.alias_for(0.5) == "eps-0_5"
+    assert promote.alias_for(float("inf")) == "eps-inf"
+    assert promote.alias_for(2e6) == "eps-2e_06"
