@@ -194,14 +194,18 @@ class SynthQualityConfig:
 class TuneConfig:
     """Optuna study per privacy budget (`mammodp tune`)."""
 
-    epsilons: tuple[float, ...] = (1.0, 6.0)
-    n_trials: int = 4
+    epsilons: tuple[float, ...] = (1.0, 6.0)  # one study per finite budget
+    n_trials: int = 4  # trials ADDED to the budget's study by each `mammodp tune`
     storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL; shared by workers
     data: Literal["real", "synthetic"] = "real"  # which validation data scores trials
-    max_grad_norm: tuple[float, float] = (0.1, 5.0)  # log-uniform range
-    noise_multiplier: tuple[float, float] = (0.5, 5.0)
-    lr: tuple[float, float] = (1e-4, 1e-2)
+    synthetic_val_size: int = 200  # synthetic patches (label-balanced) scoring trials; 0 = all
+    max_grad_norm: tuple[float, float] = (0.1, 5.0)  # clipping norm C, log-uniform range
+    noise_multiplier: tuple[float, float] = (0.5, 5.0)  # sigma, log-uniform (raised to what 1 epoch needs)
+    lr: tuple[float, float] = (1e-4, 1e-2)  # AdamW learning rate, log-uniform range
     max_epochs: int = 8  # cap on epochs when the accountant would allow more
+    startup_trials: int = 4  # random trials before TPE models the space
+    pruner_startup_trials: int = 2  # MedianPruner: complete trials before pruning starts
+    pruner_warmup_epochs: int = 1  # MedianPruner: epochs a trial runs before it may be pruned
 
 
 @dataclass(frozen=True)
@@ -389,6 +393,15 @@ def _check(obj: Any, prefix: str) -> None:
             lo, hi = getattr(obj, name)
             if not 0 < lo <= hi:
                 bad(name, f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
+        for e in obj.epsilons:
+            if not (0 < e < INF):
+                bad("epsilons", f"tuning needs finite budgets > 0 (noise is what it tunes), got {e}")
+        for name in ("n_trials", "max_epochs"):
+            if getattr(obj, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("synthetic_val_size", "startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
+            if getattr(obj, name) < 0:
+                bad(name, "must be >= 0")
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
