@@ -132,3 +132,31 @@ def test_infeasible_noise_range_is_a_config_error(cfg):
         tune.run(bad, 0.5)
     with pytest.raises(ConfigError, match="finite budget"):
         tune.run(cfg, float("inf"))
+
+
+def test_synthetic_objective_reads_no_real_validation_record(cfg, tmp_path):
+    import dataclasses
+
+    # Drop the real validation split altogether: synthetic tuning must not need it.
+    cbis = tmp_path / "prepared" / "cbis" / "manifest.parquet"
+    df = pd.read_parquet(cbis)
+    df[df["split"] == "train"].to_parquet(cbis)
+    synth = tmp_path / "synthetic"
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(12):
+        save_patch(synth / f"s{i}.png", patch(rng, bool(i % 2)))
+        rows.append({"sample_id": f"s{i}", "patient_id": "synthetic", "split": "train", "label": i % 2,
+                     "pathology": "MALIGNANT" if i % 2 else "BENIGN", "image_path": f"s{i}.png",
+                     "source": "synthetic", "generator_epsilon": "non-private", "generator_run_id": "r0"})
+    pd.DataFrame(rows).to_parquet(synth / "manifest.parquet")
+    c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, synthetic_dir=str(synth)),
+                            tune=dataclasses.replace(cfg.tune, data="synthetic", synthetic_val_size=8, n_trials=1))
+
+    result = tune.run(c, BUDGET, out=tmp_path / "eps=8.json")
+    assert result["objective_data"] == "synthetic"
+    assert "8 patches" in result["objective_data_description"]
+    assert result["private_train_trials"] == 1 and result["private_validation_trials"] == 0
+    assert result["synthetic_privacy"] == "not_covered"
+    assert "no real validation record was read" in result["privacy_statement"]
+    assert result["max_trial_epsilon"] <= BUDGET
