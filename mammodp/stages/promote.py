@@ -195,6 +195,21 @@ def version_tags(c: Candidate) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items()}
 
 
+def model_uri(run_id: str, name: str = "model") -> str:
+    """URI of the model a run logged as `name`: its MLflow 3 logged model, else `runs:/`.
+
+    MLflow 3 stores models logged in a run as logged models (`models:/m-...`), outside the
+    run's artifacts; registering that URI directly avoids the `runs:/` indirection.
+    """
+    import mlflow
+
+    outputs = mlflow.get_run(run_id).outputs
+    for out in outputs.model_outputs if outputs is not None else []:
+        if mlflow.get_logged_model(out.model_id).name == name:
+            return f"models:/{out.model_id}"
+    return f"runs:/{run_id}/{name}"
+
+
 class _Registry:
     """The few registry calls promotion needs, each skipped when it would change nothing."""
 
@@ -227,7 +242,7 @@ class _Registry:
         if existing:
             return str(min(int(v.version) for v in existing))
         try:
-            mv = mlflow.register_model(f"runs:/{c.run_id}/model", self.name)
+            mv = mlflow.register_model(model_uri(c.run_id), self.name)
         except MlflowException as exc:
             raise DataError(f"run {c.run_id} ({c.run_name}) has no logged model at 'model' ({exc.message})",
                             field="run") from exc
