@@ -299,6 +299,7 @@ def privacy_statement(epsilon: float, delta: float, data: TuneData, n_private: i
 def _objective(cfg: Config, epsilon: float, data: TuneData, space: SearchSpace, parent_run_id: str,
                name: str, device):
     """The Optuna objective: one DP training run per trial, reported epoch by epoch."""
+    import mlflow
     import optuna
 
     from mammodp import tracking
@@ -361,8 +362,6 @@ def _objective(cfg: Config, epsilon: float, data: TuneData, space: SearchSpace, 
             tracking.log_metrics({"final_epsilon": final_eps, "epochs_run": last.get("epoch", -1) + 1})
             if not pruned:
                 tracking.log_metrics({"best_val_auprc": value, "best_epoch": best_epoch})
-            import mlflow
-
             mlflow.set_tag("trial_state", "PRUNED" if pruned else "COMPLETE")
         if pruned:
             raise optuna.TrialPruned(f"trial {trial.number} pruned")
@@ -493,6 +492,7 @@ def run(cfg: Config, epsilon: float, out: Path | None = None) -> dict:
     """
     import matplotlib.pyplot as plt
     import mlflow
+    import optuna
 
     from mammodp import tracking
     from mammodp.runtime import resolve_device
@@ -500,6 +500,7 @@ def run(cfg: Config, epsilon: float, out: Path | None = None) -> dict:
     if not (0 < epsilon < math.inf):
         raise ConfigError("tuning needs a finite budget: noise is what it tunes (non-private runs use train.*)",
                           field="epsilon")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are reported by our own line and MLflow
     eps_txt = format_epsilon(epsilon)
     out = Path(out or Path("metrics/tune") / f"eps={eps_txt}.json")
     data = load_tune_data(cfg)
@@ -512,9 +513,6 @@ def run(cfg: Config, epsilon: float, out: Path | None = None) -> dict:
     log.info("study %s: %d trial(s) stored, adding %d; sigma in [%.4g, %.4g], q=%.4g",
              name, len(study.trials), cfg.tune.n_trials, *space.noise_multiplier, space.sample_rate)
 
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tracking.start_run(cfg.experiment, "tune", run_id=parent):
         study.optimize(_objective(cfg, epsilon, data, space, parent, name, device),
                        n_trials=cfg.tune.n_trials, gc_after_trial=True)
