@@ -91,7 +91,8 @@ class DPConfig:
     accountant: Literal["prv", "rdp"] = "prv"  # PRV falls back to RDP if it fails
     privacy_unit: Literal["patch", "patient"] = "patch"  # what one record is
     reproducible_noise: bool = False  # seed the noise generator (breaks the DP guarantee)
-    grad_chunk: int = 32  # samples per vmap chunk (bounds per-sample-gradient memory)
+    grad_chunk: int = 32  # samples per per-sample-gradient chunk (bounds their memory)
+    per_sample_method: Literal["auto", "vmap", "hooks"] = "auto"  # auto: hooks, checked vs vmap once
 
 
 @dataclass(frozen=True)

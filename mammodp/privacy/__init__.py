@@ -1,1 +1,46 @@
-"""mammodp.privacy."""
+"""mammodp.privacy: DP-SGD for models Opacus cannot wrap (Swin), with Opacus' accountants.
+
+One entry point, `make_private(model, optimizer, ...)` -> `DPSGD` (module `engine`).
+Building blocks: `per_sample` (per-sample / per-record gradients and clipping, vmap
+route), `grad_sampler` (the faster hook-based route), `sampler` (Poisson sampling,
+physical chunks), `accountant` (RDP / PRV with a recorded fallback).
+
+A training loop (x, y: all training patches; patient_codes: one patient index per patch)::
+
+    model = create_classifier("swin_micro", mode="full").to(device)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3, weight_decay=1e-8)
+    dp = make_private(model, opt, record_ids=patient_codes, privacy_unit="patient",
+                      expected_batch_size=64, epochs=8, target_epsilon=6.0, delta=1e-4,
+                      max_grad_norm=1.0, accountant="prv", sampler_seed=seed,
+                      physical_batch_size=64, grad_chunk=32)
+    if resuming:
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); dp.load_state_dict(ck["dp"])
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    for epoch in range(start_epoch, 8):
+        for _ in range(dp.steps_per_epoch):
+            idx = dp.sample_batch()  # Poisson: every patch of each sampled patient; may be empty
+            dp.step(x[idx], y[idx], loss_fn, record_idx=idx, public=(xs, ys))  # writes .grad
+            opt.step(); opt.zero_grad(set_to_none=True)
+        ck = {"model": model.state_dict(), "opt": opt.state_dict(), "dp": dp.state_dict()}
+        print(epoch, dp.epsilon_spent())
+    privacy_record = dp.summary()
+"""
+
+from mammodp.privacy.accountant import ACCOUNTANTS, PrivacyAccountant, calibrate_noise, make_accountant
+from mammodp.privacy.engine import DPSGD, make_private
+from mammodp.privacy.per_sample import clipped_grad_sum, per_sample_gradients
+from mammodp.privacy.sampler import PoissonSampler, split_physical, steps_per_epoch
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DPSGD",
+    "PoissonSampler",
+    "PrivacyAccountant",
+    "calibrate_noise",
+    "clipped_grad_sum",
+    "make_accountant",
+    "make_private",
+    "per_sample_gradients",
+    "split_physical",
+    "steps_per_epoch",
+]

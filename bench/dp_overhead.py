@@ -1,0 +1,201 @@
+"""DP-SGD overhead: private step time and peak memory relative to a plain step.
+
+    python bench/dp_overhead.py [--preset swin_micro] [--steps N] [--batch B] [--device cpu|cuda]
+
+Without --preset it measures swin_micro on CPU and, when CUDA is present, swin_tiny
+(224 px) on CUDA. For each model it times, side by side in interleaved repetitions
+(median over --steps), one optimiser step of
+
+- plain training of the whole model vs full-model DP-SGD (`mammodp.privacy.make_private`:
+  per-sample gradients, per-record clipping, noise, AdamW step), once with the default
+  hook-based per-sample gradients (`grad_sampler`) and once with the torch.func vmap route;
+- plain training of the head on a frozen backbone vs head-only DP-SGD (same engine), and
+  vs Opacus' own GradSampleModule + DPOptimizer on the head (backbone features computed
+  without gradients), the one Opacus route that runs on a Swin.
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the memory held before the
+step. On CPU PyTorch keeps no allocator peak, so the CPU figure is the peak of live tensor
+bytes reconstructed from `torch.profiler(profile_memory=True)` allocation events (op
+granularity: a transient buffer allocated and freed inside one kernel is not seen). RSS or
+tracemalloc deltas are not used: the CPU allocator caches and tracemalloc misses it.
+
+Batches are the same for every variant: q = 1 over B records, so each Poisson batch holds
+all B samples and the DP step does exactly the work of a B-sample step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mammodp.models.swin import PRESETS, create_classifier, trainable_parameters  # noqa: E402
+from mammodp.privacy import make_private  # noqa: E402
+
+LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak of live tensor bytes allocated by `fn` (CPU), from profiler memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    points = []
+    for e in prof.events():
+        # Allocations inside an op are charged to the op (self memory); those outside any
+        # op appear as "[memory]" events.
+        m = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if m:
+            points.append((e.time_range.start, m))
+    points.sort()
+    live = peak = 0
+    for _, m in points:
+        live += m
+        peak = max(peak, live)
+    return peak
+
+
+def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    return _cpu_peak_bytes(fn)
+
+
+def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, size: int):
+    """name -> step function, for one preset. Every model starts from the same weights."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, size, size, generator=g).to(device)
+    y = torch.randint(0, 2, (batch,), generator=g).to(device)
+    records = np.arange(batch)
+    steps: dict[str, Callable[[], None]] = {}
+
+    for mode, tag in (("full", "full"), ("frozen_backbone", "head")):
+        base = create_classifier(preset, mode=mode).to(device).train()
+
+        plain = copy.deepcopy(base)
+        plain_opt = torch.optim.AdamW(trainable_parameters(plain), lr=1e-4)
+
+        def plain_step(model=plain, opt=plain_opt):
+            opt.zero_grad(set_to_none=True)
+            LOSS(model(x), y).backward()
+            opt.step()
+
+        steps[f"{tag}/plain"] = plain_step
+        for method in ("hooks", "vmap"):
+            private = copy.deepcopy(base)
+            private_opt = torch.optim.AdamW(trainable_parameters(private), lr=1e-4)
+            engine = make_private(private, private_opt, record_ids=records, expected_batch_size=batch, delta=1e-5,
+                                  epochs=1, max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp",
+                                  privacy_unit="patch", sampler_seed=0, grad_chunk=grad_chunk,
+                                  physical_batch_size=batch, per_sample_method=method)
+
+            def dp_step(engine=engine, opt=private_opt):
+                idx = engine.sample_batch()  # q = 1: all B samples
+                engine.step(x, y, LOSS, record_idx=idx)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            steps[f"{tag}/dp-{method}"] = dp_step
+
+        if mode == "frozen_backbone":
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            op_model = copy.deepcopy(base)
+            gsm = GradSampleModule(op_model.head, loss_reduction="mean")
+            op_opt = DPOptimizer(torch.optim.AdamW(gsm.parameters(), lr=1e-4), noise_multiplier=1.0,
+                                 max_grad_norm=1.0, expected_batch_size=batch, loss_reduction="mean")
+
+            def opacus_step(model=op_model, gsm=gsm, opt=op_opt):
+                with torch.no_grad():
+                    feats = model.backbone(model.preprocess(x))  # frozen: no graph
+                opt.zero_grad(set_to_none=True)
+                LOSS(gsm(feats), y).backward()
+                opt.step()
+
+            steps["head/opacus"] = opacus_step
+    return steps
+
+
+def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int) -> None:
+    """Measure and print the ratios for one preset on one device."""
+    size = PRESETS[preset]["img_size"]
+    steps = _variants(preset, device, batch, grad_chunk, size)
+    for fn in steps.values():  # warm-up: lazy imports, vmap set-up, cuDNN autotuning
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(reps):  # interleaved: machine-load drifts hit every variant alike
+        for name, fn in steps.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peak = {k: _peak_bytes(fn, device) for k, fn in steps.items()}
+    mem_how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler live-tensor peak"
+    n_full = sum(p.numel() for p in create_classifier(preset).parameters())
+    print(f"# {preset} ({n_full / 1e6:.2f}M params) on {device} ({torch.get_num_threads()} CPU threads), "
+          f"batch {batch}, grad_chunk {grad_chunk}, "
+          f"{size} px, median of {reps} interleaved steps; memory: {mem_how}")
+
+    def line(label: str, dp: str, ref: str) -> None:
+        print(f"{label}: time {med[dp] / med[ref]:.2f}x, peak memory {peak[dp] / max(peak[ref], 1):.2f}x"
+              f"   ({med[dp] * 1e3:.1f} ms vs {med[ref] * 1e3:.1f} ms; "
+              f"{peak[dp] / 2**20:.1f} MiB vs {peak[ref] / 2**20:.1f} MiB)")
+
+    line("full-model DP", "full/dp-hooks", "full/plain")
+    line("full-model DP (vmap route)", "full/dp-vmap", "full/plain")
+    line("head-only DP", "head/dp-hooks", "head/plain")
+    line("head-only DP (vmap route)", "head/dp-vmap", "head/plain")
+    line("head-only Opacus GradSampleModule", "head/opacus", "head/plain")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments and run the benchmark(s)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="one preset (default: micro on CPU + tiny on CUDA)")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
+    ap.add_argument("--steps", type=int, default=10, help="timed repetitions per variant")
+    ap.add_argument("--batch", type=int, default=32, help="samples per step")
+    ap.add_argument("--grad-chunk", type=int, default=32, help="samples per vmap call")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (1 gives steadier CPU timings on a shared machine)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs: list[tuple[str, torch.device]]
+    if args.preset:
+        runs = [(args.preset, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))]
+    else:
+        runs = [("swin_micro", torch.device(args.device or "cpu"))]
+        if torch.cuda.is_available() and args.device in (None, "cuda"):
+            runs.append(("swin_tiny", torch.device("cuda")))
+    for preset, device in runs:
+        bench(preset, device, args.steps, args.batch, args.grad_chunk)
+
+
+if __name__ == "__main__":
+    main()

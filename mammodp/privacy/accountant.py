@@ -1,0 +1,218 @@
+"""Privacy accounting: Opacus' RDP and PRV accountants behind one small interface.
+
+- `make_accountant(name)` builds a `PrivacyAccountant` from the registry `ACCOUNTANTS`.
+- `calibrate_noise(...)` finds the smallest noise multiplier that meets a budget.
+- PRV is tighter than RDP but numerically fragile (it has failed for large epsilon in
+  some Opacus versions, raising, returning NaN or infinity). When it fails the accountant
+  falls back to RDP for good, and records why in `fallback_reason`; the training stage
+  logs that beside epsilon.
+- The state (`history` of (noise multiplier, sample rate, steps) runs, the mechanism
+  actually used, the fallback) serialises to a plain dict, so a resumed run reports the
+  same epsilon as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
+
+from mammodp.errors import ConfigError, PrivacyError
+
+# name -> Opacus accountant class (a dict, as in Opacus' own registry). Tests may add
+# entries (e.g. an accountant that always fails) to exercise the fallback.
+ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+FALLBACK = "rdp"  # the robust mechanism every other accountant falls back to
+MAX_SIGMA = 1e6  # Opacus' limit in get_noise_multiplier: beyond it the budget is "too low"
+
+
+class AccountantFailure(RuntimeError):
+    """An accountant raised or returned a non-number (NaN) for epsilon."""
+
+
+def _epsilon_of(mechanism: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of `history` under `mechanism`; raises AccountantFailure on errors or NaN."""
+    acc = ACCOUNTANTS[mechanism]()
+    acc.history = [tuple(h) for h in history]
+    try:
+        eps = float(acc.get_epsilon(delta=delta))
+    except Exception as exc:  # any failure inside the numerics (ValueError, MemoryError, ...)
+        raise AccountantFailure(f"{mechanism} raised {type(exc).__name__}: {exc}") from exc
+    if math.isnan(eps):
+        raise AccountantFailure(f"{mechanism} returned NaN")
+    return eps
+
+
+class PrivacyAccountant:
+    """Tracks the (noise multiplier, sample rate) of every step and reports epsilon.
+
+    Attributes:
+        requested: the mechanism asked for (`prv`, `rdp`).
+        mechanism: the mechanism in use (differs from `requested` after a fallback).
+        fallback_reason: None, or why the requested mechanism was abandoned.
+        history: [(noise_multiplier, sample_rate, steps)] runs, as in Opacus.
+    """
+
+    def __init__(self, name: str):
+        if name not in ACCOUNTANTS:
+            raise ConfigError(f"unknown accountant {name!r}; known: {', '.join(sorted(ACCOUNTANTS))}",
+                              field="dp.accountant")
+        self.requested = name
+        self.mechanism = name
+        self.fallback_reason: str | None = None
+        self.history: list[tuple[float, float, int]] = []
+        self._cache: tuple[Any, float] | None = None
+
+    def fall_back(self, reason: str) -> None:
+        """Switch to RDP for good and record why."""
+        self.mechanism = FALLBACK
+        self.fallback_reason = f"{self.requested} -> {FALLBACK}: {reason}"
+        self._cache = None
+
+    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+        """Record one step (run-length encoded like Opacus' history)."""
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            sigma, q, n = self.history[-1]
+            self.history[-1] = (sigma, q, n + 1)
+        else:
+            self.history.append((float(noise_multiplier), float(sample_rate), 1))
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded so far."""
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at `delta` (0 before the first step).
+
+        Falls back to RDP (recording why) if the current mechanism raises, returns NaN,
+        or returns infinity where RDP gives a finite bound.
+        """
+        if not self.history:
+            return 0.0
+        key = (tuple(self.history), delta, self.mechanism)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        try:
+            eps = _epsilon_of(self.mechanism, self.history, delta)
+            if math.isinf(eps) and self.mechanism != FALLBACK:
+                rdp = _epsilon_of(FALLBACK, self.history, delta)
+                if math.isfinite(rdp):
+                    raise AccountantFailure(f"{self.mechanism} returned inf where {FALLBACK} gives {rdp:.4g}")
+        except AccountantFailure as exc:
+            if self.mechanism == FALLBACK:
+                raise PrivacyError(f"privacy accounting failed: {exc}", field="dp.accountant") from exc
+            self.fall_back(str(exc))
+            eps = _epsilon_of(FALLBACK, self.history, delta)
+        self._cache = ((tuple(self.history), delta, self.mechanism), eps)
+        return eps
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state (history, mechanism, fallback) for checkpoints."""
+        return {
+            "requested": self.requested,
+            "mechanism": self.mechanism,
+            "fallback_reason": self.fallback_reason,
+            "history": [list(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()`.
+
+        Raises:
+            PrivacyError: the state was made for another requested accountant.
+        """
+        if state["requested"] != self.requested:
+            raise PrivacyError(
+                f"checkpoint used accountant {state['requested']!r}, this run asks for {self.requested!r}",
+                field="dp.accountant")
+        self.mechanism = state["mechanism"]
+        self.fallback_reason = state["fallback_reason"]
+        self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self._cache = None
+
+
+def make_accountant(name: str) -> PrivacyAccountant:
+    """A fresh accountant by name (a key of `ACCOUNTANTS`).
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    return PrivacyAccountant(name)
+
+
+def _search_sigma(mechanism: str, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                  tolerance: float) -> float:
+    """Opacus' `get_noise_multiplier` bisection, for any registered mechanism."""
+    def eps_at(sigma: float) -> float:
+        return _epsilon_of(mechanism, [(sigma, sample_rate, steps)], delta)
+
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        sigma_high *= 2
+        eps_high = eps_at(sigma_high)
+        if sigma_high > MAX_SIGMA:
+            raise PrivacyError(
+                f"budget epsilon={target_epsilon} at delta={delta} is too low for {steps} steps at q={sample_rate:.4g}",
+                field="epsilon")
+    while target_epsilon - eps_high > tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        eps = eps_at(sigma)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str | PrivacyAccountant = "rdp",
+    *,
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier sigma (to within the tolerance) with epsilon <= target.
+
+    Same bisection as Opacus' `get_noise_multiplier` (its results are reproduced exactly
+    for `rdp`). If the mechanism fails (PRV raising / NaN), calibration is redone with RDP
+    and the fallback is recorded on `accountant` when an accountant object is passed.
+
+    Args:
+        target_epsilon: budget epsilon (> 0, finite).
+        delta: budget delta.
+        sample_rate: Poisson sampling rate q.
+        steps: number of logical steps the run will take.
+        accountant: a mechanism name or a `PrivacyAccountant` (which records a fallback).
+        epsilon_tolerance: stop when target - epsilon(sigma) <= this.
+
+    Returns:
+        The noise multiplier.
+
+    Raises:
+        PrivacyError: the budget cannot be met (sigma would exceed 1e6) or is not finite.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise PrivacyError(f"cannot calibrate noise to epsilon={target_epsilon}", field="epsilon")
+    acc = make_accountant(accountant) if isinstance(accountant, str) else accountant
+    try:
+        return _search_sigma(acc.mechanism, target_epsilon, delta, sample_rate, steps, epsilon_tolerance)
+    except AccountantFailure as exc:
+        if acc.mechanism == FALLBACK:
+            raise PrivacyError(f"noise calibration failed: {exc}", field="dp.accountant") from exc
+        acc.fall_back(f"calibration failed: {exc}")
+        return _search_sigma(FALLBACK, target_epsilon, delta, sample_rate, steps, epsilon_tolerance)
+
+
+__all__ = [
+    "ACCOUNTANTS",
+    "FALLBACK",
+    "AccountantFailure",
+    "PrivacyAccountant",
+    "calibrate_noise",
+    "make_accountant",
+]

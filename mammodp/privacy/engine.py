@@ -1,0 +1,490 @@
+"""DP-SGD for any model: the one entry point that makes training private.
+
+`make_private(model, optimizer, ...)` returns a `DPSGD` engine that owns the Poisson
+sampler, the accountant and the noise generator. Per logical step the caller asks for a
+batch (`sample_batch`) and hands its tensors to `step`, which
+
+1. splits the batch into physical chunks that never cut a record in two,
+2. computes each record's gradient (summed over its samples) -- by default with the
+   hook-based per-sample gradients of `grad_sampler` (one batched backward; checked once
+   per run against the `torch.func` vmap reference), else with vmap --, clips it to norm
+   C over all trainable parameters and sums the clipped gradients,
+3. adds Gaussian noise N(0, sigma^2 C^2) once,
+4. divides by the EXPECTED batch size q x N (records), not the realised Poisson count,
+5. optionally mixes in the plain mean gradient of PUBLIC samples (synthetic data: not
+   records, never clipped, never counted by the accountant),
+6. writes `.grad` of every trainable parameter and records the step in the accountant.
+
+The caller then calls `optimizer.step()` (any optimiser: its update is post-processing).
+
+With `target_epsilon=inf` (and no noise multiplier) the same engine runs non-privately:
+same sampler and loop shape, no clipping, no noise, gradient = mean loss gradient over
+the realised batch, nothing accounted; `summary()["epsilon"]` is inf.
+
+Checkpoints: `state_dict()` holds the accountant history, the sampler's RNG state and
+(only with a seeded, reproducible noise generator) the noise RNG state. Treat it like
+the training data: it reveals which records past batches held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mammodp.errors import PrivacyError
+from mammodp.privacy.accountant import PrivacyAccountant, calibrate_noise, make_accountant
+from mammodp.privacy.per_sample import (
+    LossFn,
+    clipped_grad_sum,
+    per_sample_gradients,
+    resolve_method,
+    trainable_named_parameters,
+)
+from mammodp.privacy.sampler import PoissonSampler, split_physical, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+PRIVACY_UNITS = ("patch", "patient")
+
+
+class DPSGD:
+    """A private training step over Poisson batches; build it with `make_private`.
+
+    Attributes:
+        model, optimizer: as passed to `make_private`.
+        sampler: the `PoissonSampler` over records.
+        accountant: the `PrivacyAccountant` (None when non-private).
+        private: False for the non-private (epsilon = inf) mode.
+        noise_multiplier: sigma (0 when non-private).
+        sample_rate: q = expected_batch_size / number of records.
+        expected_batch_size: q x records: the divisor of the noisy gradient sum.
+        max_grad_norm: clipping norm C per record.
+        delta, privacy_unit, target_epsilon.
+        steps_per_epoch: round(1 / q); total_steps: epochs x steps_per_epoch.
+        steps_taken: logical steps done (including resumed ones).
+        per_sample_method: `hooks` or `vmap` (the route in use); method_note: why `auto`
+            fell back to vmap, if it did.
+        last_stats: counts and clipping rate of the last step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        sampler: PoissonSampler,
+        accountant: PrivacyAccountant | None,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        delta: float,
+        privacy_unit: str,
+        target_epsilon: float | None,
+        total_steps: int,
+        grad_chunk: int,
+        physical_batch_size: int,
+        noise_seed: int | None,
+        autocast_dtype: torch.dtype | None,
+        per_sample_method: str = "auto",
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.sampler = sampler
+        self.accountant = accountant
+        self.private = accountant is not None
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.delta = float(delta)
+        self.privacy_unit = privacy_unit
+        self.target_epsilon = target_epsilon
+        self.total_steps = int(total_steps)
+        self.grad_chunk = int(grad_chunk)
+        self.physical_batch_size = int(physical_batch_size)
+        self.autocast_dtype = autocast_dtype
+        self.requested_method = per_sample_method
+        try:
+            self.per_sample_method = resolve_method(model, per_sample_method)
+        except ValueError as exc:
+            raise PrivacyError(str(exc), field="per_sample_method") from exc
+        # `auto` chose hooks: check them once against vmap on real inputs before trusting them.
+        self._verify_hooks = per_sample_method == "auto" and self.per_sample_method == "hooks"
+        self.method_note = ""
+        self.steps_taken = 0
+        self.last_stats: dict[str, float] = {}
+        self._params = trainable_named_parameters(model)
+        device = next(iter(self._params.values())).device
+        self.noise_seed = noise_seed
+        self.noise_generator = torch.Generator(device=device)
+        if noise_seed is None:
+            self.noise_generator.seed()  # OS entropy: noise nobody can replay
+        else:
+            self.noise_generator.manual_seed(int(noise_seed))
+        self._pending: np.ndarray | None = None  # sample indices handed out by sample_batch()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def sample_rate(self) -> float:
+        """Poisson sampling rate q."""
+        return self.sampler.sample_rate
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q x number of records."""
+        return self.sampler.expected_batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """round(1 / q)."""
+        return self.sampler.steps_per_epoch
+
+    # ------------------------------------------------------------------ the step
+
+    def sample_batch(self) -> torch.Tensor:
+        """Sample indices (int64, CPU) of the next Poisson batch; may be empty.
+
+        All samples of every chosen record, grouped by record. Pass them to `step` as
+        `record_idx` together with the tensors they select.
+        """
+        idx = self.sampler.sample()
+        self._pending = idx
+        return torch.from_numpy(idx)
+
+    def step(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        *,
+        record_idx: torch.Tensor | np.ndarray,
+        public: tuple[torch.Tensor, torch.Tensor] | None = None,
+        public_weight: float | None = None,
+    ) -> float:
+        """One logical step: write the private (noisy, clipped) gradient into `.grad`.
+
+        Args:
+            inputs: (B, 1, H, W) samples of the batch from `sample_batch` (any device;
+                moved to the model's device one physical chunk at a time).
+            targets: (B,) labels.
+            loss_fn: mean loss over a batch, e.g. `nn.CrossEntropyLoss(label_smoothing=0.1)`.
+            record_idx: the indices `sample_batch` returned for this batch (B,).
+            public: optional (x (M, 1, H, W), y (M,)) public samples (synthetic): their plain
+                mean gradient is mixed in; they are not records and cost no privacy.
+            public_weight: w in g = (1 - w) g_private + w g_public. Default M / (E + M)
+                with E the expected private batch size (realised size when non-private):
+                each public sample weighs like one expected private record.
+
+        Returns:
+            Mean loss over the private samples (NaN for an empty batch without public data;
+            the public samples' mean loss when only they are present).
+
+        Raises:
+            PrivacyError: `record_idx` is not the batch `sample_batch` handed out.
+        """
+        idx = np.asarray(record_idx.cpu() if isinstance(record_idx, torch.Tensor) else record_idx, dtype=np.int64)
+        self._check_batch(idx, inputs, targets)
+        device = next(iter(self._params.values())).device
+        records = torch.from_numpy(self.sampler.record_of_sample[idx])  # (B,) record of each sample
+
+        if self.private:
+            priv, n_samples, n_records, loss_sum, clipped = self._private_sum(inputs, targets, loss_fn, records, device)
+            if self.noise_multiplier > 0:
+                std = self.noise_multiplier * self.max_grad_norm
+                for name, g in priv.items():
+                    noise = torch.normal(0.0, std, size=g.shape, generator=self.noise_generator,
+                                         device=self.noise_generator.device)
+                    g.add_(noise.to(g.device))  # (param shape), one draw per step
+            divisor = self.expected_batch_size
+        else:
+            priv, n_samples, loss_sum = self._plain_sum(inputs, targets, loss_fn, device, self.physical_batch_size)
+            n_records, clipped = int(np.unique(self.sampler.record_of_sample[idx]).size), 0
+            divisor = max(n_samples, 1)
+        grads = {n: g / divisor for n, g in priv.items()}
+
+        pub_loss = math.nan
+        if public is not None and public[0].shape[0] > 0:
+            m = public[0].shape[0]
+            # Default: each public sample weighs like one (expected) private record.
+            w = public_weight if public_weight is not None else m / ((divisor if n_samples or self.private else 0) + m)
+            if not 0.0 <= w <= 1.0:
+                raise PrivacyError(f"public_weight must be in [0, 1], got {w}", field="public_weight")
+            pub, _, pub_sum = self._plain_sum(public[0], public[1], loss_fn, device, self.physical_batch_size)
+            grads = {n: (1.0 - w) * g + w * pub[n] / m for n, g in grads.items()}
+            pub_loss = pub_sum / m
+
+        for name, p in self._params.items():
+            p.grad = grads[name].to(p.dtype)
+        if self.private:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps_taken += 1
+        self._pending = None
+        self.last_stats = {"samples": n_samples, "records": n_records,
+                           "clipped_fraction": clipped / n_records if n_records else 0.0}
+        if n_samples:
+            return loss_sum / n_samples
+        return pub_loss
+
+    def _check_batch(self, idx: np.ndarray, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self._pending is None:
+            raise PrivacyError("step() needs a batch from sample_batch() first (one batch per step)",
+                               field="record_idx")
+        if idx.shape != self._pending.shape or not np.array_equal(np.sort(idx), np.sort(self._pending)):
+            # Privacy accounting assumes Poisson batches: any other batch breaks the guarantee.
+            raise PrivacyError("record_idx is not the batch sample_batch() returned", field="record_idx")
+        if inputs.shape[0] != idx.size or targets.shape[0] != idx.size:
+            raise PrivacyError(
+                f"inputs ({inputs.shape[0]}) and targets ({targets.shape[0]}) must match record_idx ({idx.size})",
+                field="record_idx")
+
+    def _check_hooks(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> None:
+        """Once per run (method `auto`): hook-based per-sample gradients must equal vmap's on
+        a few real samples (fp32), else the run uses vmap and the summary says why."""
+        self._verify_hooks = False
+        x, y = x[:4], y[:4]
+        ref, _ = per_sample_gradients(self.model, loss_fn, x, y, method="vmap")
+        try:
+            fast, _ = per_sample_gradients(self.model, loss_fn, x, y, method="hooks")
+        except RuntimeError as exc:  # e.g. a layer the single backward could not reach
+            fast, problem = None, f"hooks failed ({exc})"
+        if fast is not None:
+            worst, where = 0.0, ""
+            for name, r in ref.items():
+                err = float((fast[name] - r).abs().max() / r.abs().max().clamp(min=1e-12))
+                if not err <= worst:  # also catches NaN
+                    worst, where = err, name
+            problem = "" if worst < 1e-3 else f"hooks disagreed with vmap (relative error {worst:.3g} in {where})"
+        if problem:
+            self.per_sample_method = "vmap"
+            self.method_note = problem + "; using vmap"
+            log.warning("per-sample gradients: %s", self.method_note)
+
+    def _private_sum(self, inputs, targets, loss_fn, records, device):
+        """Sum of per-record clipped gradients over physical chunks that keep records whole."""
+        total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self._params.items()}
+        n_samples = n_records = clipped = 0
+        loss_sum = 0.0
+        for pos in split_physical(records.numpy(), self.physical_batch_size):
+            pos_t = torch.from_numpy(pos)
+            x = inputs[pos_t.to(inputs.device)].to(device, non_blocking=True)
+            y = targets[pos_t.to(targets.device)].to(device, non_blocking=True)
+            if self._verify_hooks:
+                self._check_hooks(x, y, loss_fn)
+            res = clipped_grad_sum(self.model, loss_fn, x, y, max_grad_norm=self.max_grad_norm,
+                                   record_ids=records[pos_t].to(device), grad_chunk=self.grad_chunk,
+                                   autocast_dtype=self.autocast_dtype, method=self.per_sample_method)
+            for n in total:
+                total[n] += res.grads[n]
+            n_samples += res.n_samples
+            n_records += res.n_records
+            clipped += int((res.norms > self.max_grad_norm).sum())
+            loss_sum += res.loss_sum
+        return total, n_samples, n_records, loss_sum, clipped
+
+    def _plain_sum(self, inputs, targets, loss_fn, device, chunk):
+        """Sum over samples of ordinary loss gradients (batched autograd, no clipping)."""
+        total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self._params.items()}
+        names, params = list(self._params), list(self._params.values())
+        loss_sum, n = 0.0, inputs.shape[0]
+        for s in range(0, n, chunk):
+            x = inputs[s : s + chunk].to(device, non_blocking=True)
+            y = targets[s : s + chunk].to(device, non_blocking=True)
+            ctx = (torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+                   if self.autocast_dtype is not None else contextlib.nullcontext())
+            with ctx:
+                logits = self.model(x)
+            loss = loss_fn(logits.float(), y) * x.shape[0]  # mean -> sum over the chunk
+            for name, g in zip(names, torch.autograd.grad(loss, params)):
+                total[name] += g.float()
+            loss_sum += float(loss.detach())
+        return total, n, loss_sum
+
+    # ------------------------------------------------------------------ reporting
+
+    def epsilon_spent(self) -> float:
+        """Epsilon at `delta` after the steps taken so far (inf when non-private)."""
+        if not self.private:
+            return math.inf
+        return self.accountant.epsilon(self.delta)
+
+    def summary(self) -> dict[str, Any]:
+        """The privacy record of the run: everything epsilon means, in one flat dict."""
+        eps = self.epsilon_spent()
+        acc = self.accountant
+        return {
+            "epsilon": eps,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon if self.target_epsilon is not None else math.nan,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "expected_batch_size": self.expected_batch_size,
+            "steps": self.steps_taken,
+            "total_steps": self.total_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "accountant": acc.mechanism if acc is not None else "none",
+            "accountant_requested": acc.requested if acc is not None else "none",
+            "accountant_fallback": bool(acc is not None and acc.fallback_reason),
+            "accountant_fallback_reason": (acc.fallback_reason or "") if acc is not None else "",
+            "privacy_unit": self.privacy_unit,
+            "n_records": self.sampler.n_records,
+            "n_samples": self.sampler.n_samples,
+            "noise_seeded": self.noise_seed is not None,
+            "private": self.private,
+            "per_sample_method": self.per_sample_method,
+            "per_sample_method_note": self.method_note,
+        }
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Accountant history, sampler RNG, steps and (if seeded) the noise RNG state."""
+        return {
+            "version": 1,
+            "steps_taken": self.steps_taken,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm,
+            "privacy_unit": self.privacy_unit,
+            "private": self.private,
+            "accountant": self.accountant.state_dict() if self.accountant is not None else None,
+            "sampler": self.sampler.state_dict(),
+            # An OS-seeded noise stream is not saved: nobody (not even a checkpoint reader)
+            # should be able to replay it. A resumed run draws fresh noise then.
+            "noise_generator": self.noise_generator.get_state() if self.noise_seed is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a run from `state_dict()`.
+
+        Raises:
+            PrivacyError: the checkpoint was made with other privacy settings.
+        """
+        for key in ("noise_multiplier", "sample_rate", "max_grad_norm", "privacy_unit", "private"):
+            if state[key] != getattr(self, key):
+                raise PrivacyError(f"checkpoint has {key}={state[key]!r}, this run {getattr(self, key)!r}; "
+                                   "resume with the same privacy settings", field=key)
+        self.steps_taken = int(state["steps_taken"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state["accountant"])
+        self.sampler.load_state_dict(state["sampler"])
+        if state["noise_generator"] is not None and self.noise_seed is not None:
+            self.noise_generator.set_state(state["noise_generator"])
+        self._pending = None
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    record_ids: Sequence[Any] | np.ndarray,
+    expected_batch_size: float,
+    delta: float,
+    epochs: int,
+    max_grad_norm: float,
+    target_epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+    accountant: str = "prv",
+    privacy_unit: str = "patch",
+    noise_seed: int | None = None,
+    sampler_seed: int | None = None,
+    grad_chunk: int = 32,
+    physical_batch_size: int = 64,
+    autocast_dtype: torch.dtype | None = None,
+    per_sample_method: str = "auto",
+) -> DPSGD:
+    """Make training of `model` with `optimizer` differentially private (DP-SGD).
+
+    Move the model to its device before calling this (the noise generator lives there).
+
+    Args:
+        model: the classifier; its trainable parameters (requires_grad) are privatised.
+        optimizer: optimiser over (a subset of) the model's trainable parameters.
+        record_ids: one entry per training sample naming its privacy record: the sample
+            itself for the unit `patch` (must then be distinct), the patient for `patient`.
+        expected_batch_size: expected RECORDS per logical batch; q = this / number of records.
+        delta: target delta.
+        epochs: planned epochs; total steps = epochs x round(1 / q) (used to calibrate sigma).
+        max_grad_norm: clipping norm C of a record's gradient (`math.inf`: no clipping).
+        target_epsilon: budget to calibrate sigma to; `math.inf` (with no noise_multiplier)
+            = non-private mode.
+        noise_multiplier: fixed sigma (e.g. from tuning); overrides calibration. The
+            accountant still reports the epsilon it gives.
+        accountant: `prv` (falls back to `rdp` on failure, recorded) or `rdp`.
+        privacy_unit: `patch` or `patient`.
+        noise_seed: seed for the noise generator (reproducible runs only: a known noise
+            stream voids the guarantee); None = OS entropy.
+        sampler_seed: seed for Poisson sampling; None = OS entropy.
+        grad_chunk: samples per vmap call (bounds per-sample-gradient memory).
+        physical_batch_size: most samples moved to the device / pushed through at once.
+        autocast_dtype: e.g. torch.bfloat16 for mixed precision on CUDA; None = fp32.
+        per_sample_method: `auto` (hook-based per-sample gradients where the model
+            supports them, checked once against vmap on the first batch; else vmap),
+            `vmap` (torch.func: any model, slower) or `hooks` (no check).
+
+    Returns:
+        The engine.
+
+    Raises:
+        PrivacyError: inconsistent settings or a budget that cannot be met.
+        ConfigError: unknown accountant.
+    """
+    if privacy_unit not in PRIVACY_UNITS:
+        raise PrivacyError(f"unknown privacy unit {privacy_unit!r}; known: {', '.join(PRIVACY_UNITS)}",
+                           field="dp.privacy_unit")
+    params = trainable_named_parameters(model)
+    if not params:
+        raise PrivacyError("the model has no trainable parameters", field="model.mode")
+    trainable_ids = {id(p) for p in params.values()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in trainable_ids:
+                raise PrivacyError("the optimiser holds parameters that are not trainable parameters of the "
+                                   "model; they would be updated outside DP-SGD", field="optimizer")
+    ids = np.asarray(record_ids)
+    if privacy_unit == "patch" and np.unique(ids).size != ids.size:
+        raise PrivacyError("privacy unit 'patch' needs one distinct record id per sample", field="record_ids")
+    if not (0 < delta < 1):
+        raise PrivacyError(f"delta must be in (0, 1), got {delta}", field="dp.delta")
+    if not max_grad_norm > 0:
+        raise PrivacyError(f"max_grad_norm must be > 0, got {max_grad_norm}", field="dp.max_grad_norm")
+    if epochs < 1 or grad_chunk < 1 or physical_batch_size < 1:
+        raise PrivacyError("epochs, grad_chunk and physical_batch_size must be >= 1", field="train")
+    n_records = int(np.unique(ids).size)
+    if not 0 < expected_batch_size <= n_records:
+        raise PrivacyError(f"expected batch size {expected_batch_size} must be in (0, {n_records}] "
+                           f"(the number of {privacy_unit} records)", field="train.batch_size")
+    sample_rate = expected_batch_size / n_records
+    total_steps = epochs * steps_per_epoch(sample_rate)
+    sampler = PoissonSampler(ids, sample_rate, seed=sampler_seed)
+
+    private = noise_multiplier is not None or (target_epsilon is not None and math.isfinite(target_epsilon))
+    if target_epsilon is None and noise_multiplier is None:
+        raise PrivacyError("give target_epsilon (inf = non-private) or noise_multiplier", field="epsilon")
+    acc: PrivacyAccountant | None = None
+    sigma = 0.0
+    if private:
+        acc = make_accountant(accountant)
+        if noise_multiplier is not None:
+            if noise_multiplier < 0:
+                raise PrivacyError(f"noise multiplier must be >= 0, got {noise_multiplier}", field="noise_multiplier")
+            sigma = float(noise_multiplier)
+        else:
+            sigma = calibrate_noise(target_epsilon, delta, sample_rate, total_steps, acc)
+        if delta > 1.0 / n_records:
+            log.warning("delta=%g exceeds 1/records=%g: the guarantee is weak", delta, 1.0 / n_records)
+        log.info("DP-SGD: %d %s records, q=%.4g, sigma=%.4g, C=%g, %d steps, accountant %s%s",
+                 n_records, privacy_unit, sample_rate, sigma, max_grad_norm, total_steps, acc.mechanism,
+                 f" ({acc.fallback_reason})" if acc.fallback_reason else "")
+    return DPSGD(
+        model, optimizer, sampler=sampler, accountant=acc, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+        delta=delta, privacy_unit=privacy_unit, target_epsilon=target_epsilon, total_steps=total_steps,
+        grad_chunk=grad_chunk, physical_batch_size=physical_batch_size, noise_seed=noise_seed,
+        autocast_dtype=autocast_dtype, per_sample_method=per_sample_method,
+    )
+
+
+__all__ = ["DPSGD", "PRIVACY_UNITS", "make_private"]

@@ -1,0 +1,268 @@
+"""The DP-SGD engine: a private step with no noise and no clipping is a plain step; noise,
+normalisation, accounting, Poisson batches and resume behave as DP-SGD requires."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+from mammodp.errors import ConfigError, PrivacyError
+from mammodp.models.swin import create_classifier, trainable_parameters
+from mammodp.privacy import make_private
+from mammodp.privacy.per_sample import clipped_grad_sum
+
+LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+
+def _data(n: int, seed: int = 0, size: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, size, size, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def _setup(mode: str = "full", seed: int = 0, lr: float = 1e-3):
+    torch.manual_seed(seed)
+    model = create_classifier("swin_micro", mode=mode)
+    return model, torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=1e-8)
+
+
+def _engine(model, opt, records, **kw):
+    args = dict(record_ids=records, expected_batch_size=len(np.unique(records)), delta=1e-4, epochs=1,
+                max_grad_norm=math.inf, noise_multiplier=0.0, accountant="rdp", privacy_unit="patch",
+                sampler_seed=0, grad_chunk=3, physical_batch_size=4, per_sample_method="hooks")
+    args.update(kw)
+    return make_private(model, opt, **args)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(("mode", "method"), [("full", "auto"), ("full", "vmap"), ("frozen_backbone", "auto")])
+def test_no_noise_no_clipping_equals_a_plain_sgd_step(mode, method):
+    x, y = _data(6)
+    model, _ = _setup(mode)
+    ref_model = copy.deepcopy(model)
+    # SGD with momentum: AdamW divides by sqrt(v) and turns 1e-12 rounding in near-zero
+    # gradient entries into full-size updates, so it cannot be compared entry by entry.
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(trainable_parameters(ref_model), lr=0.1, momentum=0.9)
+    dp = _engine(model, opt, np.arange(6), per_sample_method=method)  # q = 1: the batch is the whole set
+    for _ in range(2):
+        idx = dp.sample_batch()
+        assert sorted(idx.tolist()) == list(range(6))
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+        ref_opt.zero_grad()
+        LOSS(ref_model(x), y).backward()  # mean over the batch = sum / E with E = 6
+        for (name, p), r in zip(model.named_parameters(), ref_model.parameters()):
+            if p.requires_grad:
+                assert torch.allclose(p.grad, r.grad, rtol=1e-4, atol=1e-6 * float(r.grad.abs().max())), name
+            else:
+                assert p.grad is None and r.grad is None
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert dp.summary()["epsilon"] == math.inf  # sigma = 0 gives no privacy, and says so
+    assert dp.summary()["per_sample_method"] == ("vmap" if method == "vmap" else "hooks")
+
+
+def test_public_samples_mix_in_like_a_plain_step_on_the_union_batch():
+    x, y = _data(6)
+    xp, yp = _data(3, seed=9)
+    model, _ = _setup()
+    ref_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    ref_opt = torch.optim.SGD(trainable_parameters(ref_model), lr=0.1)
+    dp = _engine(model, opt, np.arange(6))
+    idx = dp.sample_batch()
+    dp.step(x[idx], y[idx], LOSS, record_idx=idx, public=(xp, yp))
+    opt.step()
+    LOSS(ref_model(torch.cat([x, xp])), torch.cat([y, yp])).backward()
+    ref_opt.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert dp.accountant.steps == 1  # public samples are not records: one step, 6 records
+    assert dp.last_stats["records"] == 6
+
+
+def test_patient_records_are_clipped_whole_across_physical_chunks():
+    x, y = _data(10, seed=1)
+    patients = np.array([0, 0, 0, 0, 1, 2, 2, 3, 4, 4])  # patient 0 has more patches than a chunk
+    model, opt = _setup(seed=1)
+    C = 0.05
+    dp = _engine(model, opt, patients, privacy_unit="patient", max_grad_norm=C, physical_batch_size=3)
+    idx = dp.sample_batch()
+    dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    whole = clipped_grad_sum(model, LOSS, x, y, max_grad_norm=C, record_ids=torch.from_numpy(patients))
+    assert whole.n_records == 5 and dp.last_stats["records"] == 5
+    for name, p in model.named_parameters():
+        # .grad = (sum of clipped patient gradients) / E, E = q x 5 patients = 5
+        assert torch.allclose(p.grad * 5, whole.grads[name], rtol=1e-4, atol=1e-7), name
+    total = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+    assert total <= C * 5 / 5 * (1 + 1e-4)  # 5 records, each of norm <= C, divided by E = 5
+
+
+def test_noise_has_the_calibrated_scale_and_divides_by_the_expected_batch_size():
+    model, opt = _setup(mode="frozen_backbone")
+    n_head = sum(p.numel() for p in trainable_parameters(model))
+    # q = 2 / 40 = 0.05: P(empty batch) = 0.95^40 = 0.13
+    dp = _engine(model, opt, np.arange(40), expected_batch_size=2, noise_multiplier=2.0, max_grad_norm=0.5,
+                 noise_seed=0)
+    x, y = _data(40)
+    # An empty Poisson batch still takes a step: noise only, counted by the accountant.
+    while True:
+        idx = dp.sample_batch()
+        if idx.numel() == 0:
+            break
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    steps_before = dp.accountant.steps
+    loss = dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    assert math.isnan(loss) and dp.last_stats["samples"] == 0
+    assert dp.accountant.steps == steps_before + 1
+    g = torch.cat([p.grad.flatten() for p in trainable_parameters(model)])
+    assert g.numel() == n_head
+    # pure noise N(0, (sigma C)^2) / E: std 2.0 * 0.5 / 2 = 0.5 (2146 draws: SE of std ~1.5%)
+    assert g.std().item() == pytest.approx(0.5, rel=0.06)
+    assert abs(g.mean().item()) < 0.05
+
+
+def test_reported_epsilon_equals_an_independent_rdp_computation():
+    model, opt = _setup(mode="frozen_backbone")
+    dp = _engine(model, opt, np.arange(50), expected_batch_size=5, target_epsilon=3.0, noise_multiplier=None,
+                 max_grad_norm=1.0, epochs=3)
+    assert dp.sample_rate == pytest.approx(0.1) and dp.steps_per_epoch == 10 and dp.total_steps == 30
+    x, y = _data(50)
+    for _ in range(7):
+        idx = dp.sample_batch()
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = rdp_analysis.compute_rdp(q=0.1, noise_multiplier=dp.noise_multiplier, steps=7, orders=orders)
+    expected, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=1e-4)
+    summary = dp.summary()
+    assert summary["epsilon"] == pytest.approx(float(expected), rel=1e-12)
+    assert summary["epsilon"] < 3.0
+    for key in ("noise_multiplier", "sample_rate", "steps", "delta", "max_grad_norm", "accountant",
+                "accountant_fallback", "privacy_unit", "epsilon"):
+        assert key in summary
+    assert summary["steps"] == 7 and summary["accountant"] == "rdp" and summary["accountant_fallback"] is False
+
+
+def _run(dp, model, opt, x, y, steps):
+    batches = []
+    for _ in range(steps):
+        idx = dp.sample_batch()
+        batches.append(idx.tolist())
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return batches
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_resume_gives_the_same_batches_epsilon_and_weights(seeded):
+    x, y = _data(24, seed=5)
+    patients = np.arange(24) // 2
+    kw = dict(privacy_unit="patient", expected_batch_size=3, noise_multiplier=1.5, max_grad_norm=1.0,
+              noise_seed=7 if seeded else None, sampler_seed=11, epochs=2)
+    model, opt = _setup(mode="frozen_backbone", seed=2)
+    dp = _engine(model, opt, patients, **kw)
+    straight = _run(dp, model, opt, x, y, 6)
+
+    model1, opt1 = _setup(mode="frozen_backbone", seed=2)
+    dp1 = _engine(model1, opt1, patients, **kw)
+    first = _run(dp1, model1, opt1, x, y, 3)
+    ckpt = copy.deepcopy({"model": model1.state_dict(), "opt": opt1.state_dict(), "dp": dp1.state_dict()})
+    del model1, opt1, dp1  # the run is killed here
+
+    model2, opt2 = _setup(mode="frozen_backbone", seed=99)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    dp2 = _engine(model2, opt2, patients, **{**kw, "sampler_seed": 12345})
+    dp2.load_state_dict(ckpt["dp"])
+    second = _run(dp2, model2, opt2, x, y, 3)
+
+    assert first + second == straight
+    assert dp2.steps_taken == dp.steps_taken == 6
+    assert dp2.epsilon_spent() == dp.epsilon_spent() > 0
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    assert same == seeded  # only a seeded noise stream is replayed (never saved otherwise)
+    other = _engine(*_setup(mode="frozen_backbone"), patients, **{**kw, "noise_multiplier": 2.0})
+    with pytest.raises(PrivacyError):
+        other.load_state_dict(ckpt["dp"])  # resuming with another sigma is refused
+
+
+def test_prv_accountant_is_used_when_it_works():
+    model, opt = _setup(mode="frozen_backbone")
+    dp = _engine(model, opt, np.arange(100), expected_batch_size=10, target_epsilon=4.0, noise_multiplier=None,
+                 accountant="prv", max_grad_norm=1.0, epochs=2)
+    x, y = _data(100)
+    for _ in range(3):
+        idx = dp.sample_batch()
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    s = dp.summary()
+    assert s["accountant"] == "prv" and not s["accountant_fallback"]
+    assert 0 < s["epsilon"] < 4.0
+
+
+def test_non_private_mode_keeps_the_loop_shape():
+    x, y = _data(12)
+    model, opt = _setup()
+    dp = _engine(model, opt, np.arange(12), expected_batch_size=6, target_epsilon=math.inf, noise_multiplier=None)
+    assert not dp.private and dp.noise_multiplier == 0.0
+    idx = dp.sample_batch()
+    dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    plain = torch.autograd.grad(LOSS(model(x[idx]), y[idx]), trainable_parameters(model))
+    for p, g in zip(trainable_parameters(model), plain):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+    s = dp.summary()
+    assert s["epsilon"] == math.inf and s["accountant"] == "none" and not s["private"]
+
+
+def test_misuse_is_refused_with_privacy_errors():
+    x, y = _data(8)
+    model, opt = _setup()
+    dp = _engine(model, opt, np.arange(8), expected_batch_size=4)
+    with pytest.raises(PrivacyError):
+        dp.step(x[:2], y[:2], LOSS, record_idx=torch.arange(2))  # no sample_batch() first
+    idx = dp.sample_batch()
+    other = idx[:-1] if idx.numel() else torch.arange(3)
+    with pytest.raises(PrivacyError):
+        dp.step(x[other], y[other], LOSS, record_idx=other)  # not the Poisson batch
+    with pytest.raises(PrivacyError):
+        dp.step(x[:1], y[:1], LOSS, record_idx=idx) if idx.numel() != 1 else dp.step(x[:2], y[:2], LOSS, record_idx=idx)
+    with pytest.raises(PrivacyError):
+        _engine(model, opt, np.array([0, 0, 1]))  # patch unit needs distinct records
+    with pytest.raises(PrivacyError):
+        _engine(model, opt, np.arange(8), expected_batch_size=9)
+    with pytest.raises(PrivacyError):
+        _engine(model, opt, np.arange(8), privacy_unit="hospital")
+    with pytest.raises(PrivacyError):
+        _engine(model, opt, np.arange(8), noise_multiplier=None, target_epsilon=None)
+    with pytest.raises(ConfigError):
+        _engine(model, opt, np.arange(8), accountant="moments")
+    stray = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(PrivacyError):
+        _engine(model, torch.optim.SGD([stray], lr=0.1), np.arange(8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_private_step_on_cuda_with_bf16_autocast():
+    x, y = _data(16)
+    model, _ = _setup()
+    model.cuda()
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
+    dp = _engine(model, opt, np.arange(16), expected_batch_size=8, noise_multiplier=1.0, max_grad_norm=1.0,
+                 autocast_dtype=torch.bfloat16, noise_seed=0)
+    assert dp.noise_generator.device.type == "cuda"
+    idx = dp.sample_batch()
+    loss = dp.step(x[idx], y[idx], LOSS, record_idx=idx)  # CPU tensors, moved per chunk
+    opt.step()
+    assert math.isfinite(loss) or idx.numel() == 0
+    assert all(p.grad.device.type == "cuda" and torch.isfinite(p.grad).all() for p in trainable_parameters(model))

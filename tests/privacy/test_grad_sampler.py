@@ -1,0 +1,91 @@
+"""The hook-based per-sample gradients: equal to vmap on both presets, refused where they
+would be wrong, and checked at run time by the engine's `auto` mode."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mammodp.errors import PrivacyError
+from mammodp.models.swin import PRESETS, SwinClassifier, create_classifier, trainable_parameters
+from mammodp.privacy import make_private
+from mammodp.privacy.grad_sampler import supports
+from mammodp.privacy.per_sample import per_sample_gradients, resolve_method
+
+LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+
+def _max_rel_err(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in b)
+
+
+def test_hooks_equal_vmap_with_swin_tiny_windows_and_rgb_input():
+    # swin_tiny's layout (7x7 windows, shifted, 3 replicated channels) at a size that keeps
+    # the test fast: 56 px -> 14x14 tokens (2x2 windows, shifted) -> 7x7 (one window).
+    spec = copy.deepcopy(PRESETS["swin_tiny"])
+    spec.update(img_size=56, feature_dim=32)
+    spec["backbone"].update(embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+    torch.manual_seed(0)
+    model = SwinClassifier("swin_tiny_small", spec, "full")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 1, 40, 40, generator=g), torch.tensor([0, 1, 1])  # upsampled to 56 inside
+    ref, _ = per_sample_gradients(model, LOSS, x, y, method="vmap")
+    fast, _ = per_sample_gradients(model, LOSS, x, y, method="hooks")
+    table = fast["backbone.layers.0.blocks.1.attn.relative_position_bias_table"]
+    assert table.shape == (3, 13 * 13, 2) and table.abs().sum() > 0  # shifted 7x7 block
+    assert _max_rel_err(fast, ref) < 1e-4
+
+
+class _BatchSecond(nn.Module):
+    """Claims sample-major folding but runs its Linear on (tokens, B, C): hooks go wrong."""
+
+    dp_sample_major = True
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)[:, :3, :].expand(-1, -1, 4)  # (B, 3, 4)
+        return self.lin(t.transpose(0, 1)).mean(0)  # Linear sees (3, B, 4)
+
+
+def test_supports_only_opted_in_models_of_known_layers():
+    assert supports(create_classifier("swin_micro"))
+    assert supports(create_classifier("swin_micro", mode="frozen_backbone"))
+    assert not supports(nn.Sequential(nn.Flatten(), nn.Linear(64 * 64, 2)))  # did not opt in
+    model = create_classifier("swin_micro")
+    model.head.append(nn.Conv1d(2, 2, 1))  # a layer with no per-sample rule
+    assert not supports(model)
+    assert resolve_method(model, "auto") == "vmap"
+    with pytest.raises(ValueError):
+        resolve_method(model, "hooks")
+    with pytest.raises(PrivacyError):
+        make_private(model, torch.optim.SGD(trainable_parameters(model), lr=0.1), record_ids=np.arange(4),
+                     expected_batch_size=2, delta=1e-4, epochs=1, max_grad_norm=1.0, noise_multiplier=1.0,
+                     per_sample_method="hooks")
+
+
+def test_auto_mode_checks_hooks_against_vmap_and_falls_back():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, 1, 8, 8, generator=g), torch.randint(0, 2, (6,), generator=g)
+    wrong = _BatchSecond()
+    fast, _ = per_sample_gradients(wrong, LOSS, x, y, method="hooks")
+    ref, _ = per_sample_gradients(wrong, LOSS, x, y, method="vmap")
+    assert _max_rel_err(fast, ref) > 1e-2  # the false claim really gives wrong gradients
+    for model, expected in ((wrong, "vmap"), (create_classifier("swin_micro"), "hooks")):
+        opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+        dp = make_private(model, opt, record_ids=np.arange(6), expected_batch_size=6, delta=1e-4, epochs=1,
+                          max_grad_norm=1.0, noise_multiplier=0.0, accountant="rdp", sampler_seed=0)
+        assert dp.per_sample_method == "hooks"  # chosen up front ...
+        idx = dp.sample_batch()
+        xs = x if expected == "vmap" else torch.rand(6, 1, 64, 64, generator=g)
+        dp.step(xs[idx], y[idx], LOSS, record_idx=idx)
+        summary = dp.summary()
+        assert summary["per_sample_method"] == expected  # ... and kept only if it matches vmap
+        assert ("disagreed" in summary["per_sample_method_note"]) == (expected == "vmap")
