@@ -164,6 +164,7 @@ class GanConfig:
     sample_every: int = 5  # epochs between sample grids logged to MLflow
     device: str = "auto"
     amp: bool = False
+    cpu_threads: int = 0  # torch intra-op threads when training on CPU; 0 = torch's default
     collapse_threshold: float = 0.1  # mode collapse: sample diversity < this x real diversity
     diverge_loss: float = 20.0  # nats; an epoch-mean loss above this (or non-finite) = diverging
     dp: GanDPConfig = field(default_factory=GanDPConfig)
@@ -371,6 +372,8 @@ def _check(obj: Any, prefix: str) -> None:
         lo, hi = obj.real_label_range
         if not 0 < lo <= hi:
             bad("real_label_range", f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
+        if obj.cpu_threads < 0:
+            bad("cpu_threads", "must be >= 0 (0 = torch's default)")
     if isinstance(obj, GanDPConfig):
         if not obj.epsilon > 0:
             bad("epsilon", "must be > 0")
