@@ -92,7 +92,9 @@ def radiomics_features(images: np.ndarray, version: str = "v0", *, progress: boo
     import frd_score.frd as frd
     import radiomics
 
-    radiomics.setVerbosity(logging.ERROR)  # pyradiomics logs every extraction at INFO
+    # pyradiomics warns on every image (e.g. "GLCM is symmetrical"): keep only its errors.
+    radiomics.setVerbosity(logging.ERROR)
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
     extractor = frd.get_feature_extractor(frd_version=version, image_dim=2)
     rows = []
     with tempfile.TemporaryDirectory(prefix="frd-") as tmp:

@@ -197,6 +197,23 @@ def run(cfg: Config, out: Path = Path("models/mcgan"), resume: bool = False, dev
         PrivacyError: the target epsilon cannot be reached.
     """
     import torch
+
+    from mammodp.runtime import resolve_device
+
+    dev = resolve_device(device or cfg.gan.device)
+    threads = torch.get_num_threads()
+    # Small nets on a shared CPU: extra intra-op threads mostly wait on each other.
+    if dev.type == "cpu" and cfg.gan.cpu_threads > 0:
+        torch.set_num_threads(cfg.gan.cpu_threads)
+    try:
+        return _train(cfg, Path(out), resume, dev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
+    """The training run behind `run`, on a resolved device."""
+    import torch
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm import tqdm
 
@@ -204,11 +221,9 @@ def run(cfg: Config, out: Path = Path("models/mcgan"), resume: bool = False, dev
     from mammodp.data.datasets import random_flips
     from mammodp.io import write_json
     from mammodp.models import mcgan
-    from mammodp.runtime import resolve_device, seed_everything
+    from mammodp.runtime import seed_everything
 
     g = cfg.gan
-    out = Path(out)
-    dev = resolve_device(device or g.device)
     seed_everything(cfg.seed)
     images, labels = load_training_images(cfg)
     n = len(labels)

@@ -64,7 +64,7 @@ def gan_project(tmp_path, monkeypatch):
         prepare=PrepareConfig(patch_size=SIZE),
         # image_size 16 is below params' 64/128 choice; the library takes any power of two >= 16.
         gan=GanConfig(image_size=SIZE, latent_dim=8, width=4, epochs=2, batch_size=4, lr=2e-4,
-                      checkpoint_every=1, sample_every=1, device="cpu",
+                      checkpoint_every=1, sample_every=1, device="cpu", cpu_threads=1,
                       dp=GanDPConfig(enabled=False, epsilon=8.0, delta=1e-3, accountant="rdp")),
         synthesize=SynthesizeConfig(n_per_class=6, seed=3),
         synth_quality=SynthQualityConfig(subsets=2, subset_size=4, inception_weights=None, seed=0),
