@@ -232,7 +232,7 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
         results["fid"] = {"skipped": reason}
     else:
         net = fidm.load_inception(q.inception_weights)
-        device = resolve_device(cfg.gan.device)
+        device = resolve_device("auto")  # features only: CUDA when present
         feats = {s: _features_for(images[s], need[s],
                                   lambda x: fidm.extract_features(net, x, device=device, progress=True))
                  for s in images}

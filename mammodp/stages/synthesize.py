@@ -7,7 +7,7 @@ one shape) and writes 16-bit PNGs plus `manifest.parquet` / `manifest.csv` with 
 manifests' columns, `split=train`, `source=synthetic`, and the provenance columns
 `generator_run_id`, `generator_epsilon` (a number as text, or `non-private`) and
 `generator_trained_on`. The folder is a DVC output: the same generator and seed give the
-same set (on the same kind of device).
+same set (generation runs on the CPU, so on any machine).
 """
 
 from __future__ import annotations
@@ -117,12 +117,13 @@ def run(cfg: Config, generator: Path = Path("models/mcgan"), out: Path = Path("d
     from mammodp.data.imageio import save_patch
     from mammodp.io import atomic_dir
     from mammodp.models import mcgan
-    from mammodp.runtime import resolve_device
 
     s = cfg.synthesize
     generator = Path(generator)
     info = read_generator_info(generator)
-    G, _ = mcgan.load_generator(generator / "generator.pt", device=resolve_device(cfg.gan.device))
+    # CPU always: the set must be the same bytes wherever it is regenerated (GPU kernels differ
+    # in the last bits), and sampling is cheap next to training.
+    G, _ = mcgan.load_generator(generator / "generator.pt", device="cpu")
     df = synthetic_frame(s.n_per_class, info)
     labels = df["label"].to_numpy()
     # One stream for the whole set: image k depends only on (weights, seed, k).

@@ -296,7 +296,7 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         if engine is not None:
             engine.accountant.load_state_dict(ckpt["accountant"])
             opt_d.generator.set_state(ckpt["noise_gen"])
-            privacy["steps"] = ckpt["privacy"]["steps"]
+            privacy.update(ckpt["privacy"])
         rng.set_state(ckpt["rng"])
         loader_gen.set_state(ckpt["loader_gen"])
         torch.set_rng_state(ckpt["torch_rng"])  # Poisson sampler draws from the global stream
@@ -371,7 +371,9 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
                     if math.isfinite(v):
                         sums[k] = sums.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
-                bad = [k for k in ("loss_d", "loss_g") if not math.isfinite(stats[k])]
+                # An empty Poisson batch has no discriminator loss (NaN by design), not a divergence.
+                watched = ("loss_d", "loss_g") if x.shape[0] else ("loss_g",)
+                bad = [k for k in watched if not math.isfinite(stats[k])]
                 if bad:
                     G.load_state_dict(good_g)
                     warn("diverging_loss", f"{bad[0]} became {stats[bad[0]]} at epoch {epoch + 1}, step "
@@ -418,6 +420,10 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             if (epoch + 1) % g.checkpoint_every == 0 or last:
                 _save_checkpoint(out, snapshot(epoch + 1))
         bar.close()
+        if engine is not None:  # also counts the steps of an epoch cut short by divergence
+            privacy["steps"] = int(sum(h[2] for h in engine.accountant.history))
+            if privacy["steps"]:
+                privacy["epsilon"] = float(engine.get_epsilon(g.dp.delta))
         elapsed = time.perf_counter() - t0
         epochs_done = history[-1]["epoch"] if history else 0
         info = {

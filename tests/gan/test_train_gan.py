@@ -151,3 +151,20 @@ def test_diverging_loss_is_detected_and_logged(gan_project, caplog):
 
     assert any(k.startswith("warning.") for k in mlflow.get_run(info["run_id"]).data.tags)
     assert math.isfinite(pd.read_csv(root / "m/history.csv")["loss_d"].iloc[0])
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_generator(gan_project, monkeypatch):
+    root, cfg = gan_project
+    real = mcgan.generator_step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return {"loss_g": float("nan")} if calls["n"] == 6 else out  # inside epoch 2
+
+    monkeypatch.setattr(mcgan, "generator_step", step)
+    info = train_gan.run(cfg, out=root / "m")
+    assert info["epochs"] == 1 and any("became nan" in w for w in info["warnings"])
+    G, _ = mcgan.load_generator(root / "m/generator.pt")
+    assert all(torch.isfinite(p).all() for p in G.state_dict().values())
