@@ -46,6 +46,7 @@ class FitSpec:
     accountant: str
     privacy_unit: str  # patch | patient
     grad_chunk: int
+    per_sample_method: str = "auto"  # auto | hooks | vmap (see mammodp.privacy)
     noise_multiplier: float | None = None  # fixed sigma (tuning); None = calibrate to epsilon
     reproducible_noise: bool = False
     synth_ratio: float = 0.0  # public samples per expected private record in each step
@@ -156,10 +157,15 @@ def fit(
             accountant=spec.accountant,
             privacy_unit=spec.privacy_unit,
             noise_multiplier=spec.noise_multiplier,
+            # Subsampling amplification assumes the Poisson draws are secret: seed them (and
+            # the noise) from params only when reproducibility was asked for. Their state is
+            # still checkpointed, so a resumed run draws exactly what it would have drawn.
             noise_seed=spec.seed if spec.reproducible_noise else None,
-            sampler_seed=spec.seed,
+            sampler_seed=spec.seed if spec.reproducible_noise else None,
             grad_chunk=spec.grad_chunk,
             physical_batch_size=spec.physical_batch_size,
+            autocast_dtype=torch.bfloat16 if use_amp else None,
+            per_sample_method=spec.per_sample_method,
         )
         log.info("DP-SGD: %d records, q=%.4g, sigma=%.4g, %d steps",
                  n_records, dp_engine.sample_rate, dp_engine.noise_multiplier, dp_engine.total_steps)
@@ -191,7 +197,7 @@ def fit(
         if dp_engine is not None:
             steps = dp_engine.steps_per_epoch
             bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
-            for _ in bar:
+            for step in bar:
                 idx = dp_engine.sample_batch()  # Poisson: patch indices of the sampled records
                 xb, yb = augment(x_priv[idx]), y_priv[idx]
                 pub = None
@@ -203,7 +209,8 @@ def fit(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.3f}", eps=f"{dp_engine.epsilon_spent():.2f}")
+                if progress and step == steps - 1:  # accounting is costly: once per epoch
+                    bar.set_postfix(loss=f"{loss:.3f}", eps=f"{dp_engine.epsilon_spent():.2f}")
         else:
             # Non-private: shuffled minibatches over private + public (mixed at synth_ratio).
             xs, ys = [], []
@@ -239,7 +246,9 @@ def fit(
         val_probs, val_auprc = _score(model, val, device)
         record = {
             "epoch": epoch,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            # Empty Poisson batches give NaN losses. Under DP this loss is NOT privatised: it is
+            # a diagnostic outside epsilon (the stage says so in the run).
+            "train_loss": float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
             "val_auprc": val_auprc,
             "epsilon": dp_engine.epsilon_spent() if dp_engine is not None else (math.inf if private is not None else 0.0),
         }

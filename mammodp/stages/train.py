@@ -36,7 +36,7 @@ SYNTH_REGIMES = ("real+synth", "synth", "synth-pretrain+dp-finetune")
 PRIVACY_NOTE = (
     "epsilon covers the real CBIS training patches used by DP-SGD (privacy unit as tagged), "
     "accounted over Poisson sampling at the recorded sample rate, steps and noise. It does not "
-    "cover: the validation split read every epoch for model selection; hyper-parameters chosen "
+    "cover: the per-epoch train_loss diagnostic (computed without noise); the validation split read every epoch for model selection; hyper-parameters chosen "
     "by tuning on private data; the synthetic data's generator unless it was trained with DP."
 )
 
@@ -71,7 +71,7 @@ def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None):
         physical_batch_size=t.physical_batch_size, label_smoothing=t.label_smoothing,
         flip=t.flip, amp=t.amp, seed=seed, epsilon=epsilon, delta=dp.delta,
         max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, privacy_unit=dp.privacy_unit,
-        grad_chunk=dp.grad_chunk, reproducible_noise=dp.reproducible_noise,
+        grad_chunk=dp.grad_chunk, per_sample_method=dp.per_sample_method, reproducible_noise=dp.reproducible_noise,
         synth_ratio=t.synth_ratio,
     )
     if tuned:
