@@ -9,6 +9,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mammodp-installed
 PYTEST_ARGS ?=
+# Stage commands in dvc.yaml call `mammodp`, `mlflow` from the venv.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: repro test install plan data clean-outputs
 

@@ -238,7 +238,7 @@ def fit(
                     with torch.autocast(device_type="cuda", enabled=use_amp):
                         loss = loss_fn(model(xb), yb) * (len(chunk) / len(bidx))
                     loss.backward()
-                    total += float(loss)
+                    total += loss.item()
                 optimizer.step()
                 losses.append(total)
                 bar.set_postfix(loss=f"{total:.3f}")

@@ -1,0 +1,151 @@
+"""The classifier training stage on a small phantom: tracking names, budgets, resume, utility."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mammodp.config import load_config
+from mammodp.data.datasets import PatchTable
+from mammodp.metrics.classification import classification_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project folder with a small easy phantom, prepared (cbis + bcdr), and its params."""
+    from mammodp.stages import phantom, prepare
+
+    root = tmp_path_factory.mktemp("proj")
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["phantom"].update(cbis_train_patients=90, cbis_test_patients=30, bcdr_patients=10, image_height=256,
+                        image_width=160, mass_radius=[7.0, 14.0], difficulty=0.0)
+    p["prepare"].update(patch_size=32, margin=8, min_size=24, workers=1)
+    p["data"].update(raw_dir=str(root / "raw"), cbis_dir=str(root / "raw/cbis-ddsm"), bcdr_dir=str(root / "raw/bcdr"),
+                     prepared_dir=str(root / "prepared"), synthetic_dir=str(root / "synthetic"))
+    p["train"].update(epochs=12, batch_size=32, physical_batch_size=64, lr=2e-3, epsilons=[1, "inf"])
+    p["experiment"] = "test-train"
+    (root / "params.yaml").write_text(yaml.safe_dump(p))
+    cfg = load_config(root / "params.yaml")
+    phantom.run(cfg, out=root / "raw")
+    prepare.run(cfg, source="cbis-ddsm", root=root / "raw/cbis-ddsm", out=root / "prepared/cbis")
+    prepare.run(cfg, source="bcdr", root=root / "raw/bcdr", out=root / "prepared/bcdr")
+    return root
+
+
+@pytest.fixture()
+def env(project, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project}/mlflow.db")
+    return load_config(project / "params.yaml")
+
+
+
+
+def test_nonprivate_and_private_runs_track_the_stable_names(env, project):
+    import mlflow
+
+    from mammodp.stages import train
+
+    s_inf = train.run(env, regime="real", epsilon=math.inf, out=project / "m/real-inf",
+                      metrics_out=project / "metrics/real-inf.json")
+    s_dp = train.run(env, regime="real", epsilon=1.0, out=project / "m/real-1",
+                     metrics_out=project / "metrics/real-1.json")
+
+    # DP run: epsilon spent at most the target, from the accountant over Poisson sampling.
+    assert 0 < s_dp["epsilon_spent_max"] <= 1.0 + 1e-9
+    run = mlflow.get_run(s_dp["runs"][0]["run_id"])
+    tags, params = run.data.tags, run.data.params
+    assert tags["stage"] == "train" and tags["regime"] == "real" and tags["epsilon"] == "1" and tags["seed"] == "0"
+    assert tags["mlflow.parentRunId"]
+    for key in ("noise_multiplier", "sample_rate", "steps", "delta", "max_grad_norm", "accountant", "privacy_unit"):
+        assert key in params, key
+    assert float(params["noise_multiplier"]) > 0 and 0 < float(params["sample_rate"]) < 1
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "epsilon")
+    assert len(history) >= env.train.epochs
+    assert max(h.value for h in history) <= 1.0 + 1e-9
+    assert history[-1].value == pytest.approx(s_dp["epsilon_spent_max"])
+    assert tags["within_budget"] == "true"
+
+    # Non-private run: flagged as touching private data without DP; epsilon tag inf.
+    run_inf = mlflow.get_run(s_inf["runs"][0]["run_id"])
+    assert run_inf.data.tags["epsilon"] == "inf"
+    assert run_inf.data.tags["private_data_without_dp"] == "true"
+    assert "val_auprc" in run_inf.data.metrics and "train_loss" in run_inf.data.metrics
+
+    # The saved model scores the internal test set well above chance (non-private smoke run).
+    from mammodp.serving import load_classifier, predict_proba
+
+    model, meta = load_classifier(project / "m/real-inf/seed=0")
+    test = PatchTable.load(project / "prepared/cbis/manifest.parquet", ["test"])
+    auroc = classification_metrics(test.labels, predict_proba(model, test.images))["auroc"]
+    assert auroc > 0.6, auroc
+    assert float(meta["epsilon"]) == math.inf and json.loads((project / "metrics/real-1.json").read_text())["runs"]
+
+
+def test_resume_after_a_kill_ends_with_the_same_epsilon(env, project):
+    from mammodp.models.swin import create_classifier
+    from mammodp.stages.train import fit_spec
+    from mammodp.training import fit
+
+    cbis = project / "prepared/cbis/manifest.parquet"
+    tr, va = PatchTable.load(cbis, ["train"]), PatchTable.load(cbis, ["val"])
+    spec = dataclasses.replace(fit_spec(env, 2.0, 0), epochs=4)
+
+    torch.manual_seed(0)
+    full = fit(create_classifier("swin_micro"), spec, private=tr, public=None, val=va, device="cpu", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(rec):
+        if rec["epoch"] == 1:
+            raise Killed
+
+    ck = project / "resume.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        fit(create_classifier("swin_micro"), spec, private=tr, public=None, val=va, device="cpu",
+            checkpoint=ck, on_epoch=kill_after_two, progress=False)
+    resumed = fit(create_classifier("swin_micro"), spec, private=tr, public=None, val=va, device="cpu",
+                  checkpoint=ck, resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.privacy["steps"] == full.privacy["steps"]
+    assert resumed.privacy["epsilon"] == pytest.approx(full.privacy["epsilon"], rel=1e-9)
+    assert [h["epsilon"] for h in resumed.history] == pytest.approx([h["epsilon"] for h in full.history])
+    assert full.privacy["epsilon"] <= 2.0 + 1e-9
+
+
+def test_synthetic_records_are_never_private_records(env, project):
+    """real+synth: the accountant's record count and sample rate see only the real patches."""
+    from mammodp.models.swin import create_classifier
+    from mammodp.stages.train import fit_spec
+    from mammodp.training import fit
+
+    cbis = project / "prepared/cbis/manifest.parquet"
+    tr, va = PatchTable.load(cbis, ["train"]), PatchTable.load(cbis, ["val"])
+    synth = PatchTable.load(cbis, ["test"])  # stands in for a synthetic set (public here)
+    spec = dataclasses.replace(fit_spec(env, 6.0, 0), epochs=1, synth_ratio=1.0)
+    res = fit(create_classifier("swin_micro"), spec, private=tr, public=synth, val=va, device="cpu", progress=False)
+    assert res.privacy["n_records"] == len(tr)
+    assert res.privacy["sample_rate"] == pytest.approx(spec.batch_size / len(tr))
+    assert res.privacy["epsilon"] <= 6.0 + 1e-9
+
+
+def test_unknown_regime_and_missing_synthetic_set_are_clear_errors(env, project):
+    from mammodp.errors import ConfigError, DataError
+    from mammodp.stages import train
+
+    with pytest.raises(ConfigError, match="regime"):
+        train.run(env, regime="federated", epsilon=1.0)
+    with pytest.raises(DataError, match="manifest"):
+        train.run(env, regime="synth", epsilon=1.0, out=project / "m/x", metrics_out=project / "metrics/x.json")
+    assert not (project / "m/x").exists()
