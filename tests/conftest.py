@@ -52,3 +52,21 @@ def write_dicom(
 def make_dicom():
     """The `write_dicom` function, as a fixture."""
     return write_dicom
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_mlflow_store(tmp_path_factory):
+    """Never let a test write runs into the repo's own MLflow store: default to a temp one.
+
+    Tests that need their own store still set MLFLOW_TRACKING_URI with monkeypatch.
+    """
+    import os
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    root = tmp_path_factory.mktemp("mlflow-store")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    yield
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old

@@ -197,3 +197,23 @@ def run(cfg: Config, source: str, root: Path, out: Path) -> None:
             "%d lesion(s) from %d file(s) skipped; listed in %s", n_lesions, len(skipped), out / SKIPPED_NAME
         )
     print(_summary(df, source, out))
+    _log_run(cfg, source, root, out, df, skipped)
+
+
+def _log_run(cfg: Config, source: str, root: Path, out: Path, df: pd.DataFrame, skipped: list) -> None:
+    """One MLflow run per import: settings, counts per split/class, and the data lineage."""
+    import mlflow
+
+    from mammodp import tracking
+    from mammodp.config import flatten
+
+    counts = df.groupby(["split", "label"]).size()
+    with tracking.start_run(cfg.experiment, "prepare", name=f"prepare/{source}",
+                            tags={"source": source, "manifest_hash": tracking.manifest_hash(out / "manifest.parquet")},
+                            params={**flatten(cfg.prepare, "prepare"), "source": source, "root": str(root)}):
+        tracking.log_metrics({f"n_{split}_{'malignant' if label == 1 else 'benign'}": int(n)
+                              for (split, label), n in counts.items()})
+        tracking.log_metrics({"n_patches": len(df), "n_patients": int(df["patient_id"].nunique()),
+                              "n_skipped_files": len(skipped)})
+        mlflow.log_artifact(str(out / "manifest.csv"), "manifest")
+        mlflow.log_artifact(str(out / SKIPPED_NAME), "manifest")
