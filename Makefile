@@ -21,7 +21,7 @@ $(BIN)/python:
 # Reinstall when the dependency list changes. pyradiomics 3.0.1 (for FRD) must be built
 # against the installed numpy without build isolation: PyPI's 3.1.0 does not install.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install numpy
+	$(BIN)/pip install 'numpy==2.4.6'  # same pin as pyproject: pyradiomics builds against it
 	$(BIN)/pip install --no-build-isolation 'pyradiomics==3.0.1'
 	$(BIN)/pip install -e '.[test,frd]'
 	touch $(STAMP)
