@@ -310,9 +310,12 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     tags = {"epsilon": format_epsilon(target_eps), "seed": cfg.seed, "device": dev.type,
             "trained_on": lineage["text"]}
     if g.dp.enabled:
+        tags["private_data_without_dp"] = "false"
         tags.update({"delta": g.dp.delta, "accountant": privacy["accountant"], "privacy_unit": "patch"})
     else:
-        tags["non_private_use_of_real_data"] = "true: GAN trained on real patches without DP"
+        # Same flag as every other run that touched private data without DP.
+        tags["private_data_without_dp"] = "true"
+        tags["private_data_note"] = "GAN trained on real patches without DP"
     params = {f"gan.{k}": v for k, v in flatten(g).items()} | {"seed": cfg.seed, "n_train": n}
 
     def snapshot(epoch: int) -> dict[str, Any]:
