@@ -159,7 +159,7 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     if len(fair):
         fair.to_csv(plots / "fairness.csv", index=False)
     summary = {
-        "privacy_utility": json.loads(pu_mean.to_json(orient="records")),
+        "privacy_utility": pu_mean.to_dict(orient="records"),  # inf stays "inf" (to_json would write null)
         "epsilon_spd_pearson": correlations,
         "n_runs": len(records),
         "selection": "thresholds and checkpoints chosen on the validation split only",
