@@ -56,6 +56,9 @@ def project(tmp_path: Path) -> tuple[Path, dict]:
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
     _run(["git", "init", "-q"], repo, env)
+    # DVC experiments commit through their own git backend: give the temp repo an identity.
+    _run(["git", "config", "user.name", "mammodp-tests"], repo, env)
+    _run(["git", "config", "user.email", "tests@mammodp.invalid"], repo, env)
     _run(["mammodp", "phantom", "--out", "data/raw"], repo, env)
     _run(["dvc", "commit", "--force", "--quiet", "data.dvc"], repo, env)
     _run(["git", "add", "-A"], repo, env)
