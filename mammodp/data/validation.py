@@ -47,14 +47,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from mammodp.data.imageio import load_patch
+from mammodp.data.manifest import PATHOLOGIES, REQUIRED_COLUMNS, SPLITS  # one vocabulary
 from mammodp.errors import DataError
 
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "sample_id", "patient_id", "split", "label", "pathology", "image_path", "source",
-)
 LABELS: tuple[int, ...] = (0, 1)  # 1 = malignant, the positive class
-PATHOLOGIES: tuple[str, ...] = ("MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK")
-SPLITS: tuple[str, ...] = ("train", "val", "test", "external")
 MAX_EXAMPLES = 20  # unexpected values / rows kept per expectation in a report
 
 # Columns that identify a row in the examples of a failed expectation (those present).
