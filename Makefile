@@ -21,7 +21,9 @@ $(BIN)/python:
 # Reinstall when the dependency list changes. pyradiomics 3.0.1 (for FRD) must be built
 # against the installed numpy without build isolation: PyPI's 3.1.0 does not install.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install 'numpy==2.4.6'  # same pin as pyproject: pyradiomics builds against it
+	# Build tools first: a fresh Python 3.11 venv has setuptools 65 and no `wheel`, and a
+	# --no-build-isolation build uses exactly what the venv holds (bdist_wheel is missing).
+	$(BIN)/pip install 'setuptools>=70.1' 'wheel>=0.43' 'numpy==2.4.6'  # numpy: same pin as pyproject
 	$(BIN)/pip install --no-build-isolation 'pyradiomics==3.0.1'
 	$(BIN)/pip install -e '.[test,frd]'
 	touch $(STAMP)
