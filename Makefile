@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Stage commands in dvc.yaml call `mammodp`, `mlflow` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test install plan data clean-outputs
+.PHONY: repro test install plan data clean-outputs lint-params gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ repro: data
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Every params file loads strictly: all keys present, known, well typed and in range.
+lint-params: $(STAMP)
+	$(BIN)/mammodp lint-params params.yaml pipelines/*.yaml
 
 # Switch the experiment plan: copies pipelines/$(PLAN).yaml over params.yaml.
 plan:

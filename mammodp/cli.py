@@ -199,6 +199,19 @@ def promote(
     stage.run(_cfg(params), out=out)
 
 
+@app.command("lint-params")
+def lint_params(
+    files: list[Path] = typer.Argument(..., help="params files to check (params.yaml, pipelines/*.yaml)."),
+):
+    """Load each params file strictly (every key present, known, well typed, in range)."""
+    from mammodp.config import check_params_files
+
+    lines = check_params_files(files)
+    typer.echo("\n".join(lines))
+    if any(line.startswith("error") for line in lines):
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry point alternative
     app(prog_name="mammodp")
 
