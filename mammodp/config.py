@@ -119,7 +119,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     num_workers: int = 0  # DataLoader workers
-    params_from_tune: bool = False  # take lr / C / sigma from metrics/tune/eps=E.json
 
     @property
     def regimes(self) -> tuple[str, ...]:
