@@ -81,7 +81,9 @@ class ModelConfig:
     """Classifier architecture."""
 
     preset: str = "swin_micro"  # a key of mammodp.models.swin.PRESETS
-    pretrained_weights: str | None = None  # local weights file; null = random init
+    # local weights file (.pth/.safetensors), or a hub model `hf-hub:timm/<name>` resolved through
+    # the Hugging Face cache (HF_HUB_OFFLINE=1: cache only); null = random init
+    pretrained_weights: str | None = None
     mode: Literal["full", "frozen_backbone"] = "full"  # what is trained (and privatised)
 
 
