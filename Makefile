@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Stage commands in dvc.yaml call `mammodp`, `mlflow` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test install plan data clean-outputs lint-params gpu-check
+.PHONY: repro test install plan data clean-outputs lint-params gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,16 @@ test: $(STAMP)
 # Every params file loads strictly: all keys present, known, well typed and in range.
 lint-params: $(STAMP)
 	$(BIN)/mammodp lint-params params.yaml pipelines/*.yaml
+
+# GPU check (bench/gpu_check.sh) on a bare GPU machine with Python 3.12: carry these wheels.
+GPU_PY ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl opacus==1.6.0 pydicom==3.0.2
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 # Switch the experiment plan: copies pipelines/$(PLAN).yaml over params.yaml.
 plan:

@@ -123,7 +123,16 @@ def _summary(df: pd.DataFrame, source: str, out: Path) -> str:
 
 
 def run(cfg: Config, source: str, root: Path, out: Path) -> None:
-    """Import one raw source into `out` (patches, manifest, skip report).
+    """Import one raw source into `out` and log the import as an MLflow run (see `import_source`)."""
+    df, skipped = import_source(cfg, source, root, out)
+    _log_run(cfg, source, root, out, df, skipped)
+
+
+def import_source(cfg: Config, source: str, root: Path, out: Path) -> tuple[pd.DataFrame, list]:
+    """Import one raw source into `out` (patches, manifest, skip report); no tracking.
+
+    Returns:
+        (the manifest, the skipped files).
 
     Args:
         cfg: the whole config; reads `cfg.prepare`.
@@ -201,7 +210,7 @@ def run(cfg: Config, source: str, root: Path, out: Path) -> None:
             "%d lesion(s) from %d file(s) skipped; listed in %s", n_lesions, len(skipped), out / SKIPPED_NAME
         )
     print(_summary(df, source, out))
-    _log_run(cfg, source, root, out, df, skipped)
+    return df, skipped
 
 
 def _log_run(cfg: Config, source: str, root: Path, out: Path, df: pd.DataFrame, skipped: list) -> None:
