@@ -9,6 +9,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mammodp-installed
 PYTEST_ARGS ?=
+# What a --no-build-isolation build (pyradiomics) needs in the venv (tests/test_install.py).
+BUILD_TOOLS := 'setuptools>=70.1' 'wheel>=0.43'
 # Stage commands in dvc.yaml call `mammodp`, `mlflow` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -23,7 +25,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	# Build tools first: a fresh Python 3.11 venv has setuptools 65 and no `wheel`, and a
 	# --no-build-isolation build uses exactly what the venv holds (bdist_wheel is missing).
-	$(BIN)/pip install 'setuptools>=70.1' 'wheel>=0.43' 'numpy==2.4.6'  # numpy: same pin as pyproject
+	$(BIN)/pip install $(BUILD_TOOLS) 'numpy==2.4.6'  # numpy: same pin as pyproject
 	$(BIN)/pip install --no-build-isolation 'pyradiomics==3.0.1'
 	$(BIN)/pip install -e '.[test,frd]'
 	touch $(STAMP)
