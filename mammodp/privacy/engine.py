@@ -126,6 +126,10 @@ class DPSGD:
         else:
             self.noise_generator.manual_seed(int(noise_seed))
         self._pending: np.ndarray | None = None  # sample indices handed out by sample_batch()
+        # Data-parallel seam (mammodp.privacy.distributed): `reduce(grads, stats)` sums the ranks'
+        # gradient sums and batch counts after the noise; only the rank with `adds_noise` adds it.
+        self.reduce = None
+        self.adds_noise = True
 
     # ------------------------------------------------------------------ properties
 
@@ -194,7 +198,7 @@ class DPSGD:
 
         if self.private:
             priv, n_samples, n_records, loss_sum, clipped = self._private_sum(inputs, targets, loss_fn, records, device)
-            if self.noise_multiplier > 0:
+            if self.noise_multiplier > 0 and self.adds_noise:
                 std = self.noise_multiplier * self.max_grad_norm
                 for name, g in priv.items():
                     noise = torch.normal(0.0, std, size=g.shape, generator=self.noise_generator,
@@ -207,6 +211,8 @@ class DPSGD:
             # The same estimator as the private mode (sum / expected batch size), so that a
             # private step with zero noise and no clipping equals this one exactly.
             divisor = self.expected_batch_size
+        if self.reduce is not None:  # data-parallel: S + z = sum of the ranks' sums (z on one rank)
+            priv, (n_samples, n_records, loss_sum, clipped) = self.reduce(priv, (n_samples, n_records, loss_sum, clipped))
         grads = {n: g / divisor for n, g in priv.items()}
 
         pub_loss = math.nan
