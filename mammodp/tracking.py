@@ -114,7 +114,9 @@ def start_run(
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         # MLflow 3 opens an experiment in the GenAI or the model-training view by this tag.
         mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    all_tags = {"stage": stage, "git_commit": git_commit(), "data_version": data_version()}
+    all_tags = {"stage": stage, "git_commit": git_commit(), "data_version": data_version(),
+                # MLflow would record the script's absolute path (a local path in a shared store).
+                "mlflow.source.name": f"mammodp {stage}"}
     all_tags.update(tags or {})
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = parent_run_id

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -176,7 +177,10 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     (`mammodp.privacy.distributed`); only rank 0 logs to MLflow and writes outputs.
     """
     from mammodp.privacy import distributed
-    from mammodp.runtime import resolve_device
+    from mammodp.runtime import claim_gpu, resolve_device
+
+    if (gpu := claim_gpu()) is not None:  # one GPU per concurrent job of a DVC queue ($MAMMODP_GPU_POOL)
+        log.info("job holds GPU %s of $MAMMODP_GPU_POOL", gpu)
 
     if regime not in REGIMES:
         raise ConfigError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}", field="regime")
@@ -276,6 +280,8 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if _world_size() > 1:
         tags["world_size"] = _world_size()  # data-parallel ranks (torchrun)
+    if os.environ.get("MAMMODP_GPU_POOL"):
+        tags["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the queue job's GPU
     with contextlib.nullcontext() if not main else tracking.start_run(
                             cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
                             tags=tags, parent_run_id=parent, description=desc,

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -25,22 +24,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
-    from mammodp.config import load_config
-    from mammodp.stages import phantom, prepare
-
-    root = tmp_path_factory.mktemp("ddp-proj")
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["phantom"].update(cbis_train_patients=24, cbis_test_patients=4, bcdr_patients=4, image_height=256,
-                        image_width=160, mass_radius=[7.0, 14.0], difficulty=0.0)
-    p["prepare"].update(patch_size=32, margin=8, min_size=24, workers=1)
-    p["train"].update(epochs=5, batch_size=8, physical_batch_size=16, epsilons=[1], seeds=[0], device="cpu", amp=False)
-    p["dp"].update(accountant="rdp", per_sample_method="hooks", reproducible_noise=True)
-    p["experiment"] = "test-torchrun"
-    (root / "params.yaml").write_text(yaml.safe_dump(p))
-    cfg = load_config(root / "params.yaml")
-    phantom.run(cfg, out=root / "data/raw")
-    prepare.run(cfg, source="cbis-ddsm", root=root / "data/raw/cbis-ddsm", out=root / "data/prepared/cbis")
+def project(make_tiny_project) -> tuple[Path, dict]:
+    root = make_tiny_project("ddp-proj", experiment="test-torchrun",
+                             train=dict(epochs=5, batch_size=8, physical_batch_size=16, epsilons=[1], seeds=[0],
+                                        device="cpu", amp=False),
+                             dp=dict(accountant="rdp", per_sample_method="hooks", reproducible_noise=True))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return root, env
