@@ -250,15 +250,25 @@ def open_storage(url: str):
 
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
-    except (ArgumentError, OperationalError, ValueError, ImportError) as exc:
-        raise ConfigError(f"cannot open Optuna storage {redact(url)}: {exc}", field="tune.storage") from exc
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except (IntegrityError, ProgrammingError) as exc:
+            # Workers started together on an empty database race to create Optuna's tables (on
+            # PostgreSQL: "duplicate key ... pg_type"): the loser retries and finds them made.
+            if attempt == 4:
+                raise ConfigError(f"cannot create the Optuna tables in {redact(url)}: {exc}",
+                                  field="tune.storage") from exc
+            time.sleep(0.5 + attempt)
+        except (ArgumentError, OperationalError, ValueError, ImportError) as exc:
+            raise ConfigError(f"cannot open Optuna storage {redact(url)}: {exc}", field="tune.storage") from exc
 
 
 def trial_seed(seed: int, trial_number: int) -> int:
