@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from mammodp.errors import PrivacyError
-from mammodp.privacy.accountant import FALLBACK, PrivacyAccountant, make_accountant
 
 NOT_COVERED = "not_covered"
 # Relative slack when re-deriving an engine's own epsilon from its summary (float rounding).
@@ -69,6 +68,8 @@ def history_from_summary(summary: Mapping[str, Any]) -> History:
     steps = int(summary["steps"])
     if steps == 0:
         return []
+    from mammodp.privacy.accountant import make_accountant
+
     history = [(_num(summary["noise_multiplier"]), _num(summary["sample_rate"]), steps)]
     acc = make_accountant(summary["accountant"])
     acc.history = list(history)
@@ -140,6 +141,8 @@ def compose(histories: Sequence[History], delta: float, accountant: str = "rdp")
     Returns:
         (epsilon, mechanism that answered, fallback reason or "").
     """
+    from mammodp.privacy.accountant import PrivacyAccountant
+
     acc = PrivacyAccountant(accountant)
     acc.history = [tuple(h) for hist in histories for h in hist]  # type: ignore[misc]
     eps = acc.epsilon(delta)
@@ -234,6 +237,10 @@ def end_to_end(
             return EndToEnd(None, NOT_COVERED, "none", delta,
                             reason="the synthetic data came from a generator trained on the private "
                                    "records WITHOUT DP")
+        if not isinstance(generator.get("accountant_state"), Mapping):
+            return EndToEnd(None, NOT_COVERED, "none", delta,
+                            reason="the generator's privacy record lacks its accountant history (retrain it "
+                                   "with `mammodp train-gan`)")
         if str(generator.get("privacy_unit")) != privacy_unit:
             return EndToEnd(None, NOT_COVERED, "none", delta,
                             reason=f"the generator's privacy unit ({generator.get('privacy_unit')}) differs "
@@ -273,7 +280,6 @@ def served_epsilon(meta: Mapping[str, Any]) -> float | str:
 
 
 __all__ = [
-    "FALLBACK",
     "NOT_COVERED",
     "EndToEnd",
     "Mechanism",
