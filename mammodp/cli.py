@@ -190,13 +190,14 @@ def tune(
 @app.command()
 @_user_errors
 def promote(
-    out: Path = typer.Option(Path("metrics/promote.json"), help="Record of what was promoted."),
+    out: Path = typer.Option(Path("metrics/promote.json"), help="Numbers of what was promoted (DVC metric)."),
+    report: Path = typer.Option(Path("reports/promote.json"), help="Full record: aliases, why, what epsilon covers."),
     params: Path = ParamsOpt,
 ):
-    """Register the best validation run per budget and set registry aliases."""
+    """Register the best covered validation run per budget and set registry aliases."""
     from mammodp.stages import promote as stage
 
-    stage.run(_cfg(params), out=out)
+    stage.run(_cfg(params), out=out, report=report)
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative
