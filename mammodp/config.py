@@ -189,6 +189,9 @@ class SynthQualityConfig:
     memorisation_size: int = 32  # px, side images are downsampled to for nearest neighbours
     memorisation_percentile: float = 1.0  # percentile of the held-out baseline = threshold
     closest_pairs: int = 8  # synthetic/training pairs shown in the closest-pairs grid
+    # Show the real training patches in the closest-pairs grid (MLflow + dvc plots): a release of
+    # private data without DP; false withholds them (the synthetic row and distances stay).
+    show_real_pairs: bool = False
     seed: int = 0
 
 
