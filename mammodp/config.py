@@ -233,7 +233,10 @@ class AuditConfig:
     significance: float = 0.05  # 1 - confidence of the empirical lower bound (split over the two kinds)
     fprs: tuple[float, ...] = (0.001, 0.01)  # false-positive rates at which membership TPR is reported
     min_power_epsilon: float = 0.5  # the non-private power model's bound must exceed this (else: no power)
-    accountant: Literal["rdp", "prv"] = "rdp"  # of the audit models' claims (RDP: fast, a valid upper bound)
+    # Accountant of the audit models' claims: rdp_int = RDP at integer orders (fast; a valid,
+    # slightly looser upper bound), rdp, or prv.
+    accountant: Literal["rdp_int", "rdp", "prv"] = "rdp_int"
+    cpu_threads: int = 1  # torch intra-op threads on CPU (small models: more threads mostly wait); 0 = default
     seed: int = 0  # canaries, inclusion coins, real-set draw
 
 
@@ -422,6 +425,8 @@ def _check(obj: Any, prefix: str) -> None:
             bad("canaries", "canaries and real_records must be >= 2")
         if not 0 < obj.significance < 1:
             bad("significance", "must be in (0, 1)")
+        if obj.cpu_threads < 0:
+            bad("cpu_threads", "must be >= 0 (0 = torch's default)")
         for f in obj.fprs:
             if not 0 < f < 1:
                 bad("fprs", f"false-positive rates must be in (0, 1), got {f}")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,12 @@ KINDS = ("whitebox", "blackbox")
 
 
 def _fpr_key(f: float) -> str:
-    return f"{f * 100:g}%"
+    """`0.1pct` for 0.001: MLflow metric names allow no `%` (nor `=`)."""
+    return f"{f * 100:g}pct"
+
+
+def _budget_key(b: float) -> str:
+    return f"eps_{format_epsilon(b).replace('.', '_')}"
 
 
 def _attack_dict(res) -> dict[str, Any]:
@@ -123,8 +129,11 @@ def train_audit_model(cfg: Config, epsilon: float, k: int, real: PatchTable, val
     steps = a.epochs * max(1, round(len(np.unique(patients)) / spec.batch_size))
     # With Adam a coordinate moves ~lr per step: this scale keeps a canary's gradient clipped all run.
     model = A.DiracCanaryModel(classifier, a.canaries, scale=1.0 / (t.lr * steps))
+    t0 = time.perf_counter()
     res = fit(model, spec, private=table, public=None, val=val, device=device, progress=False,
               desc=f"audit eps={format_epsilon(epsilon)} model {k}")
+    log.info("audit model %d at eps=%s: %d records, %.1f s", k, format_epsilon(epsilon), len(np.unique(patients)),
+             time.perf_counter() - t0)
     model.to("cpu").eval()  # the final weights (the audit attacks what training released)
     p_real = predict_proba(model, real.images)
     p_noise = predict_proba(model, noise_x)
@@ -220,9 +229,30 @@ def run(cfg: Config, models: Path = Path("models/classifier"), promoted: Path = 
     from mammodp.runtime import resolve_device, seed_everything
     from mammodp.serving import load_classifier, predict_proba
 
+    import torch
+
     a = cfg.audit
     seed_everything(a.seed)
     dev = resolve_device(device or cfg.train.device)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and a.cpu_threads > 0:
+        torch.set_num_threads(a.cpu_threads)
+    try:
+        return _run(cfg, Path(models), Path(promoted), Path(out), Path(report), Path(plots), dev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config, models: Path, promoted: Path, out: Path, report: Path, plots: Path, dev) -> dict:
+    """The audit behind `run`, on a resolved device."""
+    import mlflow
+
+    from mammodp import tracking
+    from mammodp.io import atomic_dir, write_json
+    from mammodp.privacy import audit as A
+    from mammodp.serving import load_classifier, predict_proba
+
+    a = cfg.audit
     if not Path(promoted).is_file():
         raise DataError("promotion record not found (run `mammodp promote` first)", path=promoted)
     aliases = json.loads(Path(promoted).read_text()).get("aliases", {})
@@ -298,7 +328,7 @@ def run(cfg: Config, models: Path = Path("models/classifier"), promoted: Path = 
                                  "power_bound": power, "grid_models": len(grid),
                                  "grid_loss_auroc_max": max(g["auroc"] for g in grid_attacks.values())}
     for b in budgets:
-        r, key = audited[b], f"eps={format_epsilon(b)}"
+        r, key = audited[b], _budget_key(b)
         if math.isfinite(r["claimed_epsilon"]):
             numbers[f"{key}/claimed"] = r["claimed_epsilon"]
         for kind in KINDS:

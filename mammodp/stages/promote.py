@@ -359,6 +359,8 @@ def _why(alias: str, c: Candidate, pool: list[Candidate]) -> str:
         return f"highest validation AUPRC among {len(pool)} run(s) within no finite budget"
     if alias == CHAMPION:
         return "highest validation AUPRC among the budget winners <= promote.max_epsilon"
+    if math.isinf(c.epsilon):
+        return f"highest validation AUPRC among {len(pool)} non-private run(s) (target inf)"
     return (f"highest validation AUPRC among {len(pool)} run(s) at target {format_epsilon(c.epsilon)} "
             f"covered end to end within it")
 
