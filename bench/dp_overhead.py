@@ -24,9 +24,10 @@ Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the memory held bef
 step. On CPU PyTorch keeps no allocator peak, so the CPU figure is the peak of live tensor
 bytes reconstructed from `torch.profiler(profile_memory=True)` allocation events (op
 granularity: a transient buffer allocated and freed inside one kernel is not seen). RSS or
-tracemalloc deltas are not used: the CPU allocator caches and tracemalloc misses it. The
-DP engine's buffers kept between steps (clipped-sum and noise buffers, 2 x parameters in
-fp32) are allocated before the measured step, so their bytes are added to its peak.
+tracemalloc deltas are not used: the CPU allocator caches and tracemalloc misses it. What a
+variant keeps between steps was allocated before the measured step, so its bytes are added
+to the peak: the DP engine's fp32 clipped-sum buffers (one per trainable parameter), and
+Opacus' per-sample and summed gradients left on the parameters until the next zero_grad.
 
 Batches are the same for every variant: q = 1 over B records, so each Poisson batch holds
 all B samples and the DP step does exactly the work of a B-sample step.
@@ -95,15 +96,23 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
-def _held_bytes(engine) -> int:
-    """Bytes of the engine's buffers that live between steps (not seen by a per-step peak)."""
-    held = list(getattr(engine, "_sums", {}).values()) + list(getattr(engine, "_noise", {}).values())
-    return sum(t.numel() * t.element_size() for t in held)
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _engine_held(engine) -> Callable[[], int]:
+    """Bytes the DP engine keeps between steps (its fp32 clipped-sum buffers)."""
+    return lambda: _tensor_bytes([getattr(engine, "_flat", None)])
+
+
+def _opacus_held(params: list[torch.nn.Parameter]) -> Callable[[], int]:
+    """Bytes Opacus keeps between steps: per-sample and summed gradients left on the parameters."""
+    return lambda: _tensor_bytes([getattr(p, a, None) for p in params for a in ("grad_sample", "summed_grad")])
 
 
 def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, size: int):
-    """name -> step function, and name -> DP engine, for one preset. Every model starts
-    from the same weights."""
+    """name -> step function, name -> DP engine, and name -> bytes held between steps, for
+    one preset. Every model starts from the same weights."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, size, size, generator=g).to(device)
@@ -111,6 +120,7 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
     records = np.arange(batch)
     steps: dict[str, Callable[[], None]] = {}
     engines: dict[str, object] = {}
+    held: dict[str, Callable[[], int]] = {}
 
     for mode, tag, methods in (("full", "full", FULL_METHODS), ("frozen_backbone", "head", HEAD_METHODS)):
         base = create_classifier(preset, mode=mode).to(device).train()
@@ -133,13 +143,14 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
                                   physical_batch_size=batch, per_sample_method=method)
 
             def dp_step(engine=engine, opt=private_opt):
-                idx = engine.sample_batch()  # q = 1: all B samples
-                engine.step(x[idx], y[idx], LOSS, record_idx=idx)
+                idx = engine.sample_batch()  # q = 1: all B samples, in order (x[idx] is x: no copy)
+                engine.step(x, y, LOSS, record_idx=idx)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
             steps[f"{tag}/dp-{method}"] = dp_step
             engines[f"{tag}/dp-{method}"] = engine
+            held[f"{tag}/dp-{method}"] = _engine_held(engine)
 
         if mode == "frozen_backbone":
             import warnings
@@ -162,7 +173,8 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
                 opt.step()
 
             steps["head/opacus"] = opacus_step
-    return steps, engines
+            held["head/opacus"] = _opacus_held(list(gsm.parameters()))
+    return steps, engines, held
 
 
 def _profile(steps: dict[str, Callable[[], None]], names: list[str], rows: int = 12) -> None:
@@ -179,7 +191,7 @@ def _profile(steps: dict[str, Callable[[], None]], names: list[str], rows: int =
 def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int, profile: bool = False) -> None:
     """Measure and print the ratios for one preset on one device."""
     size = PRESETS[preset]["img_size"]
-    steps, engines = _variants(preset, device, batch, grad_chunk, size)
+    steps, engines, held = _variants(preset, device, batch, grad_chunk, size)
     for fn in steps.values():  # warm-up: lazy imports, vmap set-up, the auto check, cuDNN autotuning
         fn()
         fn()
@@ -196,7 +208,10 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
             proc[name].append(time.process_time() - c)
     med_wall = {k: statistics.median(v) for k, v in wall.items()}
     med = {k: statistics.median(v) for k, v in proc.items()} if cpu else med_wall
-    peak = {k: _peak_bytes(fn, device) + (_held_bytes(engines[k]) if k in engines else 0) for k, fn in steps.items()}
+    # The step's own peak plus what the variant held before it started (allocated by the
+    # previous step, so the profiler cannot see it; plain training holds nothing: .grad is None).
+    peak = {k: held[k]() + _peak_bytes(fn, device) if k in held else _peak_bytes(fn, device)
+            for k, fn in steps.items()}
     mem_how = "torch.cuda.max_memory_allocated" if not cpu else "torch.profiler live-tensor peak"
     time_how = "CPU time (process_time)" if cpu else "wall time"
     n_full = sum(p.numel() for p in create_classifier(preset).parameters())

@@ -126,8 +126,9 @@ class DPSGD:
         self._verify_route = per_sample_method == "auto" and self.per_sample_method != "vmap"
         self.method_note = ""
         self._route = None  # (method, loss_fn, route object): built once, reused every step
-        self._sums: dict[str, torch.Tensor] = {}  # fp32 clipped-sum buffers, zeroed in place per step
-        self._noise: dict[str, torch.Tensor] = {}  # noise draw buffers
+        self._flat: torch.Tensor | None = None  # all clipped sums, fp32, zeroed in place per step
+        self._sums: dict[str, torch.Tensor] = {}  # per-parameter views of it
+        self._spans: dict[str, tuple[int, int]] = {}  # where each parameter lies in it
         self.steps_taken = 0
         self.last_stats: dict[str, float] = {}
         self._params = trainable_named_parameters(model)
@@ -207,20 +208,13 @@ class DPSGD:
 
         if self.private:
             priv, n_samples, n_records, loss_sum, clipped = self._private_sum(inputs, targets, loss_fn, records, device)
-            if self.noise_multiplier > 0:
-                std = self.noise_multiplier * self.max_grad_norm
-                for name, g in priv.items():
-                    noise = self._noise.get(name)
-                    if noise is None:
-                        noise = self._noise[name] = torch.empty_like(g, device=self.noise_generator.device)
-                    noise.normal_(0.0, std, generator=self.noise_generator)  # (param shape), one draw per step
-                    g.add_(noise.to(g.device))
+            grads = self._noisy_mean(priv, self.expected_batch_size)
             divisor = self.expected_batch_size
         else:
             priv, n_samples, loss_sum = self._plain_sum(inputs, targets, loss_fn, device, self.physical_batch_size)
             n_records, clipped = int(np.unique(self.sampler.record_of_sample[idx]).size), 0
             divisor = max(n_samples, 1)
-        grads = {n: torch.div(g, divisor) for n, g in priv.items()}  # fresh tensors: they become .grad
+            grads = {n: g / divisor for n, g in priv.items()}
 
         pub_loss = math.nan
         if public is not None and public[0].shape[0] > 0:
@@ -234,7 +228,8 @@ class DPSGD:
             pub_loss = pub_sum / m
 
         for name, p in self._params.items():
-            p.grad = grads[name].to(p.dtype)  # no copy for fp32 parameters
+            g = grads[name]
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         if self.private:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
@@ -244,6 +239,22 @@ class DPSGD:
         if n_samples:
             return loss_sum / n_samples
         return pub_loss
+
+    def _noisy_mean(self, sums: dict[str, torch.Tensor], divisor: float) -> dict[str, torch.Tensor]:
+        """(clipped sum + N(0, sigma^2 C^2)) / divisor for every parameter, in ONE fresh flat
+        tensor whose views become `.grad`: the noise is drawn straight into it (one draw per
+        coordinate per step), then the sum is added and the result divided, in place."""
+        std = self.noise_multiplier * self.max_grad_norm
+        gen = self.noise_generator
+        flat = self._flat
+        if std > 0 and flat.device == gen.device:
+            out = torch.empty_like(flat).normal_(0.0, std, generator=gen).add_(flat)
+        elif std > 0:
+            out = torch.empty_like(flat, device=gen.device).normal_(0.0, std, generator=gen).to(flat.device).add_(flat)
+        else:
+            out = flat.clone()
+        out.div_(divisor)
+        return {name: out[a:b].view(sums[name].shape) for name, (a, b) in self._spans.items()}
 
     def _check_batch(self, idx: np.ndarray, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self._pending is None:
@@ -303,12 +314,19 @@ class DPSGD:
             log.warning("per-sample gradients: %s", self.method_note)
 
     def _buffers(self) -> dict[str, torch.Tensor]:
-        """The run's fp32 clipped-sum buffers, zeroed in place (allocated on the first step)."""
-        if not self._sums:
-            self._sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self._params.items()}
+        """The run's fp32 clipped-sum buffers: views of one flat tensor, allocated on the first
+        step and zeroed in place (one op) on every later one."""
+        if self._flat is None:
+            sizes = [p.numel() for p in self._params.values()]
+            first = next(iter(self._params.values()))
+            self._flat = torch.zeros(sum(sizes), dtype=torch.float32, device=first.device)
+            start = 0
+            for (name, p), size in zip(self._params.items(), sizes):
+                self._spans[name] = (start, start + size)
+                self._sums[name] = self._flat[start : start + size].view(p.shape)
+                start += size
         else:
-            for b in self._sums.values():
-                b.zero_()
+            self._flat.zero_()
         return self._sums
 
     def _private_sum(self, inputs, targets, loss_fn, records, device):

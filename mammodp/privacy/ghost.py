@@ -47,6 +47,7 @@ from mammodp.privacy.grad_sampler import (
     LayerCall,
     Recorder,
     bias_table_grads,
+    f32,
     layer_norm_grads,
     linear_io,
 )
@@ -64,7 +65,7 @@ def use_ghost(tokens: int, d_in: int, d_out: int, route: str) -> bool:
 
 def ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """|sum_t g_bt a_bt^T|_F^2 per row b: (B,) from a (B, T, d_in), g (B, T, d_out) (float32)."""
-    a, g = a.float(), g.float()
+    a, g = f32(a), f32(g)
     if a.shape[1] == 1:  # one token: |g a^T| = |g| |a|
         return a.square().sum((1, 2)) * g.square().sum((1, 2))
     gram_a = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
@@ -146,20 +147,27 @@ class MixedClipper:
         n = x.shape[0]
         pack = _Pack(n, local, n_records, x.device)
         mats: dict[str, torch.Tensor] = {}  # param name -> per-record gradients (R, *shape)
+        sqs: dict[str, torch.Tensor] = {}  # param name -> their squared norms (R,), taken while hot
         ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
+
+        def keep(name: str, v: torch.Tensor) -> None:
+            if name in mats:  # a layer called twice: its gradient is the sum of its calls'
+                v = mats[name] + v
+            mats[name] = v
+            flat = v.reshape(n_records, -1)
+            sqs[name] = torch.linalg.vecdot(flat, flat)
 
         def sink(call: LayerCall, g: torch.Tensor) -> None:
             if call.kind == "window_attention":
-                self._add(mats, call.key + "relative_position_bias_table",
-                          pack.to_records(bias_table_grads(call, g, n)))
+                keep(call.key + "relative_position_bias_table", pack.to_records(bias_table_grads(call, g, n)))
                 return
             if call.kind == "layer_norm":
                 for pname, v in layer_norm_grads(call, g, n).items():
-                    self._add(mats, call.key + pname, pack.to_records(v))
+                    keep(call.key + pname, pack.to_records(v))
                 return
             a, g = linear_io(call, g, n)
             if "bias" in call.own:
-                self._add(mats, call.key + "bias", pack.to_records(g.float().sum(1)))
+                keep(call.key + "bias", pack.to_records(f32(g).sum(1)))
             if "weight" not in call.own:
                 return
             name = call.key + "weight"
@@ -169,13 +177,18 @@ class MixedClipper:
                 ghosts.setdefault(name, []).append((a, g))  # kept for the book-keeping product
                 self.choices[call.key] = "ghost"
             else:
-                w = torch.bmm(g.float().transpose(1, 2), a.float())  # (n, d_out, d_in)
-                self._add(mats, name, pack.to_records(w).view(-1, *call.module.weight.shape))
+                w = torch.bmm(f32(g).transpose(1, 2), f32(a))  # (n, d_out, d_in)
+                keep(name, pack.to_records(w).view(-1, *call.module.weight.shape))
                 self.choices[call.key] = "materialise"
 
         losses = self.recorder.run(x, y, sink)
         with torch.no_grad():  # the stored activations belong to the graph: build nothing more
-            norms = self._norms(mats, ghosts, pack)
+            parts = list(sqs.values())
+            for calls in ghosts.values():
+                a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
+                g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
+                parts.append(ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g)))
+            norms = torch.stack(parts).sum(0).sqrt() if parts else torch.zeros(n_records, device=x.device)
             factors = clip_factors(norms, max_grad_norm)
             for name, v in mats.items():  # sum_r c_r G_r: (P, R) @ (R,), in place
                 out[name].view(-1).addmv_(v.reshape(n_records, -1).t(), factors)
@@ -183,26 +196,10 @@ class MixedClipper:
             for name, calls in ghosts.items():
                 target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)
                 for a, g in calls:
-                    a2 = a.reshape(-1, a.shape[-1]).float()  # (n T, d_in)
-                    g2 = g.float() * per_sample.view(-1, 1, 1)  # each token's gradient times its record's factor
-                    target.addmm_(g2.reshape(-1, g2.shape[-1]).t(), a2)  # (c . g)^T a: one plain-size product
+                    a2 = f32(a).reshape(-1, a.shape[-1])  # (n T, d_in)
+                    g2 = f32(g) * per_sample.view(-1, 1, 1)  # each token's gradient times its record's factor
+                    target.addmm_(g2.view(-1, g2.shape[-1]).t(), a2)  # (c . g)^T a: one plain-size product
         return norms, losses
-
-    @staticmethod
-    def _norms(mats: dict[str, torch.Tensor], ghosts: dict[str, list], pack: _Pack) -> torch.Tensor:
-        """Per-record gradient norms (R,) over all parameters."""
-        sq = torch.zeros(pack.n_records, device=pack.device, dtype=torch.float32)
-        for v in mats.values():
-            sq += v.reshape(pack.n_records, -1).square().sum(1)
-        for calls in ghosts.values():
-            a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
-            g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
-            sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
-        return sq.sqrt()
-
-    @staticmethod
-    def _add(store: dict[str, torch.Tensor], name: str, v: torch.Tensor) -> None:
-        store[name] = store[name] + v if name in store else v  # a layer called twice: sum its calls
 
 
 __all__ = ["MixedClipper", "ROUTES", "ghost_sq_norms", "use_ghost"]

@@ -224,6 +224,11 @@ class Recorder:
         return losses.detach()
 
 
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as float32 (itself when it already is: no dispatch for a no-op cast)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def linear_io(call: LayerCall, g: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(a (n, T, d_in), g (n, T, d_out)) of a Linear or patchifier call, T tokens per sample."""
     a = call.a
@@ -237,11 +242,11 @@ def linear_io(call: LayerCall, g: torch.Tensor, n: int) -> tuple[torch.Tensor, t
 
 def layer_norm_grads(call: LayerCall, g: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
     """Per-sample LayerNorm gradients {param: (n, C)} (float32)."""
-    a = call.a.float()
-    g = g.float()
+    a = f32(call.a)
+    g = f32(g)
     if call.ln_stats is not None:
         mean, rstd = call.ln_stats
-        xhat = (a - mean.float()).mul_(rstd.float())
+        xhat = (a - f32(mean)).mul_(f32(rstd))
     else:
         xhat = F.layer_norm(a, call.module.normalized_shape, eps=call.module.eps)
     res: dict[str, torch.Tensor] = {}
@@ -257,7 +262,7 @@ def bias_table_grads(call: LayerCall, g: torch.Tensor, n: int) -> torch.Tensor:
     module = call.module
     heads, area = module.num_heads, module.window_area
     # g: (n * windows, heads, N, N) -> summed over each sample's windows -> (n, N*N, heads)
-    per = g.float().reshape(n, -1, heads, area * area).sum(1).transpose(1, 2)
+    per = f32(g).reshape(n, -1, heads, area * area).sum(1).transpose(1, 2)
     table = module.relative_position_bias_table
     idx = module.relative_position_index.reshape(-1)  # (N*N,) row of the table per pair
     dt = per.new_zeros((n, *table.shape))
@@ -272,7 +277,7 @@ def per_sample_rule(call: LayerCall, g: torch.Tensor, n: int) -> dict[str, torch
     if call.kind == "layer_norm":
         return layer_norm_grads(call, g, n)
     a, g = linear_io(call, g, n)
-    a, g = a.float(), g.float()
+    a, g = f32(a), f32(g)
     res: dict[str, torch.Tensor] = {}
     if "weight" in call.own:
         res["weight"] = torch.bmm(g.transpose(1, 2), a).view(n, *call.module.weight.shape)  # (n, C_out, C_in)
@@ -320,4 +325,4 @@ class HookPerSample:
         return {k: out[k] for k in self.names}, losses
 
 
-__all__ = ["HookPerSample", "LayerCall", "Recorder", "frozen_split", "per_sample_rule", "supports"]
+__all__ = ["HookPerSample", "LayerCall", "Recorder", "f32", "frozen_split", "per_sample_rule", "supports"]
