@@ -73,6 +73,14 @@ def ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return gram_a.mul_(gram_g).sum((1, 2))
 
 
+def _product_operands(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g and a in the precision of the weight-gradient product: g's low-precision dtype under
+    autocast (bf16 / fp16, as autocast ran the layer's matmul), else float32."""
+    if g.dtype in (torch.bfloat16, torch.float16):
+        return g, a.to(g.dtype)
+    return f32(g), f32(a)
+
+
 class _Pack:
     """How the samples of one forward map to records: local index and position per sample."""
 
@@ -177,7 +185,8 @@ class MixedClipper:
                 ghosts.setdefault(name, []).append((a, g))  # kept for the book-keeping product
                 self.choices[call.key] = "ghost"
             else:
-                w = torch.bmm(f32(g).transpose(1, 2), f32(a))  # (n, d_out, d_in)
+                ga, aa = _product_operands(g, a)
+                w = f32(torch.bmm(ga.transpose(1, 2), aa))  # (n, d_out, d_in)
                 keep(name, pack.to_records(w).view(-1, *call.module.weight.shape))
                 self.choices[call.key] = "materialise"
 
@@ -196,9 +205,12 @@ class MixedClipper:
             for name, calls in ghosts.items():
                 target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)
                 for a, g in calls:
-                    a2 = f32(a).reshape(-1, a.shape[-1])  # (n T, d_in)
-                    g2 = f32(g) * per_sample.view(-1, 1, 1)  # each token's gradient times its record's factor
-                    target.addmm_(g2.view(-1, g2.shape[-1]).t(), a2)  # (c . g)^T a: one plain-size product
+                    g2, a2 = _product_operands(g * per_sample.view(-1, 1, 1).to(g.dtype), a)  # token x factor
+                    g2, a2 = g2.reshape(-1, g2.shape[-1]).t(), a2.reshape(-1, a2.shape[-1])  # (d_out, nT), (nT, d_in)
+                    if g2.dtype == torch.float32:
+                        target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
+                    else:
+                        target.add_(g2 @ a2)  # in autocast's precision, summed in float32
         return norms, losses
 
 

@@ -174,16 +174,18 @@ class Recorder:
                     batch["n"] = inputs[0].shape[0]  # B * windows
 
                 def bias(mod=module, own=own, key=key, original=original, batch=batch):
-                    b = original()  # (1, heads, N, N), a function of the table
-                    full = b.expand(batch["n"], -1, -1, -1)  # one copy per window: its own gradient
+                    with torch.no_grad():
+                        b = original()  # (1, heads, N, N), looked up in the table
+                    # One copy per window, a leaf that backward is asked for: its gradient is
+                    # the per-window one, and autograd computes no summed table gradient.
+                    full = b.expand(batch["n"], -1, -1, -1).requires_grad_()
                     full.register_hook(watch(LayerCall(key, mod, "window_attention", own, None)))
+                    state["roots"].append(full)
                     return full
 
                 handles.append(module.register_forward_pre_hook(pre))
                 module._get_rel_pos_bias = bias  # instance attribute shadows the method
                 patched.append(module)
-                # backward reaches the bias copies only if something upstream of them is asked for
-                state["roots"].append(module.relative_position_bias_table)
             else:
                 def fwd(mod, inputs, output, own=own, key=key, kind=kind):
                     stats = None
@@ -211,9 +213,9 @@ class Recorder:
             logits = self.module(x)
         losses = self._per_sample_loss(logits.float(), y)  # (n,)
         # One backward. Its inputs are the FIRST trainable layer's output (every later layer
-        # lies on the way to it) and the bias tables (to reach their per-window copies);
-        # parameters are otherwise not asked for, so autograd skips the summed weight
-        # gradients, and the tensor hooks consume each layer's gradient as it passes.
+        # lies on the way to it) and the per-window bias copies; parameters are not asked
+        # for, so autograd skips every summed weight gradient, and the tensor hooks consume
+        # each layer's gradient as it passes.
         inputs = ([state["first"]] if state["first"] is not None else []) + state["roots"]
         if inputs:
             torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
