@@ -155,15 +155,14 @@ class MixedClipper:
         n = x.shape[0]
         pack = _Pack(n, local, n_records, x.device)
         mats: dict[str, torch.Tensor] = {}  # param name -> per-record gradients (R, *shape)
-        sqs: dict[str, torch.Tensor] = {}  # param name -> their squared norms (R,), taken while hot
+        part_norms: dict[str, torch.Tensor] = {}  # param name -> their norms (R,), taken while hot
         ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
 
         def keep(name: str, v: torch.Tensor) -> None:
             if name in mats:  # a layer called twice: its gradient is the sum of its calls'
                 v = mats[name] + v
             mats[name] = v
-            flat = v.reshape(n_records, -1)
-            sqs[name] = torch.linalg.vecdot(flat, flat)
+            part_norms[name] = torch.linalg.vector_norm(v.reshape(n_records, -1), dim=1)  # one fused pass
 
         def sink(call: LayerCall, g: torch.Tensor) -> None:
             if call.kind == "window_attention":
@@ -192,12 +191,14 @@ class MixedClipper:
 
         losses = self.recorder.run(x, y, sink)
         with torch.no_grad():  # the stored activations belong to the graph: build nothing more
-            parts = list(sqs.values())
+            sq = torch.zeros(n_records, device=x.device, dtype=torch.float32)
+            if part_norms:
+                sq += torch.stack(list(part_norms.values())).square_().sum(0)
             for calls in ghosts.values():
                 a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
                 g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
-                parts.append(ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g)))
-            norms = torch.stack(parts).sum(0).sqrt() if parts else torch.zeros(n_records, device=x.device)
+                sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
+            norms = sq.sqrt_()
             factors = clip_factors(norms, max_grad_norm)
             for name, v in mats.items():  # sum_r c_r G_r: (P, R) @ (R,), in place
                 out[name].view(-1).addmv_(v.reshape(n_records, -1).t(), factors)
