@@ -10,7 +10,8 @@ Without --preset it measures swin_micro on CPU and, when CUDA is present, swin_t
 - plain training of the whole model vs full-model DP-SGD (`mammodp.privacy.make_private`:
   per-record clipping, noise, AdamW step) with the default route (`auto` = mixed ghost
   clipping with book-keeping, checked against vmap on the first step), and with the
-  `ghost`, `hooks` (materialised per-sample gradients) and torch.func `vmap` routes;
+  `ghost`, `hooks` (materialised per-sample gradients) and torch.func `vmap` routes
+  (--routes; on CUDA only auto and hooks by default);
 - plain training of the head on a frozen backbone vs head-only DP-SGD (same engine), and
   vs Opacus' own GradSampleModule + DPOptimizer on the head (backbone features computed
   without gradients), the one Opacus route that runs on a Swin.
@@ -55,8 +56,8 @@ from mammodp.models.swin import PRESETS, create_classifier, trainable_parameters
 from mammodp.privacy import make_private  # noqa: E402
 
 LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-FULL_METHODS = ("auto", "ghost", "hooks", "vmap")
-HEAD_METHODS = ("auto", "vmap")
+ROUTES = ("auto", "ghost", "hooks", "vmap")  # full-model DP routes measured on CPU by default
+CUDA_ROUTES = ("auto", "hooks")  # on CUDA (Swin-T 224): ghost's 3136 x 3136 Grams and vmap take minutes
 
 
 def _sync(device: torch.device) -> None:
@@ -110,7 +111,8 @@ def _opacus_held(params: list[torch.nn.Parameter]) -> Callable[[], int]:
     return lambda: _tensor_bytes([getattr(p, a, None) for p in params for a in ("grad_sample", "summed_grad")])
 
 
-def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, size: int):
+def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, size: int,
+              routes: tuple[str, ...] = ROUTES):
     """name -> step function, name -> DP engine, and name -> bytes held between steps, for
     one preset. Every model starts from the same weights."""
     torch.manual_seed(0)
@@ -122,7 +124,8 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
     engines: dict[str, object] = {}
     held: dict[str, Callable[[], int]] = {}
 
-    for mode, tag, methods in (("full", "full", FULL_METHODS), ("frozen_backbone", "head", HEAD_METHODS)):
+    head_routes = tuple(r for r in ("auto", "vmap") if r in routes) or ("auto",)
+    for mode, tag, methods in (("full", "full", routes), ("frozen_backbone", "head", head_routes)):
         base = create_classifier(preset, mode=mode).to(device).train()
 
         plain = copy.deepcopy(base)
@@ -188,10 +191,13 @@ def _profile(steps: dict[str, Callable[[], None]], names: list[str], rows: int =
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
 
 
-def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int, profile: bool = False) -> None:
+def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int, profile: bool = False,
+          routes: tuple[str, ...] | None = None) -> None:
     """Measure and print the ratios for one preset on one device."""
     size = PRESETS[preset]["img_size"]
-    steps, engines, held = _variants(preset, device, batch, grad_chunk, size)
+    routes = routes or (ROUTES if device.type == "cpu" else CUDA_ROUTES)
+    routes = ("auto",) + tuple(r for r in routes if r != "auto")  # the default route is always measured
+    steps, engines, held = _variants(preset, device, batch, grad_chunk, size, routes)
     for fn in steps.values():  # warm-up: lazy imports, vmap set-up, the auto check, cuDNN autotuning
         fn()
         fn()
@@ -232,11 +238,11 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
               f"{peak[dp] / 2**20:.1f} MiB vs {peak[ref] / 2**20:.1f} MiB)")
 
     line("full-model DP (auto: mixed)", "full/dp-auto", "full/plain")
-    line("full-model DP (ghost route)", "full/dp-ghost", "full/plain")
-    line("full-model DP (hooks route)", "full/dp-hooks", "full/plain")
-    line("full-model DP (vmap route)", "full/dp-vmap", "full/plain")
+    for route in routes[1:]:
+        line(f"full-model DP ({route} route)", f"full/dp-{route}", "full/plain")
     line("head-only DP (auto: mixed)", "head/dp-auto", "head/plain")
-    line("head-only DP (vmap route)", "head/dp-vmap", "head/plain")
+    if "head/dp-vmap" in steps:
+        line("head-only DP (vmap route)", "head/dp-vmap", "head/plain")
     line("head-only Opacus GradSampleModule", "head/opacus", "head/plain")
     line("head-only DP vs Opacus", "head/dp-auto", "head/opacus")
     if profile:
@@ -254,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 gives steadier CPU timings on a shared machine)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables (plain vs DP)")
+    ap.add_argument("--routes", default=None,
+                    help=f"comma-separated DP routes to measure beside auto (default: {','.join(ROUTES)} on CPU, "
+                         f"{','.join(CUDA_ROUTES)} on CUDA)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         if torch.cuda.is_available() and args.device in (None, "cuda"):
             runs.append(("swin_tiny", torch.device("cuda")))
     for preset, device in runs:
-        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile)
+        routes = tuple(r for r in args.routes.split(",") if r) if args.routes else None
+        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes)
 
 
 if __name__ == "__main__":
