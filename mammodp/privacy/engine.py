@@ -129,7 +129,7 @@ class DPSGD:
         self._route = None  # (method, loss_fn, route object): built once, reused every step
         self._flat: torch.Tensor | None = None  # all clipped sums, fp32, zeroed in place per step
         self._sums: dict[str, torch.Tensor] = {}  # per-parameter views of it
-        self._spans: dict[str, tuple[int, int]] = {}  # where each parameter lies in it
+        self._sizes: list[int] = []  # numel of each parameter, in the buffer's order
         self.steps_taken = 0
         self.last_stats: dict[str, float] = {}
         self._params = trainable_named_parameters(model)
@@ -257,7 +257,8 @@ class DPSGD:
         else:
             out = flat.clone()
         out.div_(divisor)
-        return {name: out[a:b].view(sums[name].shape) for name, (a, b) in self._spans.items()}
+        pieces = out.split(self._sizes)  # one op for all views
+        return {name: piece.view(sums[name].shape) for name, piece in zip(sums, pieces)}
 
     def _check_batch(self, idx: np.ndarray, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self._pending is None:
@@ -320,8 +321,8 @@ class DPSGD:
             first = next(iter(self._params.values()))
             self._flat = torch.zeros(sum(sizes), dtype=torch.float32, device=first.device)
             start = 0
+            self._sizes = sizes
             for (name, p), size in zip(self._params.items(), sizes):
-                self._spans[name] = (start, start + size)
                 self._sums[name] = self._flat[start : start + size].view(p.shape)
                 start += size
         else:
