@@ -207,7 +207,12 @@ class MixedClipper:
             for name, calls in ghosts.items():
                 target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)
                 for a, g in calls:
-                    g2, a2 = _product_operands(g * per_sample.view(-1, 1, 1).to(g.dtype), a)  # token x factor
+                    g2, a2 = _product_operands(g, a)
+                    c = per_sample.view(-1, 1, 1).to(g2.dtype)  # each token times its record's factor:
+                    if a2.shape[-1] < g2.shape[-1]:  # on the smaller operand
+                        a2 = a2 * c
+                    else:
+                        g2 = g2 * c
                     g2, a2 = g2.reshape(-1, g2.shape[-1]).t(), a2.reshape(-1, a2.shape[-1])  # (d_out, nT), (nT, d_in)
                     if g2.dtype == torch.float32:
                         target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
