@@ -264,7 +264,8 @@ class DPSGD:
         if self._pending is None:
             raise PrivacyError("step() needs a batch from sample_batch() first (one batch per step)",
                                field="record_idx")
-        if idx.shape != self._pending.shape or not np.array_equal(np.sort(idx), np.sort(self._pending)):
+        if idx.shape != self._pending.shape or not (
+                np.array_equal(idx, self._pending) or np.array_equal(np.sort(idx), np.sort(self._pending))):
             # Privacy accounting assumes Poisson batches: any other batch breaks the guarantee.
             raise PrivacyError("record_idx is not the batch sample_batch() returned", field="record_idx")
         if inputs.shape[0] != idx.size or targets.shape[0] != idx.size:
@@ -335,9 +336,14 @@ class DPSGD:
         total = self._buffers()
         n_samples = n_records = clipped = 0
         loss_sum = 0.0
-        for pos in split_physical(records.numpy(), self.physical_batch_size):
-            if pos.size == inputs.shape[0] and (pos == np.arange(pos.size)).all():
-                x, y, rec = inputs, targets, records  # the whole batch in order: no gather copy
+        n = inputs.shape[0]
+        # A batch that fits one physical chunk is that chunk as it is (clipped_grad_sum groups
+        # records itself): no split, no gather copy.
+        chunks = [None] if 0 < n <= self.physical_batch_size else split_physical(records.numpy(),
+                                                                                self.physical_batch_size)
+        for pos in chunks:
+            if pos is None:
+                x, y, rec = inputs, targets, records
             else:
                 pos_t = torch.from_numpy(pos)
                 x, y, rec = inputs[pos_t.to(inputs.device)], targets[pos_t.to(targets.device)], records[pos_t]

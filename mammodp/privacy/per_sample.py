@@ -365,12 +365,13 @@ def clipped_grad_sum(
     bookkeeping = hasattr(fn, "clipped_sum")
     trainable = {} if bookkeeping else fn.params()
     inputs = fn.prepare(inputs)  # samples, or frozen features computed once for the batch
-    if record_ids is None:
-        # Patch unit: each sample is a record; packs are plain slices.
+    rid = None if record_ids is None else record_ids.cpu()  # grouping is book-keeping on a few ints: CPU
+    if rid is None or (rid.numel() > 1 and bool((rid[1:] > rid[:-1]).all())) or rid.numel() == 1:
+        # Each sample its own record, in ascending order (always so for the patch unit):
+        # packs are plain slices.
         packs = [(slice(s, min(s + grad_chunk, n)), None, min(grad_chunk, n - s)) for s in range(0, n, grad_chunk)]
     else:
-        # Grouping is book-keeping on a few ints: on the CPU (no device kernels, no syncs later).
-        keys, order, counts = _group_records(record_ids.cpu())
+        keys, order, counts = _group_records(rid)
         counts_l = counts.tolist()
         offsets = [0]
         for c in counts_l:
