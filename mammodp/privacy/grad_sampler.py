@@ -97,6 +97,15 @@ def frozen_split(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tenso
     return None, model, ""
 
 
+def frozen_features(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, autocast) -> torch.Tensor:
+    """Features of a frozen prefix, computed under `torch.inference_mode()` (no autograd, no
+    version counters or view tracking: cheaper than no_grad) and cloned out of it, so that the
+    trainable suffix can save them for its backward."""
+    with torch.inference_mode(), autocast:
+        out = features(x)
+    return out.clone()
+
+
 @dataclass
 class LayerCall:
     """One call of one trainable layer in a recorded forward.
@@ -148,8 +157,7 @@ class Recorder:
         """The samples, or their frozen features computed once, without autograd."""
         if self.features is None:
             return x
-        with torch.no_grad(), self._autocast(x.device):
-            return self.features(x)
+        return frozen_features(self.features, x, self._autocast(x.device))
 
     @contextlib.contextmanager
     def _hooks(self, sink, state: dict):
@@ -327,4 +335,5 @@ class HookPerSample:
         return {k: out[k] for k in self.names}, losses
 
 
-__all__ = ["HookPerSample", "LayerCall", "Recorder", "f32", "frozen_split", "per_sample_rule", "supports"]
+__all__ = ["HookPerSample", "LayerCall", "Recorder", "f32", "frozen_features", "frozen_split", "per_sample_rule",
+           "supports"]

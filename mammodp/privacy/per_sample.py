@@ -121,8 +121,9 @@ class _PerSample:
         """The vmapped inputs: the samples, or their frozen features (B, F)."""
         if self.features is None:
             return x
-        with torch.no_grad(), _autocast(x.device, self.autocast_dtype):
-            return self.features(x)
+        from mammodp.privacy.grad_sampler import frozen_features
+
+        return frozen_features(self.features, x, _autocast(x.device, self.autocast_dtype))
 
     def __call__(self, params, x, y) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-sample grads {full name: (n, *shape)} and losses (n,) for prepared inputs."""
