@@ -97,7 +97,7 @@ class DPConfig:
     privacy_unit: Literal["patch", "patient"] = "patch"  # what one record is
     reproducible_noise: bool = False  # seed the noise generator (breaks the DP guarantee)
     grad_chunk: int = 32  # samples per per-sample-gradient chunk (bounds their memory)
-    per_sample_method: Literal["auto", "vmap", "hooks"] = "auto"  # auto: hooks, checked vs vmap once
+    per_sample_method: Literal["auto", "vmap", "hooks", "mixed", "ghost"] = "auto"  # auto: mixed, checked vs vmap
 
 
 @dataclass(frozen=True)
