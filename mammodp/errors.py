@@ -48,3 +48,7 @@ class WeightsError(MammoDPError):
 
 class ServingError(MammoDPError):
     """A serving request is malformed."""
+
+
+class DistributedError(MammoDPError):
+    """A data-parallel job lost a rank, or its torchrun environment is unusable."""

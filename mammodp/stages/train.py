@@ -14,9 +14,12 @@ Each seed is one MLflow run under the grid's parent run, tagged as DESIGN.md say
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -169,8 +172,15 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
 
     Writes `out/seed=S/` models, a numbers-only metrics JSON (`metrics_out`, for
     `dvc metrics show`) and the full record with its privacy statement (`report_out`).
+
+    Under `torchrun --nproc_per_node=N` every rank runs this alike, training data-parallel
+    (`mammodp.privacy.distributed`); only rank 0 logs to MLflow and writes outputs.
     """
-    from mammodp.runtime import resolve_device
+    from mammodp.privacy import distributed
+    from mammodp.runtime import claim_gpu, resolve_device
+
+    if (gpu := claim_gpu()) is not None:  # one GPU per concurrent job of a DVC queue ($MAMMODP_GPU_POOL)
+        log.info("job holds GPU %s of $MAMMODP_GPU_POOL", gpu)
 
     if regime not in REGIMES:
         raise ConfigError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}", field="regime")
@@ -178,7 +188,18 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     out = Path(out or Path("models/classifier") / f"{regime}-{eps_txt}")
     metrics_out = Path(metrics_out or Path("metrics/train") / f"{regime}-{eps_txt}.json")
     report_out = Path(report_out or Path("reports/train") / f"{regime}-{eps_txt}.json")
-    dev = resolve_device(device or cfg.train.device)
+    dist = distributed.setup(device or cfg.train.device)  # None outside torchrun
+    try:
+        return _run_cell(cfg, regime, epsilon, seeds, resume, dist.device if dist else resolve_device(device or cfg.train.device),
+                         out, metrics_out, report_out, tuned_path, dist)
+    finally:
+        if dist is not None:
+            distributed.shutdown()
+
+
+def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report_out, tuned_path, dist) -> dict:
+    main = dist is None or dist.is_main
+    eps_txt = format_epsilon(epsilon)
     seeds = list(seeds or cfg.train.seeds)
 
     manifest = cbis_manifest(cfg)
@@ -197,14 +218,17 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     tuned = load_tuned(tuned_path)
 
     results = []
-    parent = grid_parent_run(cfg)
-    with atomic_dir(out) as tmp_out:
+    parent = grid_parent_run(cfg) if main else None
+    # Ranks other than 0 write nothing: their model folders are scratch, thrown away.
+    with (atomic_dir(out) if main else _scratch_dir()) as tmp_out:
         # Resume reads the checkpoints the previous attempt left in the live folder.
         ckpt_root = Path("checkpoints") / "classifier" / f"{regime}-{eps_txt}"
         for seed in seeds:
             results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                        dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
-                                       resume, parent, manifest))
+                                       resume, parent, manifest, main=main))
+    if not main:
+        return {"regime": regime, "epsilon_target": epsilon, "runs": results, "rank": dist.rank}
     summary = {
         "regime": regime, "epsilon_target": epsilon, "delta": cfg.dp.delta,
         "privacy_unit": cfg.dp.privacy_unit, "runs": results,
@@ -220,8 +244,14 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     return summary
 
 
+@contextlib.contextmanager
+def _scratch_dir():
+    with tempfile.TemporaryDirectory(prefix="mammodp-rank-") as tmp:
+        yield Path(tmp)
+
+
 def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
-                resume, parent, manifest) -> dict:
+                resume, parent, manifest, main: bool = True) -> dict:
     import mlflow
 
     from mammodp import tracking
@@ -248,7 +278,12 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         desc += (" The synthetic data came from a generator trained on private data WITHOUT DP: "
                  "this run's epsilon does not cover the synthetic pathway (synthetic_privacy=not_covered).")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with tracking.start_run(cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
+    if _world_size() > 1:
+        tags["world_size"] = _world_size()  # data-parallel ranks (torchrun)
+    if os.environ.get("MAMMODP_GPU_POOL"):
+        tags["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the queue job's GPU
+    with contextlib.nullcontext() if not main else tracking.start_run(
+                            cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
                             tags=tags, parent_run_id=parent, description=desc,
                             params={**flatten(cfg.model, "model"),
                                     **{f"train.{k}": v for k, v in flatten(cfg.train).items()
@@ -256,21 +291,23 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                     **flatten(cfg.dp, "dp"), "tuned_params": json.dumps(tuned or {})}) as run:
 
         # Lineage: the manifest rows this run read (the UI's Dataset column).
-        if real is not None:
+        if real is not None and main:
             tracking.log_dataset(real.frame, manifest, "cbis-train", "training")
-        tracking.log_dataset(val.frame, manifest, "cbis-val", "validation")
-        if synth is not None:
+        if main:
+            tracking.log_dataset(val.frame, manifest, "cbis-val", "validation")
+        if synth is not None and main:
             tracking.log_dataset(synth.frame, synthetic_manifest(cfg), "synthetic", "training")
 
         def on_epoch(rec, offset=0):
-            tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
+            if main:
+                tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
 
         if regime == "synth-pretrain+dp-finetune":
             pre = replace(spec, epsilon=math.inf, epochs=cfg.train.pretrain_epochs)
             pre_res = fit(model, pre, private=None, public=synth, val=val, device=dev,
                           checkpoint=ckpt_dir / "pretrain.pt", resume=resume,
-                          on_epoch=lambda r: tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
-                                                                   "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
+                          on_epoch=lambda r: main and tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
+                                                                            "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
                           desc=f"pretrain seed={seed}")
             model.load_state_dict(pre_res.best_state)
             res = fit(model, spec, private=real, public=None, val=val, device=dev,
@@ -285,6 +322,8 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             res = fit(model, spec, private=real, public=None, val=val, device=dev,
                       checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
 
+        if not main:  # a helper rank: its replica equals rank 0's, which reports it
+            return {"seed": seed, "epsilon": float(res.privacy["epsilon"]), "steps": res.privacy["steps"]}
         model.load_state_dict(res.best_state)
         privacy = dict(res.privacy)
         spent = float(privacy["epsilon"])
@@ -404,3 +443,10 @@ def what_epsilon_covers(e2e, tuning: str) -> str:
     lines += ["", "Released without DP (declared; not covered by any epsilon):"]
     lines += [f"- {r}" for r in DECLARED_RELEASES]
     return "\n".join(lines) + "\n"
+
+
+def _world_size() -> int:
+    from mammodp.privacy.distributed import active
+
+    ctx = active()
+    return ctx.world_size if ctx is not None else 1
