@@ -199,13 +199,31 @@ def tune(
 @app.command()
 @_user_errors
 def promote(
-    out: Path = typer.Option(Path("metrics/promote.json"), help="Record of what was promoted."),
+    out: Path = typer.Option(Path("metrics/promote.json"), help="Numbers of what was promoted (DVC metric)."),
+    report: Path = typer.Option(Path("reports/promote.json"), help="Full record: aliases, why, what epsilon covers."),
     params: Path = ParamsOpt,
 ):
-    """Register the best validation run per budget and set registry aliases."""
+    """Register the best covered validation run per budget and set registry aliases."""
     from mammodp.stages import promote as stage
 
-    stage.run(_cfg(params), out=out)
+    stage.run(_cfg(params), out=out, report=report)
+
+
+@app.command()
+@_user_errors
+def audit(
+    models: Path = typer.Option(Path("models/classifier"), help="Folder of trained grid cells."),
+    promoted: Path = typer.Option(Path("reports/promote.json"), help="Promotion record (from `mammodp promote`)."),
+    out: Path = typer.Option(Path("metrics/audit.json"), help="Numbers (DVC metric)."),
+    report: Path = typer.Option(Path("reports/audit.json"), help="Full audit report."),
+    plots: Path = typer.Option(Path("plots/audit"), help="Folder for the claim-vs-bound plot."),
+    device: Optional[str] = typer.Option(None, help="Override train.device for the audit models."),
+    params: Path = ParamsOpt,
+):
+    """Empirical privacy audit: membership inference and a one-run epsilon lower bound (fails if above the claim)."""
+    from mammodp.stages import audit as stage
+
+    stage.run(_cfg(params), models=models, promoted=promoted, out=out, report=report, plots=plots, device=device)
 
 
 @app.command()

@@ -13,7 +13,9 @@ The signature declares the three columns as optional, so that any one route vali
 request with neither `image` nor `pixels`, an undecodable image, a bad box or a wrong shape
 is answered 400 with a message (MLflow's scoring server maps `INVALID_PARAMETER_VALUE` to 400).
 Response per row: `p_malignant`, `label` (1 = malignant, at the threshold chosen on the
-validation split) and `epsilon` (the model's spent epsilon as text, `inf` if non-private).
+validation split) and `epsilon` (the model's END-TO-END epsilon as text: its own DP-SGD composed
+with its synthetic data's generator; `inf` if non-private, `not_covered` when no finite epsilon
+covers its training data, e.g. synthetic data from a generator trained without DP).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from mammodp.privacy.compose import served_epsilon
 from mammodp.serving import (
     IMAGE_COL,
     PIXELS_COL,
@@ -72,7 +75,8 @@ class MammoClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({
             "p_malignant": p.astype(np.float64),
             "label": (p >= thr).astype(np.int64),
-            "epsilon": [epsilon_text(self.meta.get("epsilon"))] * len(p),
+            # End to end: the total over the classifier and its generator, or `not_covered`.
+            "epsilon": [epsilon_text(served_epsilon(self.meta))] * len(p),
         })
 
 

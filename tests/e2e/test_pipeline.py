@@ -132,3 +132,10 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
         assert f"Running stage '{stage}'" in out, stage
     for stage in ("prepare_cbis", "prepare_bcdr", "validate", "train_real@1", "train_real@inf"):
         assert f"Running stage '{stage}'" not in out, stage
+    # The experiment carries its metrics (metrics files are committed, not git-ignored), so
+    # `dvc exp show` compares numbers across experiments.
+    exps = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    experiment_rows = [e for base in exps for e in (base.get("experiments") or [])]
+    assert experiment_rows, exps
+    revs = [r for e in experiment_rows for r in e["revs"]]
+    assert any(r["data"].get("metrics", {}).get("metrics/synthesis.json") for r in revs), revs[:1]
