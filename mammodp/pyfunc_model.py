@@ -20,24 +20,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow.exceptions
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from mammodp.serving import (
-    IMAGE_COL,
-    PIXELS_COL,
-    ROI_COL,
-    epsilon_text,
-    load_classifier,
-    predict_proba,
-    request_to_patches,
-)
+from mammodp.inference import IMAGE_COL, PIXELS_COL, ROI_COL, epsilon_text, load_classifier, predict_proba
 
 # Libraries the model needs at load time, pinned to what logged it. Given explicitly so that
 # logging does not spawn a subprocess to infer them; mammodp itself is not on PyPI, hence
 # `--env-manager local` (serve from the project's venv).
 _REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydicom", "scipy")
+
+
+class RequestRejected(mlflow.exceptions.MlflowException):
+    """A client fault (HTTP 400) whose reply is exactly our message.
+
+    MLflow's scoring server rewrites a model's `MlflowException` message to
+    `Failed to predict data '<the request DataFrame>' ...`, which echoes the start of every
+    payload (base64 image bytes included) back to the client. This exception keeps the first
+    message it was given, so no reply repeats the request.
+    """
+
+    def __init__(self, message: str):
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._own_message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_own_message"):
+            self._own_message = value
 
 
 class MammoClassifier(mlflow.pyfunc.PythonModel):
@@ -58,15 +75,13 @@ class MammoClassifier(mlflow.pyfunc.PythonModel):
         Returns:
             DataFrame with `p_malignant` (float), `label` (int), `epsilon` (text).
         """
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
         from mammodp.errors import MammoDPError
+        from mammodp.serving import request_to_patches  # request parsing: serving only
 
         try:
             patches = request_to_patches(model_input, self.meta)
         except MammoDPError as exc:
-            raise MlflowException(f"bad request: {exc}", error_code=INVALID_PARAMETER_VALUE) from exc
+            raise RequestRejected(f"bad request: {exc}") from None
         p = predict_proba(self.model, patches)
         thr = float(self.meta.get("threshold", 0.5))
         return pd.DataFrame({
@@ -114,7 +129,7 @@ def log_classifier(model_dir: str | Path, example_patch: np.ndarray, name: str =
     the `image` column (the batch dimension is dynamic: any number of rows).
 
     Args:
-        model_dir: folder written by `mammodp.serving.save_classifier`.
+        model_dir: folder written by `mammodp.inference.save_classifier`.
         example_patch: (H, W) float patch in [0, 1] for the input example.
         name: the logged model's name within the run (`runs:/<id>/<name>`).
 

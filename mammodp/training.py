@@ -82,7 +82,7 @@ def _loss_fn(spec: FitSpec):
 def _score(model, table: PatchTable, device) -> tuple[np.ndarray, float]:
     """P(malignant) on a table and its AUPRC (NaN with one class)."""
     from mammodp.metrics.classification import classification_metrics
-    from mammodp.serving import predict_proba
+    from mammodp.inference import predict_proba
 
     probs = predict_proba(model, table.images, device=str(device))
     return probs, float(classification_metrics(table.labels, probs)["auprc"])

@@ -20,6 +20,7 @@ import pandas as pd
 
 from mammodp.config import Config, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 from mammodp.io import atomic_dir, write_json
 
@@ -29,9 +30,8 @@ SPLITS = {"val": "validation", "internal": "CBIS test", "external": "BCDR"}
 
 
 def _tables(cfg: Config) -> dict[str, PatchTable]:
-    root = Path(cfg.data.prepared_dir)
-    cbis = read_manifest_table(root / "cbis" / "manifest.parquet")
-    bcdr = read_manifest_table(root / "bcdr" / "manifest.parquet")
+    cbis = read_manifest_table(manifest_path(cfg.data.prepared_dir, "cbis"))
+    bcdr = read_manifest_table(manifest_path(cfg.data.prepared_dir, "bcdr"))
     out = {"val": cbis[cbis["split"] == "val"], "internal": cbis[cbis["split"] == "test"],
            "external": bcdr[bcdr["split"] == "external"]}
     return {k: PatchTable.from_frame(v) for k, v in out.items()}
@@ -68,7 +68,7 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     from mammodp.metrics.classification import evaluate_predictions
     from mammodp.metrics.fairness import epsilon_spd_correlation
     from mammodp.metrics.plots import plot_fairness, plot_pr_roc, plot_privacy_utility
-    from mammodp.serving import load_classifier, predict_proba
+    from mammodp.inference import load_classifier, predict_proba
 
     tables = _tables(cfg)
     cells = [(r, e) for r in cfg.train.regimes for e in cfg.train.epsilons]

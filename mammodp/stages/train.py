@@ -25,6 +25,7 @@ import pandas as pd
 
 from mammodp.config import Config, flatten, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import ConfigError, DataError
 from mammodp.io import atomic_dir, write_json
 
@@ -42,11 +43,11 @@ PRIVACY_NOTE = (
 
 
 def cbis_manifest(cfg: Config) -> Path:
-    return Path(cfg.data.prepared_dir) / "cbis" / "manifest.parquet"
+    return manifest_path(cfg.data.prepared_dir, "cbis")
 
 
 def synthetic_manifest(cfg: Config) -> Path:
-    return Path(cfg.data.synthetic_dir) / "manifest.parquet"
+    return manifest_path(cfg.data.synthetic_dir)
 
 
 def synthetic_provenance(df: pd.DataFrame) -> dict:
@@ -170,7 +171,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
     from mammodp.models.swin import create_classifier
     from mammodp.pyfunc_model import log_classifier
     from mammodp.runtime import seed_everything
-    from mammodp.serving import save_classifier
+    from mammodp.inference import save_classifier
     from mammodp.training import fit
 
     seed_everything(seed)
@@ -229,6 +230,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             "regime": regime, "seed": seed, "epsilon_target": epsilon, "epsilon": spent,
             "delta": cfg.dp.delta, "threshold": thr, "best_epoch": res.best_epoch, "run_id": run.info.run_id,
             "privacy": privacy, "privacy_note": PRIVACY_NOTE, **provenance,
+            "serve": asdict(cfg.serve),  # the served model's request limits (mammodp.serving)
         }
         save_classifier(model, meta, model_dir)
         mlflow.log_params({

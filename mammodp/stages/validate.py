@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from mammodp.config import Config
+from mammodp.data.manifest import MANIFEST_NAME
 from mammodp.data.validation import ValidationReport, validate_manifest
 from mammodp.errors import DataError, ValidationFailed
 from mammodp.io import write_json
@@ -24,7 +25,7 @@ from mammodp.tracking import log_metrics, log_params, manifest_hash, start_run
 def default_manifests(cfg: Config) -> list[Path]:
     """Every `manifest.parquet` directly under a subfolder of `data.prepared_dir`, sorted."""
     root = Path(cfg.data.prepared_dir)
-    found = sorted(root.glob("*/manifest.parquet"))
+    found = sorted(root.glob(f"*/{MANIFEST_NAME}"))
     if not found:
         raise DataError("no manifest.parquet in any subfolder; run `mammodp prepare` first",
                         path=root)
