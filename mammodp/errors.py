@@ -48,3 +48,14 @@ class WeightsError(MammoDPError):
 
 class ServingError(MammoDPError):
     """A serving request is malformed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process got SIGTERM (or SIGHUP): raised like Ctrl-C's KeyboardInterrupt, so every
+    `with` block unwinds (temporary outputs removed, the MLflow run marked KILLED)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

@@ -103,9 +103,14 @@ def start_run(
         parent_run_id: nest under this run even if it is not active (e.g. a grid parent).
         run_id: resume an existing run instead of creating one.
         description: run description (`mlflow.note.content`).
+
+    A run left by Ctrl-C, SIGTERM or SIGHUP ends KILLED (an error ends it FAILED).
     """
     import mlflow
 
+    from mammodp.io import raise_on_termination
+
+    raise_on_termination()  # SIGTERM unwinds this block like Ctrl-C: the run is marked KILLED
     mlflow.set_experiment(experiment)
     all_tags = {"stage": stage, "git_commit": git_commit(), "data_version": data_version()}
     all_tags.update(tags or {})
@@ -123,7 +128,11 @@ def start_run(
             mlflow.set_tags({k: _clean(v) for k, v in tags.items()})
         if params:
             log_params(params)
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP via raise_on_termination
+            mlflow.end_run("KILLED")  # MLflow's own exit would say FAILED (or leave it RUNNING)
+            raise
 
 
 def log_params(params: dict[str, Any]) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from mammodp.checkpoint import Checkpoint, as_checkpoint
 from mammodp.data.datasets import PatchTable, random_flips
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,6 @@ def _score(model, table: PatchTable, device) -> tuple[np.ndarray, float]:
     return probs, float(classification_metrics(table.labels, probs)["auprc"])
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    import torch
-
-    from mammodp.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def fit(
     model,
     spec: FitSpec,
@@ -105,7 +97,7 @@ def fit(
     public: PatchTable | None,
     val: PatchTable,
     device,
-    checkpoint: Path | None = None,
+    checkpoint: Checkpoint | Path | None = None,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
@@ -121,8 +113,9 @@ def fit(
         public: synthetic patches mixed into each step (never counted as private records).
         val: validation patches: the only data used for model selection.
         device: torch device.
-        checkpoint: file for the per-epoch checkpoint (model, optimiser, accountant, RNGs).
-        resume: continue from `checkpoint` if it exists.
+        checkpoint: the per-epoch checkpoint (model, optimiser, accountant, RNGs): a
+            `mammodp.checkpoint.Checkpoint` (file + the settings it must match) or a bare path.
+        resume: continue from `checkpoint` if it exists and was made with the same settings.
         on_epoch: called after every epoch with that epoch's record.
         progress: show a progress bar per epoch.
         desc: progress-bar label.
@@ -172,15 +165,16 @@ def fit(
 
     start_epoch, history = 0, []
     best = {"state": copy.deepcopy(model.state_dict()), "epoch": -1, "auprc": -math.inf, "probs": None}
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = as_checkpoint(checkpoint)  # plain data, settings-checked (mammodp.checkpoint)
+    ck = checkpoint.load(spec) if resume and checkpoint is not None else None
+    if ck is not None:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         if dp_engine is not None:
             dp_engine.load_state_dict(ck["dp"])
         start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck["best"]
-        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+        log.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
 
     x_priv = y_priv = x_pub = y_pub = None
     if private is not None:
@@ -256,11 +250,11 @@ def fit(
         if np.isfinite(val_auprc) and val_auprc > best["auprc"]:
             best = {"state": copy.deepcopy(model.state_dict()), "epoch": epoch, "auprc": val_auprc, "probs": val_probs}
         if checkpoint is not None:
-            _save_checkpoint(Path(checkpoint), {
+            checkpoint.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": gen.get_state(), "dp": dp_engine.state_dict() if dp_engine else None,
-                "epoch": epoch, "history": history, "best": best, "spec": asdict(spec),
-            })
+                "epoch": epoch, "history": history, "best": best,
+            }, spec)
         if on_epoch is not None:
             on_epoch(record)
 

@@ -60,6 +60,23 @@ LATERALITIES: tuple[str, ...] = ("LEFT", "RIGHT")
 ABS_PATH_COLUMN = "abs_path"
 
 
+def normalise_id(value: object) -> str:
+    """An identifier as every manifest stores it: surrounding whitespace stripped, inner runs of
+    whitespace made one space (`' P_00002 '` -> `'P_00002'`). Applied once, by the importers;
+    validation rejects ids that are empty or not in this form."""
+    return " ".join(str(value).split()) if value is not None and not pd.isna(value) else ""
+
+
+def is_inside(path: str | Path, root: str | Path) -> bool:
+    """True when `path`, made absolute and normalised (`..` resolved, symlinks not followed),
+    lies in or below `root`: a CSV cell cannot lead an import outside its data root."""
+    import os
+
+    p = os.path.normpath(os.path.abspath(path))
+    r = os.path.normpath(os.path.abspath(root))
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
 def manifest_path(data_dir: str | Path, source: str | None = None) -> Path:
     """Where a data set's manifest lives: the one place this path is built.
 
@@ -179,6 +196,8 @@ __all__ = [
     "VIEWS",
     "LATERALITIES",
     "ABS_PATH_COLUMN",
+    "normalise_id",
+    "is_inside",
     "manifest_path",
     "coerce_manifest",
     "write_manifest",

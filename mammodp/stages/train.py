@@ -27,6 +27,7 @@ from mammodp.config import Config, flatten, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
 from mammodp.data.manifest import manifest_path
 from mammodp.errors import ConfigError, DataError
+from mammodp.checkpoint import Checkpoint, exclusive_output
 from mammodp.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,13 @@ def grid_parent_run(cfg: Config) -> str:
 
 
 def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = False, device: str | None = None,
-        out: Path | None = None, metrics_out: Path | None = None) -> dict:
-    """Train one grid cell for every seed; write `out/seed=S/` models and a metrics JSON."""
+        out: Path | None = None, metrics_out: Path | None = None, resume_if_valid: bool = False) -> dict:
+    """Train one grid cell for every seed; write `out/seed=S/` models and a metrics JSON.
+
+    Checkpoints live in `out/.checkpoints/` (locked: one trainer per `out`). `resume` continues
+    from them and refuses ones made with other settings; `resume_if_valid` (the pipeline's
+    choice) continues from a checkpoint of identical settings and otherwise trains afresh.
+    """
     from mammodp.runtime import resolve_device
 
     if regime not in REGIMES:
@@ -141,13 +147,15 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
 
     results = []
     parent = grid_parent_run(cfg)
-    with atomic_dir(out) as tmp_out:
-        # Resume reads the checkpoints the previous attempt left in the live folder.
-        ckpt_root = Path("checkpoints") / "classifier" / f"{regime}-{eps_txt}"
+    # Checkpoints live in the live `out` (replaced whole, with them, when the cell is done); the
+    # lock refuses a second trainer on `out` and lets stale temp outputs of a kill -9 be removed.
+    with exclusive_output(out, metrics_out) as ckpt_root, atomic_dir(out) as tmp_out:
+        resume_mode = "restart" if resume_if_valid and not resume else "refuse"
+        resume = resume or resume_if_valid
         for seed in seeds:
             results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                        dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
-                                       resume, parent, manifest))
+                                       resume, parent, manifest, resume_mode))
     summary = {
         "regime": regime, "epsilon_target": epsilon, "delta": cfg.dp.delta,
         "privacy_unit": cfg.dp.privacy_unit, "runs": results,
@@ -163,7 +171,7 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
 
 
 def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
-                resume, parent, manifest) -> dict:
+                resume, parent, manifest, resume_mode="refuse") -> dict:
     import mlflow
 
     from mammodp import tracking
@@ -190,6 +198,17 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         desc += (" The synthetic data came from a generator trained on private data WITHOUT DP: "
                  "this run's epsilon does not cover the synthetic pathway (synthetic_privacy=not_covered).")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # A checkpoint stands for every setting of this run (all params but the grid's own lists,
+    # whose cell this is) and the exact data: resuming with anything else is refused.
+    grid_lists = ("train.epsilons", "train.seeds", "train.synthetic_regimes")
+    run_settings = {"params": {k: v for k, v in flatten(cfg).items() if k not in grid_lists},
+                    "cell": {"regime": regime, "epsilon": epsilon, "seed": seed, "tuned": tuned or {}},
+                    "data": {"cbis_manifest": tags["manifest_hash"], **{k: provenance[k] for k in sorted(provenance)},
+                             **({"synthetic_n": len(synth)} if synth is not None else {})}}
+
+    def ckpt(name):
+        return Checkpoint(ckpt_dir / name, {**run_settings, "phase": name}, on_mismatch=resume_mode)
+
     with tracking.start_run(cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
                             tags=tags, parent_run_id=parent, description=desc,
                             params={**flatten(cfg.model, "model"), **flatten(cfg.train, "train"),
@@ -201,22 +220,22 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         if regime == "synth-pretrain+dp-finetune":
             pre = replace(spec, epsilon=math.inf, epochs=cfg.train.pretrain_epochs)
             pre_res = fit(model, pre, private=None, public=synth, val=val, device=dev,
-                          checkpoint=ckpt_dir / "pretrain.pt", resume=resume,
+                          checkpoint=ckpt("pretrain.pt"), resume=resume,
                           on_epoch=lambda r: tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
                                                                    "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
                           desc=f"pretrain seed={seed}")
             model.load_state_dict(pre_res.best_state)
             res = fit(model, replace(spec, synth_ratio=0.0), private=real, public=None, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
         elif regime == "synth":
             res = fit(model, replace(spec, epsilon=math.inf), private=None, public=synth, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
         elif regime == "real+synth":
             res = fit(model, spec, private=real, public=synth, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
         else:
             res = fit(model, replace(spec, synth_ratio=0.0), private=real, public=None, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
 
         model.load_state_dict(res.best_state)
         privacy = dict(res.privacy)
