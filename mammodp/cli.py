@@ -124,14 +124,15 @@ def synthesize(
 @app.command("synth-quality")
 @_user_errors
 def synth_quality(
-    out: Path = typer.Option(Path("metrics/synthesis.json"), help="Metrics JSON."),
+    out: Path = typer.Option(Path("metrics/synthesis.json"), help="Numbers-only metrics JSON."),
+    report: Path = typer.Option(Path("reports/synthesis.json"), help="The whole table, with skip reasons."),
     plots: Path = typer.Option(Path("plots/synthesis"), help="Folder for the closest-pairs grid."),
     params: Path = ParamsOpt,
 ):
     """FID, FRD and memorisation of the synthetic set against real data."""
     from mammodp.stages import synth_quality as stage
 
-    stage.run(_cfg(params), out=out, plots=plots)
+    stage.run(_cfg(params), out=out, plots=plots, report=report)
 
 
 @app.command()
@@ -144,7 +145,10 @@ def train(
     resume_if_valid: bool = typer.Option(False, help="Resume from a checkpoint of identical settings, else train afresh (the pipeline's choice)."),
     device: Optional[str] = typer.Option(None, help="Override train.device."),
     out: Optional[Path] = typer.Option(None, help="Model folder (default models/classifier/REGIME-EPS)."),
-    metrics: Optional[Path] = typer.Option(None, help="Metrics JSON (default metrics/train/REGIME-EPS.json)."),
+    metrics: Optional[Path] = typer.Option(None, help="Numbers-only metrics JSON (default metrics/train/REGIME-EPS.json)."),
+    report: Optional[Path] = typer.Option(None, help="Full record JSON (default reports/train/REGIME-EPS.json)."),
+    tuned: Optional[Path] = typer.Option(None, help="Train with the best params of a tuning report "
+                                                     "(reports/tune/eps=E.json)."),
     params: Path = ParamsOpt,
 ):
     """Train the Swin classifier for one (regime, epsilon) over the seeds."""
@@ -160,6 +164,8 @@ def train(
         device=device,
         out=out,
         metrics_out=metrics,
+        report_out=report,
+        tuned_path=tuned,
         resume_if_valid=resume_if_valid,
     )
 
@@ -168,28 +174,31 @@ def train(
 @_user_errors
 def evaluate(
     models: Path = typer.Option(Path("models/classifier"), help="Folder of trained grid cells."),
-    out: Path = typer.Option(Path("metrics/eval"), help="Metrics folder (summary.json, runs/)."),
+    out: Path = typer.Option(Path("metrics/eval"), help="Numbers-only metrics folder ({internal,external}/REGIME.json)."),
     plots: Path = typer.Option(Path("plots/eval"), help="Plots folder."),
+    report: Path = typer.Option(Path("reports/eval"), help="Report folder (summary.json, runs/ with fairness)."),
     params: Path = ParamsOpt,
 ):
     """Evaluate every trained run internally and externally; fairness and privacy-utility plots."""
     from mammodp.stages import evaluate as stage
 
-    stage.run(_cfg(params), models=models, out=out, plots=plots)
+    stage.run(_cfg(params), models=models, out=out, plots=plots, report=report)
 
 
 @app.command()
 @_user_errors
 def tune(
     epsilon: str = typer.Option(..., help="Privacy budget to tune for."),
-    out: Optional[Path] = typer.Option(None, help="Result JSON (default metrics/tune/eps=E.json)."),
+    out: Optional[Path] = typer.Option(None, help="Numbers-only result (default metrics/tune/eps=E.json)."),
+    report: Optional[Path] = typer.Option(None, help="Full result with best params and privacy statement "
+                                                      "(default reports/tune/eps=E.json)."),
     params: Path = ParamsOpt,
 ):
     """Optuna study of clipping norm, noise and learning rate for one budget."""
     from mammodp.config import parse_epsilon
     from mammodp.stages import tune as stage
 
-    stage.run(_cfg(params), epsilon=parse_epsilon(epsilon), out=out)
+    stage.run(_cfg(params), epsilon=parse_epsilon(epsilon), out=out, report=report)
 
 
 @app.command()
@@ -202,6 +211,19 @@ def promote(
     from mammodp.stages import promote as stage
 
     stage.run(_cfg(params), out=out)
+
+
+@app.command("lint-params")
+def lint_params(
+    files: list[Path] = typer.Argument(..., help="params files to check (params.yaml, pipelines/*.yaml)."),
+):
+    """Load each params file strictly (every key present, known, well typed, in range)."""
+    from mammodp.config import check_params_files
+
+    lines = check_params_files(files)
+    typer.echo("\n".join(lines))
+    if any(line.startswith("error") for line in lines):
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

@@ -1,7 +1,9 @@
 """Typed, frozen configuration built from params.yaml.
 
 One `@dataclass(frozen=True)` per params section. Loading rejects unknown keys, missing
-keys and wrong types with a `ConfigError` naming the dotted key (`train.lr`). Stages take
+keys and wrong types with a `ConfigError` naming the dotted key (`train.lr`): a plan must
+state every setting (the field defaults below document typical values; they never fill in
+a key a params file left out). `1e-3` is read as a number. Stages take
 these objects; library modules take plain typed arguments and never read params.yaml.
 
 Optuna varies values with `dataclasses.replace`; MLflow logs `flatten(asdict(cfg))`.
@@ -79,7 +81,9 @@ class ModelConfig:
     """Classifier architecture."""
 
     preset: str = "swin_micro"  # a key of mammodp.models.swin.PRESETS
-    pretrained_weights: str | None = None  # local weights file; null = random init
+    # local weights file (.pth/.safetensors), or a hub model `hf-hub:timm/<name>` resolved through
+    # the Hugging Face cache (HF_HUB_OFFLINE=1: cache only); null = random init
+    pretrained_weights: str | None = None
     mode: Literal["full", "frozen_backbone"] = "full"  # what is trained (and privatised)
 
 
@@ -117,7 +121,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     num_workers: int = 0  # DataLoader workers
-    params_from_tune: bool = False  # take lr / C / sigma from metrics/tune/eps=E.json
 
     @property
     def regimes(self) -> tuple[str, ...]:
@@ -297,6 +300,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
             return INF
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            value = float(value.strip())
+            if math.isinf(value):
+                raise ConfigError("overflows to infinity; write inf if infinity is meant", field=key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {value!r}", field=key)
         if math.isnan(value):
@@ -322,19 +329,20 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name in raw:
-            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
-    try:
-        obj = cls(**kwargs)
-    except TypeError as exc:  # a missing required field
-        raise ConfigError(str(exc), field=prefix or "params") from exc
+        if f.name not in raw:
+            # Strict: a plan states every setting. A silent code default once trained 8 epochs
+            # where the plan said 30 (the defaults below document, they do not fill in).
+            raise ConfigError("missing key: every setting must be stated in the params file "
+                              "(see pipelines/*.yaml for complete plans)", field=key)
+        kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
+    obj = cls(**kwargs)
     _check(obj, prefix)
     return obj
 
 
 _SEED_MAX = 2**32 - 1  # numpy's limit; torch takes more
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-_INF_TEXT = ("inf", "+inf", ".inf", "+.inf", "infinity", "+infinity")
+_INF_WORDS = ("inf", "+inf", ".inf", "+.inf", "infinity", "+infinity")  # budgets on the command line
 
 
 def _check(obj: Any, prefix: str) -> None:
@@ -510,36 +518,56 @@ def _check(obj: Any, prefix: str) -> None:
         at_least(1, "max_image_pixels", "max_roi_side", "max_rows")
 
 
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_INF_TEXT = {".inf", "+.inf", "-.inf", ".Inf", "+.Inf", "-.Inf", ".INF", "+.INF", "-.INF"}
+
+
 class _ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a float literal too large for a float (`1.0e+400`)
-    stays text, so that it is refused by name instead of silently becoming inf."""
+    """YAML as a person reads it: `1e-3` is a number (PyYAML's YAML 1.1 rules make it a
+    string), and an overflowing literal such as `1e400` is an error rather than infinity
+    (only a literal `inf` / `.inf` means infinity: a non-private budget is never an accident)."""
 
 
-def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    value = loader.construct_yaml_float(node)
-    if math.isinf(value) and loader.construct_scalar(node).strip().lower().lstrip("+-") not in _INF_TEXT:
-        return loader.construct_scalar(node)
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node)
+    if text in _INF_TEXT:
+        return -INF if text.startswith("-") else INF
+    if text.lower() in (".nan",):
+        return math.nan
+    value = float(text.replace("_", ""))
+    if math.isinf(value):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} overflows to infinity; write inf if infinity is meant", node.start_mark)
     return value
 
 
 _ParamsLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+# Scientific notation without a dot (1e-3, 5E+2) resolves to float too.
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?\d+[eE][-+]?\d+$"), list("-+0123456789"))
 
 
-def _reject_overflow(raw: Any, key: str = "") -> None:
-    """Refuse numbers that overflow to infinity (`1e400`): only the literal `inf` means infinity."""
-    if isinstance(raw, dict):
-        for k, v in raw.items():
-            _reject_overflow(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(raw, list):
-        for i, v in enumerate(raw):
-            _reject_overflow(v, f"{key}[{i}]")
-    elif isinstance(raw, str) and raw.strip().lower().lstrip("+-") not in _INF_TEXT:
-        try:
-            overflow = math.isinf(float(raw))
-        except ValueError:
-            return
-        if overflow:
-            raise ConfigError(f"{raw!r} is too large for a number; write inf for infinity", field=key)
+def read_params(path: str | Path) -> dict:
+    """Parse a params file with the project's YAML rules (see `_ParamsLoader`).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("params file not found", path=p)
+    try:
+        raw = yaml.load(p.read_text(), Loader=_ParamsLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"not valid YAML{where}: {problem}", path=p) from exc
+    if raw is None:
+        raise ConfigError("params file is empty", path=p)
+    if not isinstance(raw, dict):
+        raise ConfigError("top level must be a mapping", path=p)
+    return raw
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
@@ -553,14 +581,7 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         ConfigError: the file is missing or unreadable, or a key is unknown or ill-typed.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("params file not found", path=p)
-    try:
-        raw = yaml.load(p.read_text(), Loader=_ParamsLoader) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", path=p) from exc
-    if not isinstance(raw, dict):
-        raise ConfigError("top level must be a mapping", path=p)
+    raw = read_params(p)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -568,10 +589,24 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
             node = node.setdefault(part, {})
         node[leaf] = value
     try:
-        _reject_overflow(raw)
         return _build(Config, raw, "")
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in {p})") from exc
+
+
+def check_params_files(paths: list[str | Path]) -> list[str]:
+    """Load each params file strictly; return one line per file (`ok` or the error).
+
+    Used by `make lint-params` over params.yaml and every plan in pipelines/.
+    """
+    lines = []
+    for p in paths:
+        try:
+            load_config(p)
+            lines.append(f"ok     {p}")
+        except ConfigError as exc:
+            lines.append(f"error  {exc}")
+    return lines
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -604,7 +639,7 @@ def parse_epsilon(text: str | float) -> float:
         value = float(text)
     else:
         t = text.strip().lower()
-        if t in _INF_TEXT:
+        if t in _INF_WORDS:
             return INF
         try:
             value = float(t)
@@ -620,6 +655,8 @@ def parse_epsilon(text: str | float) -> float:
 
 __all__ = [n for n in dir() if n.endswith("Config")] + [
     "load_config",
+    "read_params",
+    "check_params_files",
     "flatten",
     "format_epsilon",
     "parse_epsilon",

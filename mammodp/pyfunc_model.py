@@ -1,7 +1,10 @@
-"""The MLflow pyfunc wrapper around a saved classifier (imported only where MLflow is present).
+"""Logging a saved classifier as an MLflow pyfunc model (imported only where MLflow is present).
 
-`mlflow models serve -m models:/mammodp-classifier@champion --env-manager local` loads this
-class from the installed package; the weights and meta travel as the `model_dir` artifact.
+The model is logged "from code": the file `mammodp/served_model.py` (the pyfunc class and
+request parsing) travels with it and runs at serve time; the weights and meta travel as the
+`model_dir` artifact. `mlflow models serve -m models:/mammodp-classifier@champion
+--env-manager local` serves it from the project's venv. Logging imports neither that file nor
+`mammodp.serving`, so the training stages do not depend on request parsing.
 
 Request format (JSON body of `POST /invocations`), one patch per row:
 - `{"dataframe_records": [{"image": "<base64 PNG or DICOM>"}]}`: a patch;
@@ -20,75 +23,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow.exceptions
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from mammodp.inference import IMAGE_COL, PIXELS_COL, ROI_COL, epsilon_text, load_classifier, predict_proba
+from mammodp.inference import IMAGE_COL, PIXELS_COL, ROI_COL
+
+SERVED_MODEL = Path(__file__).with_name("served_model.py")  # the model-from-code script
 
 # Libraries the model needs at load time, pinned to what logged it. Given explicitly so that
 # logging does not spawn a subprocess to infer them; mammodp itself is not on PyPI, hence
 # `--env-manager local` (serve from the project's venv).
 _REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydicom", "scipy")
-
-
-class RequestRejected(mlflow.exceptions.MlflowException):
-    """A client fault (HTTP 400) whose reply is exactly our message.
-
-    MLflow's scoring server rewrites a model's `MlflowException` message to
-    `Failed to predict data '<the request DataFrame>' ...`, which echoes the start of every
-    payload (base64 image bytes included) back to the client. This exception keeps the first
-    message it was given, so no reply repeats the request.
-    """
-
-    def __init__(self, message: str):
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-
-    @property
-    def message(self) -> str:
-        return self._own_message
-
-    @message.setter
-    def message(self, value: str) -> None:
-        if not hasattr(self, "_own_message"):
-            self._own_message = value
-
-
-class MammoClassifier(mlflow.pyfunc.PythonModel):
-    """decode -> crop/resize -> model -> `p_malignant`, `label`, `epsilon` per row."""
-
-    def load_context(self, context):
-        """Rebuild the classifier from the `model_dir` artifact."""
-        self.model, self.meta = load_classifier(context.artifacts["model_dir"])
-
-    def predict(self, context, model_input, params=None):
-        """Score a request; client faults become `INVALID_PARAMETER_VALUE` (HTTP 400).
-
-        Args:
-            context: MLflow's context (unused after loading).
-            model_input: DataFrame with `image` [+ `roi`] or `pixels`, or a patch array.
-            params: unused.
-
-        Returns:
-            DataFrame with `p_malignant` (float), `label` (int), `epsilon` (text).
-        """
-        from mammodp.errors import MammoDPError
-        from mammodp.serving import request_to_patches  # request parsing: serving only
-
-        try:
-            patches = request_to_patches(model_input, self.meta)
-        except MammoDPError as exc:
-            raise RequestRejected(f"bad request: {exc}") from None
-        p = predict_proba(self.model, patches)
-        thr = float(self.meta.get("threshold", 0.5))
-        return pd.DataFrame({
-            "p_malignant": p.astype(np.float64),
-            "label": (p >= thr).astype(np.int64),
-            "epsilon": [epsilon_text(self.meta.get("epsilon"))] * len(p),
-        })
 
 
 def signature():
@@ -148,7 +94,7 @@ def log_classifier(model_dir: str | Path, example_patch: np.ndarray, name: str =
     example = pd.DataFrame({IMAGE_COL: [base64.b64encode(buf.getvalue()).decode("ascii")]})
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=MammoClassifier(),
+        python_model=str(SERVED_MODEL),
         artifacts={"model_dir": str(model_dir)},
         signature=signature(),
         input_example=example,

@@ -22,6 +22,10 @@ from typing import Any, Iterator
 import yaml
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's model-training view
+
+
 @functools.lru_cache(maxsize=None)
 def git_commit(cwd: str = ".") -> str:
     """The current commit (with `-dirty` if the tree has changes), or `unknown` outside git."""
@@ -111,7 +115,10 @@ def start_run(
     from mammodp.io import raise_on_termination
 
     raise_on_termination()  # SIGTERM unwinds this block like Ctrl-C: the run is marked KILLED
-    mlflow.set_experiment(experiment)
+    exp = mlflow.set_experiment(experiment)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        # MLflow 3 opens an experiment in the GenAI or the model-training view by this tag.
+        mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     all_tags = {"stage": stage, "git_commit": git_commit(), "data_version": data_version()}
     all_tags.update(tags or {})
     if parent_run_id is not None:
@@ -172,3 +179,26 @@ def find_runs(experiment: str, filter_string: str = "", order_by: list[str] | No
     return mlflow.search_runs(
         experiment_ids=[exp.experiment_id], filter_string=filter_string, order_by=order_by or []
     )
+
+
+def log_dataset(frame, manifest: str | Path, name: str, context: str) -> None:
+    """Log the manifest rows a run used as an MLflow dataset input (the UI's Dataset column).
+
+    Args:
+        frame: the manifest rows used (machine-specific columns such as `abs_path` are dropped,
+            so the digest is the rows' content, the same on every machine).
+        manifest: the manifest file, recorded as the dataset's source (as given: relative paths
+            stay relative, so no local absolute path leaks into a shared store).
+        name: dataset name, e.g. `cbis-train`.
+        context: MLflow input context, e.g. `training`, `validation`, `test`.
+    """
+    import warnings
+
+    import mlflow
+
+    rows = frame.drop(columns=[c for c in ("abs_path",) if c in frame.columns]).reset_index(drop=True)
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": it is a local file
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(rows, source=str(manifest), name=name,
+                                          targets="label" if "label" in rows.columns else None)
+    mlflow.log_input(dataset, context=context)

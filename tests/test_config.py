@@ -136,7 +136,7 @@ def test_a_number_that_overflows_is_not_inf_in_yaml(tmp_path, text):
     raw = (ROOT / "params.yaml").read_text().replace("epsilons: [1, 6, inf]", f"epsilons: [1, {text}]")
     assert text in raw
     p.write_text(raw)
-    with pytest.raises(ConfigError, match=r"train\.epsilons\[1\].*too large.*write inf"):
+    with pytest.raises(ConfigError, match=r"overflows to infinity.*write inf"):
         load_config(p)
 
 
@@ -170,3 +170,57 @@ def test_cli_refuses_epsilon_1e400_in_one_line(tmp_path, monkeypatch):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "too large" in lines[0] and "inf" in lines[0], result.output
     assert not (tmp_path / "models").exists()
+
+
+def test_missing_key_is_rejected_by_name(tmp_path):
+    data = _params()
+    del data["train"]["epochs"]
+    with pytest.raises(ConfigError, match=r"train\.epochs.*missing key"):
+        load_config(_write(tmp_path, data))
+    data = _params()
+    del data["gan"]["dp"]["epsilon"]
+    with pytest.raises(ConfigError, match=r"gan\.dp\.epsilon"):
+        load_config(_write(tmp_path, data))
+
+
+def test_empty_params_file_is_rejected(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(p)
+
+
+def test_scientific_notation_is_a_number_and_overflow_is_not_infinity(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("  lr: 1.0e-3\n", "  lr: 1e-3\n", 1)
+    assert "  lr: 1e-3\n" in text
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    assert load_config(p).train.lr == pytest.approx(1e-3)
+    p.write_text(text.replace("  lr: 1e-3\n", "  lr: 1e400\n", 1))
+    with pytest.raises(ConfigError, match="infinity"):
+        load_config(p)
+    # An override (dvc exp run -S, or a CLI) given as text is a number too.
+    assert load_config(ROOT / "params.yaml", overrides={"train.lr": "5e-4"}).train.lr == pytest.approx(5e-4)
+
+
+def test_lint_params_checks_every_plan():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mammodp", "lint-params", str(ROOT / "params.yaml"),
+                          *map(str, sorted((ROOT / "pipelines").glob("*.yaml")))],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("ok ") == 1 + len(list((ROOT / "pipelines").glob("*.yaml")))
+
+
+def test_lint_params_fails_on_an_incomplete_plan(tmp_path):
+    import subprocess
+    import sys
+
+    data = _params()
+    del data["dp"]["delta"]
+    bad = _write(tmp_path, data)
+    out = subprocess.run([sys.executable, "-m", "mammodp", "lint-params", str(bad)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and "dp.delta" in out.stdout

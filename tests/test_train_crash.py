@@ -65,7 +65,7 @@ def _train(project: Path, cell: str, *extra: str, params: str = "params.yaml") -
 
 def _args(cell: str, params: str, *extra: str) -> list[str]:
     return ["train", "--regime", "real", "--epsilon", "2", "--out", f"models/{cell}", "--metrics",
-            f"metrics/{cell}.json", "-p", params, *extra]
+            f"metrics/{cell}.json", "--report", f"reports/{cell}.json", "-p", params, *extra]
 
 
 def _train_here(project: Path, monkeypatch, cell: str, *extra: str, params: str = "params.yaml"):
@@ -95,7 +95,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
 
 def _leftovers(project: Path, cell: str) -> list[str]:
     names = [p.name for p in (project / "models").glob(f".{cell}.*")]
-    names += [p.name for p in (project / "metrics").glob(f".{cell}.*")] if (project / "metrics").is_dir() else []
+    for folder in ("metrics", "reports"):
+        names += [p.name for p in (project / folder).glob(f".{cell}.*")] if (project / folder).is_dir() else []
     if (project / "models" / cell / ".checkpoints").exists():
         names.append(f"{cell}/.checkpoints")
     return sorted(names)
@@ -150,7 +151,7 @@ def test_kill_9_at_a_checkpoint_boundary_and_mid_epoch_then_resume(project, monk
         assert len(resumed) == 1 and "at epoch 0" not in resumed[0], resumed
         assert _leftovers(project, "real-2") == []  # no .tmp-*, no checkpoints: nothing half-done
         assert (project / "models/real-2/seed=0/weights.pt").is_file()
-        run = json.loads((project / "metrics/real-2.json").read_text())["runs"][0]
+        run = json.loads((project / "reports/real-2.json").read_text())["runs"][0]
         assert run["steps"] == 3 * steps_per_epoch(run["sample_rate"])  # every step counted once
         assert run["epsilon"] == pytest.approx(_expected_epsilon(run, 1e-4), rel=1e-9)
         assert run["epsilon"] <= 2.0 + 1e-9

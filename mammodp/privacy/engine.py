@@ -18,8 +18,9 @@ batch (`sample_batch`) and hands its tensors to `step`, which
 The caller then calls `optimizer.step()` (any optimiser: its update is post-processing).
 
 With `target_epsilon=inf` (and no noise multiplier) the same engine runs non-privately:
-same sampler and loop shape, no clipping, no noise, gradient = mean loss gradient over
-the realised batch, nothing accounted; `summary()["epsilon"]` is inf.
+same sampler, loop shape, precision and public mixing, no clipping, no noise, gradient =
+loss-gradient sum / expected batch size (the private mode's estimator), nothing accounted;
+`summary()["epsilon"]` is inf. A private step with sigma = 0 and C = inf equals it exactly.
 
 Checkpoints: `state_dict()` holds the accountant history, the sampler's RNG state and
 (only with a seeded, reproducible noise generator) the noise RNG state. Treat it like
@@ -176,7 +177,7 @@ class DPSGD:
             public: optional (x (M, 1, H, W), y (M,)) public samples (synthetic): their plain
                 mean gradient is mixed in; they are not records and cost no privacy.
             public_weight: w in g = (1 - w) g_private + w g_public. Default M / (E + M)
-                with E the expected private batch size (realised size when non-private):
+                with E the expected private batch size (in both modes):
                 each public sample weighs like one expected private record.
 
         Returns:
@@ -203,14 +204,16 @@ class DPSGD:
         else:
             priv, n_samples, loss_sum = self._plain_sum(inputs, targets, loss_fn, device, self.physical_batch_size)
             n_records, clipped = int(np.unique(self.sampler.record_of_sample[idx]).size), 0
-            divisor = max(n_samples, 1)
+            # The same estimator as the private mode (sum / expected batch size), so that a
+            # private step with zero noise and no clipping equals this one exactly.
+            divisor = self.expected_batch_size
         grads = {n: g / divisor for n, g in priv.items()}
 
         pub_loss = math.nan
         if public is not None and public[0].shape[0] > 0:
             m = public[0].shape[0]
             # Default: each public sample weighs like one (expected) private record.
-            w = public_weight if public_weight is not None else m / ((divisor if n_samples or self.private else 0) + m)
+            w = public_weight if public_weight is not None else m / (divisor + m)
             if not 0.0 <= w <= 1.0:
                 raise PrivacyError(f"public_weight must be in [0, 1], got {w}", field="public_weight")
             pub, _, pub_sum = self._plain_sum(public[0], public[1], loss_fn, device, self.physical_batch_size)

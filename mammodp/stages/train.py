@@ -63,8 +63,23 @@ def synthetic_provenance(df: pd.DataFrame) -> dict:
     }
 
 
-def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None):
-    """The FitSpec of one run from params (and tuned values where `params_from_tune`)."""
+# train.* keys each regime reads (dvc.yaml lists exactly these for its stage; MLflow logs them).
+_COMMON_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "physical_batch_size", "label_smoothing", "flip",
+                "amp", "seeds", "device")
+REGIME_TRAIN_KEYS = {
+    "real": _COMMON_KEYS,
+    "real+synth": _COMMON_KEYS + ("synth_ratio",),
+    "synth": _COMMON_KEYS,
+    "synth-pretrain+dp-finetune": _COMMON_KEYS + ("pretrain_epochs",),
+}
+
+
+def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None, regime: str = "real"):
+    """The FitSpec of one run from params (and tuned values from `--tuned`).
+
+    Only `real+synth` mixes synthetic samples into the steps, so only it reads
+    `train.synth_ratio`.
+    """
     from mammodp.training import FitSpec
 
     t, dp = cfg.train, cfg.dp
@@ -74,21 +89,36 @@ def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None):
         flip=t.flip, amp=t.amp, seed=seed, epsilon=epsilon, delta=dp.delta,
         max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, privacy_unit=dp.privacy_unit,
         grad_chunk=dp.grad_chunk, per_sample_method=dp.per_sample_method, reproducible_noise=dp.reproducible_noise,
-        synth_ratio=t.synth_ratio,
+        synth_ratio=t.synth_ratio if regime == "real+synth" else 0.0,
     )
     if tuned:
         spec = replace(spec, **{k: v for k, v in tuned.items() if k in ("lr", "max_grad_norm", "noise_multiplier", "epochs")})
     return spec
 
 
-def load_tuned(cfg: Config, epsilon: float) -> dict | None:
-    """Best params of the Optuna study for this budget, when `train.params_from_tune` is on."""
-    if not cfg.train.params_from_tune or math.isinf(epsilon):
+def load_tuned(path: Path | None) -> dict | None:
+    """Best params of a finished Optuna study (`reports/tune/eps=E.json`), or None.
+
+    Tuned values are opted into per command (`mammodp train --tuned FILE`), never read
+    behind DVC's back: a DVC stage that should use them lists the file as a dep.
+    """
+    if path is None:
         return None
-    p = Path("metrics/tune") / f"eps={format_epsilon(epsilon)}.json"
+    p = Path(path)
     if not p.is_file():
-        raise DataError("train.params_from_tune is on but the tuning result is missing; run `mammodp tune`", path=p)
-    return json.loads(p.read_text())["best_params"]
+        raise DataError("tuning result not found; run `mammodp tune` first", path=p)
+    try:
+        best = json.loads(p.read_text()).get("best_params")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise DataError(f"not a tuning report ({exc})", path=p) from exc
+    if not best:
+        raise DataError("the study has no complete trial: no best params to train with", path=p)
+    return best
+
+
+# Settings that define a grid's recipe; a grid's cells (budgets, regimes, seeds) and where it
+# runs (device, workers) are not part of it, so adding a budget keeps the same parent run.
+_NOT_RECIPE = ("synthetic_regimes", "epsilons", "seeds", "device", "num_workers")
 
 
 def grid_parent_run(cfg: Config) -> str:
@@ -99,7 +129,8 @@ def grid_parent_run(cfg: Config) -> str:
 
     from mammodp import tracking
 
-    grid = {"model": asdict(cfg.model), "train": asdict(cfg.train), "dp": asdict(cfg.dp)}
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in _NOT_RECIPE}
+    grid = {"plan": cfg.plan, "model": asdict(cfg.model), "train": train, "dp": asdict(cfg.dp)}
     key = hashlib.sha256(json.dumps(grid, sort_keys=True, default=str).encode()).hexdigest()[:12]
     runs = tracking.find_runs(cfg.experiment, f"tags.stage = 'train-grid' and tags.grid_id = '{key}'")
     if len(runs):
@@ -108,13 +139,38 @@ def grid_parent_run(cfg: Config) -> str:
                             tags={"grid_id": key, "plan": cfg.plan},
                             params=flatten(grid),
                             description="Parent of the classifier grid: regimes x budgets x seeds.") as run:
-        mlflow.set_tag("grid_regimes", ",".join(cfg.train.regimes))
         return run.info.run_id
 
 
+def cell_metrics(summary: dict) -> dict[str, float]:
+    """The numbers of a grid cell for `dvc metrics show`: one row per cell, same columns.
+
+    Non-finite values are left out (a non-private cell has no epsilon: `private` is 0).
+    """
+    runs = summary["runs"]
+    out: dict[str, float] = {
+        "val_auprc": summary["val_auprc_mean"],
+        "val_auprc_std": float(np.std([r["val_auprc"] for r in runs])) if len(runs) > 1 else 0.0,
+        "private": int(math.isfinite(summary["epsilon_target"])),
+        "epsilon_target": summary["epsilon_target"],
+        "epsilon": summary["epsilon_spent_max"],
+        "within_budget": int(all(r["within_budget"] for r in runs)),
+        "noise_multiplier": float(np.mean([r["noise_multiplier"] or 0.0 for r in runs])),
+        "sample_rate": float(np.mean([r["sample_rate"] for r in runs])),
+        "steps": int(max(r["steps"] for r in runs)),
+        "best_epoch": float(np.mean([r["best_epoch"] for r in runs])),
+        "n_seeds": len(runs),
+    }
+    return {k: v for k, v in out.items() if isinstance(v, int) or math.isfinite(v)}
+
+
 def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = False, device: str | None = None,
-        out: Path | None = None, metrics_out: Path | None = None, resume_if_valid: bool = False) -> dict:
-    """Train one grid cell for every seed; write `out/seed=S/` models and a metrics JSON.
+        out: Path | None = None, metrics_out: Path | None = None, report_out: Path | None = None,
+        tuned_path: Path | None = None, resume_if_valid: bool = False) -> dict:
+    """Train one grid cell for every seed.
+
+    Writes `out/seed=S/` models, a numbers-only metrics JSON (`metrics_out`, for
+    `dvc metrics show`) and the full record with its privacy statement (`report_out`).
 
     Checkpoints live in `out/.checkpoints/` (locked: one trainer per `out`). `resume` continues
     from them and refuses ones made with other settings; `resume_if_valid` (the pipeline's
@@ -127,6 +183,7 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     eps_txt = format_epsilon(epsilon)
     out = Path(out or Path("models/classifier") / f"{regime}-{eps_txt}")
     metrics_out = Path(metrics_out or Path("metrics/train") / f"{regime}-{eps_txt}.json")
+    report_out = Path(report_out or Path("reports/train") / f"{regime}-{eps_txt}.json")
     dev = resolve_device(device or cfg.train.device)
     seeds = list(seeds or cfg.train.seeds)
 
@@ -143,13 +200,13 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
         if synth.images.shape[-2:] != val.images.shape[-2:]:
             raise DataError(f"synthetic patches are {synth.images.shape[-2:]} but real ones "
                             f"{val.images.shape[-2:]}; regenerate the synthetic set", path=sm)
-    tuned = load_tuned(cfg, epsilon)
+    tuned = load_tuned(tuned_path)
 
     results = []
     parent = grid_parent_run(cfg)
     # Checkpoints live in the live `out` (replaced whole, with them, when the cell is done); the
     # lock refuses a second trainer on `out` and lets stale temp outputs of a kill -9 be removed.
-    with exclusive_output(out, metrics_out) as ckpt_root, atomic_dir(out) as tmp_out:
+    with exclusive_output(out, metrics_out, report_out) as ckpt_root, atomic_dir(out) as tmp_out:
         resume_mode = "restart" if resume_if_valid and not resume else "refuse"
         resume = resume or resume_if_valid
         for seed in seeds:
@@ -163,7 +220,8 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
         "epsilon_spent_max": max(r["epsilon"] for r in results),
         "privacy_note": PRIVACY_NOTE, **provenance,
     }
-    write_json(metrics_out, summary)
+    write_json(report_out, summary)
+    write_json(metrics_out, cell_metrics(summary))
     print(f"train {regime} eps={eps_txt}: val AUPRC {summary['val_auprc_mean']:.3f}, "
           f"epsilon spent {format_epsilon(summary['epsilon_spent_max']) if math.isinf(summary['epsilon_spent_max']) else round(summary['epsilon_spent_max'], 3)} "
           f"(target {eps_txt}) -> {out}")
@@ -183,7 +241,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
     from mammodp.training import fit
 
     seed_everything(seed)
-    spec = fit_spec(cfg, epsilon, seed, tuned)
+    spec = fit_spec(cfg, epsilon, seed, tuned, regime)
     model = create_classifier(cfg.model.preset, pretrained_weights=cfg.model.pretrained_weights, mode=cfg.model.mode)
     eps_txt = format_epsilon(epsilon)
     private_touched_without_dp = math.isinf(epsilon) and real is not None
@@ -211,8 +269,17 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
 
     with tracking.start_run(cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
                             tags=tags, parent_run_id=parent, description=desc,
-                            params={**flatten(cfg.model, "model"), **flatten(cfg.train, "train"),
+                            params={**flatten(cfg.model, "model"),
+                                    **{f"train.{k}": v for k, v in flatten(cfg.train).items()
+                                       if k in REGIME_TRAIN_KEYS[regime]},
                                     **flatten(cfg.dp, "dp"), "tuned_params": json.dumps(tuned or {})}) as run:
+
+        # Lineage: the manifest rows this run read (the UI's Dataset column).
+        if real is not None:
+            tracking.log_dataset(real.frame, manifest, "cbis-train", "training")
+        tracking.log_dataset(val.frame, manifest, "cbis-val", "validation")
+        if synth is not None:
+            tracking.log_dataset(synth.frame, synthetic_manifest(cfg), "synthetic", "training")
 
         def on_epoch(rec, offset=0):
             tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
@@ -225,7 +292,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                                                    "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
                           desc=f"pretrain seed={seed}")
             model.load_state_dict(pre_res.best_state)
-            res = fit(model, replace(spec, synth_ratio=0.0), private=real, public=None, val=val, device=dev,
+            res = fit(model, spec, private=real, public=None, val=val, device=dev,
                       checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
         elif regime == "synth":
             res = fit(model, replace(spec, epsilon=math.inf), private=None, public=synth, val=val, device=dev,
@@ -234,7 +301,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             res = fit(model, spec, private=real, public=synth, val=val, device=dev,
                       checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
         else:
-            res = fit(model, replace(spec, synth_ratio=0.0), private=real, public=None, val=val, device=dev,
+            res = fit(model, spec, private=real, public=None, val=val, device=dev,
                       checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
 
         model.load_state_dict(res.best_state)

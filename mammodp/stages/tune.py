@@ -245,11 +245,22 @@ def open_storage(url: str):
     import optuna
     from sqlalchemy.exc import ArgumentError, OperationalError
 
+    import contextlib
+    import fcntl
+
+    guard: Any = contextlib.nullcontext()
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        db = Path(url.removeprefix("sqlite:///")).expanduser()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # Workers started together on a fresh SQLite file would both create Optuna's tables
+        # (and one fail): they take turns, by an flock on the file (SQLite's own locks are
+        # fcntl locks, which flock does not touch).
+        guard = contextlib.closing(open(db, "a+b"))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), guard as f:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if f is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
@@ -521,13 +532,33 @@ def _study_run(cfg: Config, name: str, epsilon: float, data: TuneData, space: Se
         return run.info.run_id
 
 
-def run(cfg: Config, epsilon: float, out: Path | None = None) -> dict:
+def tune_metrics(summary: dict) -> dict[str, float]:
+    """The study's numbers for `dvc metrics show` (the full result goes to reports/tune/)."""
+    best = summary["best_params"] or {}
+    out = {
+        "best_value": summary["best_value"],
+        "best_lr": best.get("lr"), "best_max_grad_norm": best.get("max_grad_norm"),
+        "best_noise_multiplier": best.get("noise_multiplier"), "best_epochs": best.get("epochs"),
+        "best_trial_epsilon": summary["best_trial_epsilon"],
+        "trials": summary["trials"]["total"], "trials_complete": summary["trials"]["complete"],
+        "trials_pruned": summary["trials"]["pruned"],
+        "private_train_trials": summary["private_train_trials"],
+        "private_validation_trials": summary["private_validation_trials"],
+        "max_trial_epsilon": summary["max_trial_epsilon"],
+        "sample_rate": summary["sample_rate"],
+    }
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def run(cfg: Config, epsilon: float, out: Path | None = None, report: Path | None = None) -> dict:
     """Add `tune.n_trials` trials to the budget's study and write its result to `out`.
 
     Args:
         cfg: the whole config.
         epsilon: the budget (finite).
-        out: result JSON (default `metrics/tune/eps=<E>.json`).
+        out: numbers-only result (default `metrics/tune/eps=<E>.json`).
+        report: full result: best params, search space, privacy statement
+            (default `reports/tune/eps=<E>.json`; `mammodp train --tuned` reads it).
 
     Returns:
         The result written to `out`.
@@ -550,6 +581,7 @@ def run(cfg: Config, epsilon: float, out: Path | None = None) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are reported by our own line and MLflow
     eps_txt = format_epsilon(epsilon)
     out = Path(out or Path("metrics/tune") / f"eps={eps_txt}.json")
+    report = Path(report or Path("reports/tune") / f"eps={eps_txt}.json")
     data = load_tune_data(cfg)
     n_records = int(np.unique(data.train.record_ids(cfg.dp.privacy_unit)).size)
     space = search_space(cfg, epsilon, n_records)
@@ -577,7 +609,8 @@ def run(cfg: Config, epsilon: float, out: Path | None = None) -> dict:
             tracking.log_figure(fig, f"plots/{fname}.png")
             plt.close(fig)
         mlflow.log_dict(summary, "tune/summary.json")
-    write_json(out, summary)
+    write_json(report, summary)
+    write_json(out, tune_metrics(summary))
 
     if summary["best_params"] is None:
         log.warning("study %s has no complete trial yet: %s holds no best params", name, out)
@@ -587,5 +620,5 @@ def run(cfg: Config, epsilon: float, out: Path | None = None) -> dict:
         print(f"tune eps={eps_txt}: best val AUPRC {summary['best_value']:.3f} (trial {summary['best_trial']}: "
               f"lr={bp['lr']:.3g}, C={bp['max_grad_norm']:.3g}, sigma={bp['noise_multiplier']:.3g}, "
               f"{bp['epochs']} epochs) after {summary['trials']['total']} trials, "
-              f"{summary['private_train_trials']} on private data -> {out}")
+              f"{summary['private_train_trials']} on private data -> {report}")
     return summary

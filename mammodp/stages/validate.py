@@ -33,14 +33,11 @@ def default_manifests(cfg: Config) -> list[Path]:
 
 
 def expected_shape(cfg: Config, manifest: Path) -> tuple[int, int]:
-    """The patch shape a manifest's images must have.
+    """The patch shape a manifest's images must have: `prepare.patch_size` square.
 
-    The synthetic set (the manifest in `data.synthetic_dir`) holds generator output of
-    `gan.image_size`; every other set holds prepared patches of `prepare.patch_size`. The
-    folder decides, not the rows' `source`, so a corrupt manifest cannot change its own check.
+    Prepared patches are cut at that size, and `mammodp synthesize` resizes generator output
+    to it, so every set (real or synthetic) is checked against the same shape.
     """
-    if manifest.parent.resolve() == Path(cfg.data.synthetic_dir).resolve():
-        return (cfg.gan.image_size, cfg.gan.image_size)
     return (cfg.prepare.patch_size, cfg.prepare.patch_size)
 
 

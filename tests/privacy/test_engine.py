@@ -217,7 +217,8 @@ def test_non_private_mode_keeps_the_loop_shape():
     assert not dp.private and dp.noise_multiplier == 0.0
     idx = dp.sample_batch()
     dp.step(x[idx], y[idx], LOSS, record_idx=idx)
-    plain = torch.autograd.grad(LOSS(model(x[idx]), y[idx]), trainable_parameters(model))
+    # The private mode's estimator: loss-gradient SUM over the batch / EXPECTED batch size.
+    plain = torch.autograd.grad(LOSS(model(x[idx]), y[idx]) * len(idx) / 6, trainable_parameters(model))
     for p, g in zip(trainable_parameters(model), plain):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
     s = dp.summary()
