@@ -128,10 +128,21 @@ class MixedClipper:
         self.names = self.recorder.names
         self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
         self._materialiser: HookPerSample | None = None
+        self._views = None  # (the caller's buffers, flat views of them, their sizes)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Samples, or frozen features computed once without autograd."""
         return self.recorder.prepare(x)
+
+    def _flat_views(self, out: dict[str, torch.Tensor], names: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+        """Flat views of `out[name]` and their sizes; reused while the caller passes the same
+        tensors (the engine's buffers, every step)."""
+        tensors = [out[k] for k in names]
+        cached = self._views
+        if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
+            views = [t.view(-1) for t in tensors]
+            self._views = cached = (tensors, views, [v.numel() for v in views])
+        return cached[1], cached[2]
 
     def materialiser(self) -> HookPerSample:
         """The `hooks` route on the same recorder: for a record too large for one pass."""
@@ -201,8 +212,8 @@ class MixedClipper:
             norms = sq.sqrt_()
             factors = clip_factors(norms, max_grad_norm)
             if flat is not None:  # sum_r c_r G_r: (P_mat, R) @ (R,), added in place per parameter
-                pieces = torch.mv(flat.t(), factors).split([out[k].numel() for k in names])
-                torch._foreach_add_([out[k].view(-1) for k in names], list(pieces))
+                targets, sizes = self._flat_views(out, names)
+                torch._foreach_add_(targets, list(torch.mv(flat.t(), factors).split(sizes)))
             per_sample = factors if pack.local is None else factors[pack.local]  # (n,)
             for name, calls in ghosts.items():
                 target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)
