@@ -33,7 +33,7 @@ batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tab
   activation was still alive (its memory peak, 1.60x plain; now ~1.1x).
 - The rest of the old route's 1.4x was not clipping arithmetic: the route was rebuilt every
   step (model walks: ~10 ms a step under cProfile), LayerNorm inputs were re-normalised
-  (native_layer_norm 4.7x plain; now the forward's saved mean / rstd), per-sample losses
+  (native_layer_norm 4.6x plain; now the forward's saved mean / rstd), per-sample losses
   went through vmap (2 ms; now `F.cross_entropy(reduction="none")`), every layer output
   was kept alive to the end of backward (+9 MiB), and ~1,400 extra small operators ran per
   step (per-parameter zeros, norms, noise draws, divisions, casts).
