@@ -42,13 +42,15 @@ _REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydico
 def signature():
     """The model signature: three optional input columns, three output columns."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 
     inputs = Schema([
         ColSpec(DataType.string, IMAGE_COL, required=False),
         # A box is a list or JSON text, and absent for patches: `any` lets rows differ.
         ColSpec(AnyType(), ROI_COL, required=False),
-        ColSpec(Array(Array(DataType.double)), PIXELS_COL, required=False),
+        # `any`, not Array(Array(double)): a wrongly typed patch then gets our 400 naming the
+        # row and field, instead of MLflow's schema error.
+        ColSpec(AnyType(), PIXELS_COL, required=False),
     ])
     outputs = Schema([
         ColSpec(DataType.double, "p_malignant"),
