@@ -183,7 +183,8 @@ def wait_for_http(url: str, timeout_s: float = 120, proc: subprocess.Popen | Non
 @contextlib.contextmanager
 def tracking_server(root: Path, *, host: str = "127.0.0.1", port: int = 5000, pg_port: int = 5432,
                     backend_store_uri: str | None = None, artifacts_destination: str | None = None,
-                    log: Path | None = None) -> Iterator[dict[str, str]]:
+                    log: Path | None = None, workers: int = 2,
+                    timeout_s: float = 300) -> Iterator[dict[str, str]]:
     """Run PostgreSQL (unless `backend_store_uri` names another) and an MLflow server; yield URIs.
 
     Args:
@@ -194,6 +195,8 @@ def tracking_server(root: Path, *, host: str = "127.0.0.1", port: int = 5000, pg
         backend_store_uri: an existing database URL; None = start the local cluster.
         artifacts_destination: folder or object-store URI for artifacts.
         log: the MLflow server's log file (default `root/mlflow-server.log`).
+        workers: MLflow server worker processes.
+        timeout_s: how long to wait for the server's first answer (it migrates its schema first).
 
     Yields:
         {"tracking_uri": http://host:port, "backend_store_uri": ..., "optuna_storage": ...}.
@@ -212,9 +215,9 @@ def tracking_server(root: Path, *, host: str = "127.0.0.1", port: int = 5000, pg
     proc = None
     try:
         with open(log, "ab") as out:
-            proc = subprocess.Popen(mlflow_server_command(backend_store_uri, artifacts, host, port),
+            proc = subprocess.Popen(mlflow_server_command(backend_store_uri, artifacts, host, port, workers),
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for_http(f"http://{host}:{port}/health", proc=proc)
+        wait_for_http(f"http://{host}:{port}/health", timeout_s=timeout_s, proc=proc)
         yield {"tracking_uri": f"http://{host}:{port}", "backend_store_uri": backend_store_uri,
                "optuna_storage": pg.url("optuna") if pg is not None else ""}
     finally:

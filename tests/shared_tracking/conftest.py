@@ -17,9 +17,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server():
-    """{tracking_uri, backend_store_uri, optuna_storage, root} of a fresh server (module-wide)."""
+    """{tracking_uri, backend_store_uri, optuna_storage, root} of one fresh server for these tests."""
     from mammodp.errors import ConfigError
     from mammodp.server import find_pg_bin, tracking_server
 
@@ -33,7 +33,7 @@ def server():
     root = Path(tempfile.mkdtemp(prefix="mammodp-server-", dir="/tmp"))
     os.chmod(root, 0o755)
     try:
-        with tracking_server(root, port=free_port(), pg_port=free_port()) as uris:
+        with tracking_server(root, port=free_port(), pg_port=free_port(), workers=1, timeout_s=600) as uris:
             yield {**uris, "root": root}
     finally:
         shutil.rmtree(root, ignore_errors=True)
