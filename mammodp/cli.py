@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import typer
 
-from mammodp.errors import MammoDPError
+from mammodp.errors import Interrupted, MammoDPError
 
 app = typer.Typer(
     help="Privacy-preserving mammography classifiers: one command per DVC stage.",
@@ -39,6 +39,9 @@ def _user_errors(fn: Callable) -> Callable:
         except MammoDPError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except Interrupted as exc:  # SIGTERM/SIGHUP: outputs were unwound like Ctrl-C's
+            typer.echo(f"error: {exc}; temporary outputs removed, MLflow run marked KILLED", err=True)
+            raise typer.Exit(128 + exc.signum) from None
 
     return wrapper
 
@@ -138,7 +141,8 @@ def train(
     regime: str = typer.Option(..., help="real | real+synth | synth | synth-pretrain+dp-finetune"),
     epsilon: str = typer.Option(..., help="Target budget, or inf for non-private."),
     seed: Optional[list[int]] = typer.Option(None, help="Seeds to run (default: train.seeds)."),
-    resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint."),
+    resume: bool = typer.Option(False, help="Resume from OUT's last epoch checkpoint; refuse one made with other settings."),
+    resume_if_valid: bool = typer.Option(False, help="Resume from a checkpoint of identical settings, else train afresh (the pipeline's choice)."),
     device: Optional[str] = typer.Option(None, help="Override train.device."),
     out: Optional[Path] = typer.Option(None, help="Model folder (default models/classifier/REGIME-EPS)."),
     metrics: Optional[Path] = typer.Option(None, help="Numbers-only metrics JSON (default metrics/train/REGIME-EPS.json)."),
@@ -162,6 +166,7 @@ def train(
         metrics_out=metrics,
         report_out=report,
         tuned_path=tuned,
+        resume_if_valid=resume_if_valid,
     )
 
 

@@ -107,9 +107,14 @@ def start_run(
         parent_run_id: nest under this run even if it is not active (e.g. a grid parent).
         run_id: resume an existing run instead of creating one.
         description: run description (`mlflow.note.content`).
+
+    A run left by Ctrl-C, SIGTERM or SIGHUP ends KILLED (an error ends it FAILED).
     """
     import mlflow
 
+    from mammodp.io import raise_on_termination
+
+    raise_on_termination()  # SIGTERM unwinds this block like Ctrl-C: the run is marked KILLED
     _ensure_experiment(experiment)
     exp = mlflow.set_experiment(experiment)
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
@@ -133,7 +138,11 @@ def start_run(
             mlflow.set_tags({k: _clean(v) for k, v in tags.items()})
         if params:
             log_params(params)
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP via raise_on_termination
+            mlflow.end_run("KILLED")  # MLflow's own exit would say FAILED (or leave it RUNNING)
+            raise
 
 
 def is_local_store(uri: str) -> bool:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from mammodp.checkpoint import Checkpoint, as_checkpoint
 from mammodp.data.datasets import PatchTable, random_flips
 
 log = logging.getLogger(__name__)
@@ -82,19 +83,10 @@ def _loss_fn(spec: FitSpec):
 def _score(model, table: PatchTable, device) -> tuple[np.ndarray, float]:
     """P(malignant) on a table and its AUPRC (NaN with one class)."""
     from mammodp.metrics.classification import classification_metrics
-    from mammodp.serving import predict_proba
+    from mammodp.inference import predict_proba
 
     probs = predict_proba(model, table.images, device=str(device))
     return probs, float(classification_metrics(table.labels, probs)["auprc"])
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    import torch
-
-    from mammodp.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _engine(model, optimizer, spec: FitSpec, private: PatchTable | None, public: PatchTable | None, device):
@@ -151,7 +143,7 @@ def fit(
     public: PatchTable | None,
     val: PatchTable,
     device,
-    checkpoint: Path | None = None,
+    checkpoint: Checkpoint | Path | None = None,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
@@ -169,8 +161,9 @@ def fit(
         public: synthetic patches mixed into each step (never counted as private records).
         val: validation patches: the only data used for model selection.
         device: torch device.
-        checkpoint: file for the per-epoch checkpoint (model, optimiser, accountant, RNGs).
-        resume: continue from `checkpoint` if it exists.
+        checkpoint: the per-epoch checkpoint (model, optimiser, accountant, RNGs): a
+            `mammodp.checkpoint.Checkpoint` (file + the settings it must match) or a bare path.
+        resume: continue from `checkpoint` if it exists and was made with the same settings.
         on_epoch: called after every epoch with that epoch's record.
         progress: show a progress bar per epoch.
         desc: progress-bar label.
@@ -209,9 +202,10 @@ def fit(
 
     start_epoch, history = 0, []
     best = {"state": copy.deepcopy(model.state_dict()), "epoch": -1, "auprc": -math.inf, "probs": None}
+    checkpoint = as_checkpoint(checkpoint)  # plain data, settings-checked (mammodp.checkpoint)
     ck = None
-    if resume and checkpoint is not None and (dist is None or dist.is_main) and Path(checkpoint).is_file():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if resume and checkpoint is not None and (dist is None or dist.is_main):
+        ck = checkpoint.load(spec)
     if dist is not None and resume and checkpoint is not None:
         ck = dist.broadcast_object(ck)  # rank 0's file: no shared file system needed
     if ck is not None:
@@ -222,7 +216,7 @@ def fit(
         start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck["best"]
         if dist is not None:
             dist.load_rank_state(ck.get("ranks"), dp_engine, aug_gen)
-        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+        log.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
     if dist is not None:
         dist.broadcast_module(model)  # replicas start equal; equal updates keep them so
 
@@ -271,12 +265,12 @@ def fit(
         if checkpoint is not None:
             ranks = dist.gather_rank_state(dp_engine, aug_gen) if dist is not None else None
             if dist is None or dist.is_main:
-                _save_checkpoint(Path(checkpoint), {
+                checkpoint.save({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "generator": gen.get_state(), "dp": dp_engine.state_dict(),
-                    "epoch": epoch, "history": history, "best": best, "spec": asdict(spec),
+                    "epoch": epoch, "history": history, "best": best,
                     **({"ranks": ranks} if ranks is not None else {}),
-                })
+                }, spec)
         if on_epoch is not None:
             on_epoch(record)
 

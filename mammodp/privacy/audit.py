@@ -204,7 +204,10 @@ def lira_scores(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray) -
         mu_in = np.where(n_in > 0, (sh * ins).sum(0) / n_in, np.nan)
         mu_out = np.where(n_out > 0, (sh * ~ins).sum(0) / n_out, np.nan)
     both = ~np.isnan(mu_in) & ~np.isnan(mu_out)
-    gap = float(np.mean(mu_in[both] - mu_out[both])) if both.any() else 0.0
+    if both.any():
+        gap = float(np.mean(mu_in[both] - mu_out[both]))
+    else:  # e.g. one shadow: the in/out gap from all examples (inclusion is random, so unbiased)
+        gap = float(sh[ins].mean() - sh[~ins].mean()) if ins.any() and (~ins).any() else 0.0
     mu_in = np.where(np.isnan(mu_in), mu_out + gap, mu_in)
     mu_out = np.where(np.isnan(mu_out), mu_in - gap, mu_out)
 

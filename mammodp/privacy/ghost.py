@@ -20,17 +20,28 @@ backward (`grad_sampler.Recorder`: output gradients only, no summed weight gradi
    weight gradient), a materialised one is c^T G (records x parameters), both accumulated
    in place into the caller's fp32 buffers.
 
-What guided the choice (torch.profiler + per-layer timings, swin_micro, batch 32, 1 CPU
-thread): per-sample weight products (bmm) cost about what plain training spends on weight
-gradients, so materialisation is as fast as plain where d_in d_out is small (stages 1-2:
-T = 256 / 64 tokens, d <= 32: a ghost Gram would be 10-60x dearer). Stage 3 and the head
-(T = 16 / 1, d = 64-256) hold most parameters: there ghost norms are cheaper and keep
-~3x less memory than materialised per-record gradients, which were computed at the top of
-backward while every activation is still alive (the previous route's memory peak). The
-hook route's other costs were not clipping: the route was rebuilt every step (model walks),
-LayerNorm inputs were re-normalised (now: the forward's saved mean / rstd), per-sample
-losses went through vmap (now: `F.cross_entropy(reduction="none")`), and every layer
-output was kept alive to the end of backward.
+What guided the choice (torch.profiler, op / call counts and per-layer timings, swin_micro,
+batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tables):
+
+- Per-sample weight products (bmm) cost about what plain training spends on weight
+  gradients (~6 ms a step either way; plain's patch-embed conv backward alone is ~4-8 ms,
+  which the unfold + bmm rule replaces), so materialisation is as fast as plain where
+  d_in d_out is small (stages 1-2: T = 256 / 64 tokens, d <= 32: a ghost Gram there is
+  10-60x dearer). Stage 3 and the head (T = 16 / 1, d = 64-256) hold most parameters:
+  there ghost norms are cheaper and keep ~3x less memory than materialised per-record
+  gradients, which the old hook route computed at the top of backward while every
+  activation was still alive (its memory peak, 1.60x plain; now ~1.1x).
+- The rest of the old route's 1.4x was not clipping arithmetic: the route was rebuilt every
+  step (model walks: ~10 ms a step under cProfile), LayerNorm inputs were re-normalised
+  (native_layer_norm 4.6x plain; now the forward's saved mean / rstd), per-sample losses
+  went through vmap (2 ms; now `F.cross_entropy(reduction="none")`), every layer output
+  was kept alive to the end of backward (+9 MiB), and ~1,400 extra small operators ran per
+  step (per-parameter zeros, norms, noise draws, divisions, casts).
+- What remains is mostly a constant ~10 ms a step (the same at batch 4 and 32): ~300 extra
+  small operators and ~2,500 extra Python calls (hooks, per-layer rules), which a loaded
+  machine inflates more than the big kernels. Hence one flat buffer for the clipped sums
+  and the noise, materialised gradients side by side for one norm / one product / one
+  foreach add, and no-op casts skipped.
 
 Records with several samples (privacy unit `patient`): a record's gradient sums its
 samples', so ghost Grams run over the concatenated tokens of each record (zero-padded to
@@ -128,10 +139,21 @@ class MixedClipper:
         self.names = self.recorder.names
         self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
         self._materialiser: HookPerSample | None = None
+        self._views = None  # (the caller's buffers, flat views of them, their sizes)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Samples, or frozen features computed once without autograd."""
         return self.recorder.prepare(x)
+
+    def _flat_views(self, out: dict[str, torch.Tensor], names: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+        """Flat views of `out[name]` and their sizes; reused while the caller passes the same
+        tensors (the engine's buffers, every step)."""
+        tensors = [out[k] for k in names]
+        cached = self._views
+        if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
+            views = [t.view(-1) for t in tensors]
+            self._views = cached = (tensors, views, [v.numel() for v in views])
+        return cached[1], cached[2]
 
     def materialiser(self) -> HookPerSample:
         """The `hooks` route on the same recorder: for a record too large for one pass."""
@@ -201,8 +223,8 @@ class MixedClipper:
             norms = sq.sqrt_()
             factors = clip_factors(norms, max_grad_norm)
             if flat is not None:  # sum_r c_r G_r: (P_mat, R) @ (R,), added in place per parameter
-                pieces = torch.mv(flat.t(), factors).split([out[k].numel() for k in names])
-                torch._foreach_add_([out[k].view(-1) for k in names], list(pieces))
+                targets, sizes = self._flat_views(out, names)
+                torch._foreach_add_(targets, list(torch.mv(flat.t(), factors).split(sizes)))
             per_sample = factors if pack.local is None else factors[pack.local]  # (n,)
             for name, calls in ghosts.items():
                 target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)

@@ -129,7 +129,7 @@ class LayerCall:
 class Recorder:
     """Runs a forward and one backward with hooks on the trainable layers of `module`.
 
-    `run(x, y, sink)` calls `sink(call, g)` (under `torch.no_grad()`) for every trainable
+    `run(x, y, sink)` calls `sink(call, g)` (with grad mode off) for every trainable
     layer call as soon as backward produces that call's output gradient `g`, and returns
     the per-sample losses. Hooks live only for the duration of the call.
     """
@@ -167,8 +167,7 @@ class Recorder:
             state["pending"] += 1
 
             def on_grad(g):
-                with torch.no_grad():  # read activations, build no graph
-                    sink(call, g)
+                sink(call, g)  # backward without create_graph runs hooks with grad mode off: no graph
                 state["fired"] += 1
 
             return on_grad

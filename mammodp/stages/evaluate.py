@@ -20,6 +20,7 @@ import pandas as pd
 
 from mammodp.config import Config, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 from mammodp.io import atomic_dir, write_json
 
@@ -30,10 +31,8 @@ SPLITS = {"val": "validation", "internal": "CBIS test", "external": "BCDR"}
 
 def _tables(cfg: Config) -> tuple[dict[str, PatchTable], dict[str, Path]]:
     """The evaluation tables by split key, and the manifest each one came from."""
-    root = Path(cfg.data.prepared_dir)
-    sources = {"val": (root / "cbis" / "manifest.parquet", "val"),
-               "internal": (root / "cbis" / "manifest.parquet", "test"),
-               "external": (root / "bcdr" / "manifest.parquet", "external")}
+    cbis, bcdr = manifest_path(cfg.data.prepared_dir, "cbis"), manifest_path(cfg.data.prepared_dir, "bcdr")
+    sources = {"val": (cbis, "val"), "internal": (cbis, "test"), "external": (bcdr, "external")}
     frames = {p: read_manifest_table(p) for p in {m for m, _ in sources.values()}}
     tables = {k: PatchTable.from_frame(frames[m][frames[m]["split"] == split]) for k, (m, split) in sources.items()}
     return tables, {k: m for k, (m, _) in sources.items()}
@@ -97,8 +96,8 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     from mammodp.metrics.classification import evaluate_predictions
     from mammodp.metrics.fairness import epsilon_spd_correlation
     from mammodp.metrics.plots import plot_fairness, plot_pr_roc, plot_privacy_utility
+    from mammodp.inference import load_classifier, predict_proba
     from mammodp.privacy.compose import NOT_COVERED, served_epsilon
-    from mammodp.serving import load_classifier, predict_proba
 
     tables, manifests = _tables(cfg)
     cells = [(r, e) for r in cfg.train.regimes for e in cfg.train.epsilons]

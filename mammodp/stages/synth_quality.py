@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mammodp.config import Config, flatten
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,9 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
     q = cfg.synth_quality
     seed_everything(q.seed)
     prepared = Path(cfg.data.prepared_dir)
-    cbis_manifest = prepared / "cbis" / "manifest.parquet"
-    synth_manifest = Path(cfg.data.synthetic_dir) / "manifest.parquet"
-    bcdr_manifest = prepared / "bcdr" / "manifest.parquet"
+    cbis_manifest = manifest_path(prepared, "cbis")
+    synth_manifest = manifest_path(cfg.data.synthetic_dir)
+    bcdr_manifest = manifest_path(prepared, "bcdr")
 
     real, real_labels, _ = _load(cbis_manifest, ["train"], None)
     shape = tuple(real.shape[-2:])

@@ -28,7 +28,9 @@ import pandas as pd
 
 from mammodp.config import Config, flatten, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import ConfigError, DataError
+from mammodp.checkpoint import Checkpoint, exclusive_output
 from mammodp.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,11 @@ PRIVACY_NOTE = (
 
 
 def cbis_manifest(cfg: Config) -> Path:
-    return Path(cfg.data.prepared_dir) / "cbis" / "manifest.parquet"
+    return manifest_path(cfg.data.prepared_dir, "cbis")
 
 
 def synthetic_manifest(cfg: Config) -> Path:
-    return Path(cfg.data.synthetic_dir) / "manifest.parquet"
+    return manifest_path(cfg.data.synthetic_dir)
 
 
 def synthetic_provenance(df: pd.DataFrame) -> dict:
@@ -167,7 +169,7 @@ def cell_metrics(summary: dict) -> dict[str, float]:
 
 def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = False, device: str | None = None,
         out: Path | None = None, metrics_out: Path | None = None, report_out: Path | None = None,
-        tuned_path: Path | None = None) -> dict:
+        tuned_path: Path | None = None, resume_if_valid: bool = False) -> dict:
     """Train one grid cell for every seed.
 
     Writes `out/seed=S/` models, a numbers-only metrics JSON (`metrics_out`, for
@@ -175,6 +177,9 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
 
     Under `torchrun --nproc_per_node=N` every rank runs this alike, training data-parallel
     (`mammodp.privacy.distributed`); only rank 0 logs to MLflow and writes outputs.
+    Checkpoints live in `out/.checkpoints/` (locked: one trainer per `out`). `resume` continues
+    from them and refuses ones made with other settings; `resume_if_valid` (the pipeline's
+    choice) continues from a checkpoint of identical settings and otherwise trains afresh.
     """
     from mammodp.privacy import distributed
     from mammodp.runtime import claim_gpu, resolve_device
@@ -219,14 +224,17 @@ def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report
 
     results = []
     parent = grid_parent_run(cfg) if main else None
-    # Ranks other than 0 write nothing: their model folders are scratch, thrown away.
-    with (atomic_dir(out) if main else _scratch_dir()) as tmp_out:
-        # Resume reads the checkpoints the previous attempt left in the live folder.
-        ckpt_root = Path("checkpoints") / "classifier" / f"{regime}-{eps_txt}"
+    # Checkpoints live in the live `out` (replaced whole, with them, when the cell is done); the
+    # lock refuses a second trainer on `out` and lets stale temp outputs of a kill -9 be removed.
+    # Ranks other than 0 (torchrun) write nothing and hold no lock: their folders are scratch.
+    resume_mode = "restart" if resume_if_valid and not resume else "refuse"
+    resume = resume or resume_if_valid
+    with (exclusive_output(out, metrics_out, report_out) if main else _scratch_dir()) as ckpt_root, \
+            (atomic_dir(out) if main else _scratch_dir()) as tmp_out:
         for seed in seeds:
             results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                        dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
-                                       resume, parent, manifest, main=main))
+                                       resume, parent, manifest, resume_mode, main=main))
     if not main:
         return {"regime": regime, "epsilon_target": epsilon, "runs": results, "rank": dist.rank}
     summary = {
@@ -251,7 +259,7 @@ def _scratch_dir():
 
 
 def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
-                resume, parent, manifest, main: bool = True) -> dict:
+                resume, parent, manifest, resume_mode="refuse", main: bool = True) -> dict:
     import mlflow
 
     from mammodp import tracking
@@ -259,7 +267,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
     from mammodp.models.swin import create_classifier
     from mammodp.pyfunc_model import log_classifier
     from mammodp.runtime import seed_everything
-    from mammodp.serving import save_classifier
+    from mammodp.inference import save_classifier
     from mammodp.training import fit
 
     seed_everything(seed)
@@ -278,6 +286,17 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         desc += (" The synthetic data came from a generator trained on private data WITHOUT DP: "
                  "this run's epsilon does not cover the synthetic pathway (synthetic_privacy=not_covered).")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # A checkpoint stands for every setting of this run (all params but the grid's own lists,
+    # whose cell this is) and the exact data: resuming with anything else is refused.
+    grid_lists = ("train.epsilons", "train.seeds", "train.synthetic_regimes")
+    run_settings = {"params": {k: v for k, v in flatten(cfg).items() if k not in grid_lists},
+                    "cell": {"regime": regime, "epsilon": epsilon, "seed": seed, "tuned": tuned or {}},
+                    "data": {"cbis_manifest": tags["manifest_hash"], **{k: provenance[k] for k in sorted(provenance)},
+                             **({"synthetic_n": len(synth)} if synth is not None else {})}}
+
+    def ckpt(name):
+        return Checkpoint(ckpt_dir / name, {**run_settings, "phase": name}, on_mismatch=resume_mode)
+
     if _world_size() > 1:
         tags["world_size"] = _world_size()  # data-parallel ranks (torchrun)
     if os.environ.get("MAMMODP_GPU_POOL"):
@@ -305,22 +324,22 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         if regime == "synth-pretrain+dp-finetune":
             pre = replace(spec, epsilon=math.inf, epochs=cfg.train.pretrain_epochs)
             pre_res = fit(model, pre, private=None, public=synth, val=val, device=dev,
-                          checkpoint=ckpt_dir / "pretrain.pt", resume=resume,
+                          checkpoint=ckpt("pretrain.pt"), resume=resume,
                           on_epoch=lambda r: main and tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
                                                                             "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
                           desc=f"pretrain seed={seed}")
             model.load_state_dict(pre_res.best_state)
             res = fit(model, spec, private=real, public=None, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
         elif regime == "synth":
             res = fit(model, replace(spec, epsilon=math.inf), private=None, public=synth, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
         elif regime == "real+synth":
             res = fit(model, spec, private=real, public=synth, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
         else:
             res = fit(model, spec, private=real, public=None, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
 
         if not main:  # a helper rank: its replica equals rank 0's, which reports it
             return {"seed": seed, "epsilon": float(res.privacy["epsilon"]), "steps": res.privacy["steps"]}
@@ -337,6 +356,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             "regime": regime, "seed": seed, "epsilon_target": epsilon, "epsilon": spent,
             "delta": cfg.dp.delta, "threshold": thr, "best_epoch": res.best_epoch, "run_id": run.info.run_id,
             "privacy": privacy, "privacy_note": PRIVACY_NOTE, **provenance, **end_to_end_meta(e2e),
+            "serve": asdict(cfg.serve),  # the served model's request limits (mammodp.serving)
         }
         save_classifier(model, meta, model_dir)
         mlflow.log_params({

@@ -248,25 +248,38 @@ def open_storage(url: str):
     import optuna
     from sqlalchemy.exc import ArgumentError, OperationalError
 
+    import contextlib
+    import fcntl
+
+    guard: Any = contextlib.nullcontext()
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        db = Path(url.removeprefix("sqlite:///")).expanduser()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # Workers started together on a fresh SQLite file would both create Optuna's tables
+        # (and one fail): they take turns, by an flock on the file (SQLite's own locks are
+        # fcntl locks, which flock does not touch).
+        guard = contextlib.closing(open(db, "a+b"))
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), guard as f:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if f is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 return optuna.storages.RDBStorage(
                     url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )
         except (IntegrityError, ProgrammingError) as exc:
-            # Workers started together on an empty database race to create Optuna's tables (on
-            # PostgreSQL: "duplicate key ... pg_type"): the loser retries and finds them made.
+            # Workers started together on an empty server database race to create Optuna's tables
+            # (on PostgreSQL: "duplicate key ... pg_type"): the loser retries and finds them made.
             if attempt == 4:
                 raise ConfigError(f"cannot create the Optuna tables in {redact(url)}: {exc}",
                                   field="tune.storage") from exc
             time.sleep(0.5 + attempt)
+            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+                guard = contextlib.closing(open(db, "a+b"))
         except (ArgumentError, OperationalError, ValueError, ImportError) as exc:
             raise ConfigError(f"cannot open Optuna storage {redact(url)}: {exc}", field="tune.storage") from exc
 

@@ -64,8 +64,9 @@ def test_supports_only_opted_in_models_of_known_layers():
     model.head.append(nn.Conv1d(2, 2, 1))  # a layer with no per-sample rule
     assert not supports(model)
     assert resolve_method(model, "auto") == "vmap"
-    with pytest.raises(ValueError):
-        resolve_method(model, "hooks")
+    for method in ("hooks", "mixed", "ghost"):  # every hook-based route refuses it
+        with pytest.raises(ValueError):
+            resolve_method(model, method)
     with pytest.raises(PrivacyError):
         make_private(model, torch.optim.SGD(trainable_parameters(model), lr=0.1), record_ids=np.arange(4),
                      expected_batch_size=2, delta=1e-4, epochs=1, max_grad_norm=1.0, noise_multiplier=1.0,
