@@ -221,6 +221,7 @@ def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report
             raise DataError(f"synthetic patches are {synth.images.shape[-2:]} but real ones "
                             f"{val.images.shape[-2:]}; regenerate the synthetic set", path=sm)
     tuned = load_tuned(tuned_path)
+    tuning = tuning_statement(tuned_path, epsilon)
 
     results = []
     parent = grid_parent_run(cfg) if main else None
@@ -234,7 +235,7 @@ def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report
         for seed in seeds:
             results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                        dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
-                                       resume, parent, manifest, resume_mode, main=main))
+                                       resume, parent, manifest, resume_mode, main=main, tuning=tuning))
     if not main:
         return {"regime": regime, "epsilon_target": epsilon, "runs": results, "rank": dist.rank}
     summary = {
@@ -259,7 +260,7 @@ def _scratch_dir():
 
 
 def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
-                resume, parent, manifest, resume_mode="refuse", main: bool = True) -> dict:
+                resume, parent, manifest, resume_mode="refuse", main: bool = True, tuning: str = "") -> dict:
     import mlflow
 
     from mammodp import tracking
@@ -366,13 +367,13 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             "accountant_fallback": privacy.get("accountant_fallback", False), "threshold": thr,
         })
         mlflow.set_tag("within_budget", str(within).lower())
-        log_end_to_end(e2e, tuning_statement(cfg, epsilon))
+        log_end_to_end(e2e, tuning)
         tracking.log_metrics({f"final_val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))})
         tracking.log_metrics({"best_val_auprc": res.best_val_auprc, "best_epoch": res.best_epoch})
         if math.isfinite(spent):
             mlflow.log_metric("epsilon", spent, step=len(res.history))
         mlflow.log_dict(meta, "privacy/meta.json")
-        mlflow.log_text(what_epsilon_covers(e2e, tuning_statement(cfg, epsilon)), "privacy/what_epsilon_covers.txt")
+        mlflow.log_text(what_epsilon_covers(e2e, tuning), "privacy/what_epsilon_covers.txt")
         log_classifier(model_dir, val.images[0, 0])
         if not within:
             log.warning("run %s spent epsilon %.3f above its target %s", run.info.run_id, spent, eps_txt)
@@ -429,11 +430,11 @@ def end_to_end_meta(e2e) -> dict:
             "epsilon_total_statement": e2e.statement()}
 
 
-def tuning_statement(cfg: Config, epsilon: float) -> str:
-    """The tuning study's privacy statement when this run took its params from it, else ''."""
-    if not cfg.train.params_from_tune or math.isinf(epsilon):
+def tuning_statement(tuned_path: Path | None, epsilon: float) -> str:
+    """The privacy statement of the tuning report this run took its params from (`--tuned`), else ''."""
+    if tuned_path is None or math.isinf(epsilon):
         return ""
-    p = Path("metrics/tune") / f"eps={format_epsilon(epsilon)}.json"
+    p = Path(tuned_path)
     return str(json.loads(p.read_text()).get("privacy_statement", "")) if p.is_file() else ""
 
 
