@@ -266,6 +266,21 @@ def server(
             typer.echo("stopping")
 
 
+@app.command()
+@_user_errors
+def collect(
+    repo: Path = typer.Option(Path("."), help="The repo whose queued experiments to collect."),
+):
+    """Bring the grid cells that `dvc queue` ran into the workspace (dvc.lock entries + outputs)."""
+    from mammodp.grid import collect_experiments
+
+    got = collect_experiments(repo)
+    for stage, exp in sorted(got.items()):
+        typer.echo(f"{stage} <- experiment {exp}")
+    if not got:
+        typer.echo("no finished experiment of this commit ran a stage")
+
+
 @app.command("lint-params")
 def lint_params(
     files: list[Path] = typer.Argument(..., help="params files to check (params.yaml, pipelines/*.yaml)."),

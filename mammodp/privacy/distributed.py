@@ -106,6 +106,7 @@ class DistContext:
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo "connection closed", timeouts
+            _ignore_sigterm()  # already unwinding: torchrun's SIGTERM must not cut the cleanup short
             raise DistributedError(
                 f"rank {self.rank}/{self.world_size}: {what} failed, a rank died or is unreachable ({exc}); "
                 "no output was written", field="distributed") from exc
@@ -250,6 +251,14 @@ class ShardedPoissonSampler(PoissonSampler):
 
 
 # ---------------------------------------------------------------------- process group
+
+
+def _ignore_sigterm() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def setup(device: str = "auto", timeout_s: float | None = None) -> DistContext | None:

@@ -1,6 +1,6 @@
 """The grid over workers: a 2-job DVC experiment queue runs two grid cells concurrently (one
-GPU id each from $MAMMODP_GPU_POOL), logging to the shared MLflow server; `dvc repro` then
-brings both cells' outputs and dvc.lock entries into the workspace from DVC's run-cache,
+GPU id each from $MAMMODP_GPU_POOL), logging to the shared MLflow server; `mammodp collect` then
+brings both cells' outputs and dvc.lock entries into the workspace from DVC's cache,
 without training again (README, "From one machine to a cluster")."""
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def test_two_queue_jobs_run_two_cells_and_land_in_the_workspace(server, tmp_path
                        text=True).stdout[-3000:] for line in status.splitlines() if "Failed" in line)
     sh(["dvc", "queue", "stop", "--kill"], repo, env)
 
-    # Collect: the run-cache restores each cell's outputs and lock entry without training.
-    assert not (repo / "models/classifier").exists()
-    out = sh(["dvc", "repro", *CELLS], repo, env)
+    # Collect: each cell's lock entry and cached outputs come back without training again.
+    assert not (repo / "models/classifier/real-1/seed=0").exists()
+    out = sh(["mammodp", "collect"], repo, env)
     for cell in CELLS:
-        assert f"Stage '{cell}' is cached - skipping run, checking out outputs" in out, out
+        assert f"{cell} <- experiment" in out, out
     for eps in ("1", "inf"):
         assert (repo / f"models/classifier/real-{eps}/seed=0").is_dir()
         assert json.loads((repo / f"metrics/train/real-{eps}.json").read_text())["steps"] > 0
