@@ -270,11 +270,14 @@ def server(
 @_user_errors
 def collect(
     repo: Path = typer.Option(Path("."), help="The repo whose queued experiments to collect."),
+    refs: Optional[str] = typer.Option(None, help="Collect from these git refs instead (a for-each-ref pattern, "
+                                                  "e.g. 'refs/remotes/origin/grid/*' pushed by other machines)."),
+    checkout: bool = typer.Option(True, help="dvc checkout the collected stages (--no-checkout: then dvc pull)."),
 ):
     """Bring the grid cells that `dvc queue` ran into the workspace (dvc.lock entries + outputs)."""
     from mammodp.grid import collect_experiments
 
-    got = collect_experiments(repo)
+    got = collect_experiments(repo, checkout=checkout, refs=refs)
     for stage, exp in sorted(got.items()):
         typer.echo(f"{stage} <- experiment {exp}")
     if not got:

@@ -32,12 +32,16 @@ def _lock_at(root: Path, rev: str) -> dict:
     return (yaml.safe_load(res.stdout) or {}).get("stages", {}) if res.returncode == 0 else {}
 
 
-def collect_experiments(root: str | Path = ".", checkout: bool = True) -> dict[str, str]:
+def collect_experiments(root: str | Path = ".", checkout: bool = True, refs: str | None = None) -> dict[str, str]:
     """Merge finished queue experiments' stage results into the workspace.
 
     Args:
         root: the repo.
-        checkout: run `dvc checkout` on the collected stages (restores their outputs).
+        checkout: run `dvc checkout` on the collected stages (restores their outputs; without
+            it, `dvc pull` fetches and checks them out from a remote).
+        refs: a `git for-each-ref` pattern of other commits to collect from, e.g. the branches
+            that grid tasks on other machines pushed (`refs/remotes/origin/grid/*`); default:
+            the queue experiments of the current commit.
 
     Returns:
         {stage: experiment name} of every stage collected.
@@ -48,10 +52,10 @@ def collect_experiments(root: str | Path = ".", checkout: bool = True) -> dict[s
     root = Path(root)
     head = _git(root, "rev-parse", "HEAD").strip()
     base = _lock_at(root, "HEAD")
-    refs = _git(root, "for-each-ref", "--sort=committerdate", "--format=%(refname)",
-                f"refs/exps/{head[:2]}/{head[2:]}").split()
+    pattern = refs or f"refs/exps/{head[:2]}/{head[2:]}"
+    found = _git(root, "for-each-ref", "--sort=committerdate", "--format=%(refname)", pattern).split()
     collected: dict[str, tuple[str, dict]] = {}
-    for ref in refs:
+    for ref in found:
         name = ref.rsplit("/", 1)[1]
         for stage, entry in _lock_at(root, ref).items():
             if base.get(stage) != entry:  # the experiment (re)ran this stage
