@@ -9,10 +9,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mammodp-installed
 PYTEST_ARGS ?=
+# What a --no-build-isolation build (pyradiomics) needs in the venv (tests/test_install.py).
+BUILD_TOOLS := 'setuptools>=70.1' 'wheel>=0.43'
 # Stage commands in dvc.yaml call `mammodp`, `mlflow` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test install plan data clean-outputs
+.PHONY: repro test install plan data clean-outputs lint-params gpu-check gpu-wheels server postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	# Build tools first: a fresh Python 3.11 venv has setuptools 65 and no `wheel`, and a
 	# --no-build-isolation build uses exactly what the venv holds (bdist_wheel is missing).
-	$(BIN)/pip install 'setuptools>=70.1' 'wheel>=0.43' 'numpy==2.4.6'  # numpy: same pin as pyproject
+	$(BIN)/pip install $(BUILD_TOOLS) 'numpy==2.4.6'  # numpy: same pin as pyproject
 	$(BIN)/pip install --no-build-isolation 'pyradiomics==3.0.1'
 	$(BIN)/pip install -e '.[test,frd]'
 	touch $(STAMP)
@@ -42,6 +44,31 @@ repro: data
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The shared tracking server (README, "From one machine to a cluster"): PostgreSQL (Debian's
+# server, `make postgres` installs it) as MLflow's backend store, artifacts proxied into
+# .mlflow-server/artifacts. Clients: export MLFLOW_TRACKING_URI=http://HOST:5000.
+SERVER_ARGS ?=
+server: $(STAMP)
+	$(BIN)/mammodp server --root .mlflow-server $(SERVER_ARGS)
+
+postgres:
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
+
+# Every params file loads strictly: all keys present, known, well typed and in range.
+lint-params: $(STAMP)
+	$(BIN)/mammodp lint-params params.yaml pipelines/*.yaml
+
+# GPU check (bench/gpu_check.sh) on a bare GPU machine with Python 3.12: carry these wheels.
+GPU_PY ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl opacus==1.6.0 pydicom==3.0.2
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 # Switch the experiment plan: copies pipelines/$(PLAN).yaml over params.yaml.
 plan:

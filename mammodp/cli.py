@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import typer
 
-from mammodp.errors import MammoDPError
+from mammodp.errors import Interrupted, MammoDPError
 
 app = typer.Typer(
     help="Privacy-preserving mammography classifiers: one command per DVC stage.",
@@ -39,6 +39,9 @@ def _user_errors(fn: Callable) -> Callable:
         except MammoDPError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except Interrupted as exc:  # SIGTERM/SIGHUP: outputs were unwound like Ctrl-C's
+            typer.echo(f"error: {exc}; temporary outputs removed, MLflow run marked KILLED", err=True)
+            raise typer.Exit(128 + exc.signum) from None
 
     return wrapper
 
@@ -121,14 +124,15 @@ def synthesize(
 @app.command("synth-quality")
 @_user_errors
 def synth_quality(
-    out: Path = typer.Option(Path("metrics/synthesis.json"), help="Metrics JSON."),
+    out: Path = typer.Option(Path("metrics/synthesis.json"), help="Numbers-only metrics JSON."),
+    report: Path = typer.Option(Path("reports/synthesis.json"), help="The whole table, with skip reasons."),
     plots: Path = typer.Option(Path("plots/synthesis"), help="Folder for the closest-pairs grid."),
     params: Path = ParamsOpt,
 ):
     """FID, FRD and memorisation of the synthetic set against real data."""
     from mammodp.stages import synth_quality as stage
 
-    stage.run(_cfg(params), out=out, plots=plots)
+    stage.run(_cfg(params), out=out, plots=plots, report=report)
 
 
 @app.command()
@@ -137,10 +141,14 @@ def train(
     regime: str = typer.Option(..., help="real | real+synth | synth | synth-pretrain+dp-finetune"),
     epsilon: str = typer.Option(..., help="Target budget, or inf for non-private."),
     seed: Optional[list[int]] = typer.Option(None, help="Seeds to run (default: train.seeds)."),
-    resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint."),
+    resume: bool = typer.Option(False, help="Resume from OUT's last epoch checkpoint; refuse one made with other settings."),
+    resume_if_valid: bool = typer.Option(False, help="Resume from a checkpoint of identical settings, else train afresh (the pipeline's choice)."),
     device: Optional[str] = typer.Option(None, help="Override train.device."),
     out: Optional[Path] = typer.Option(None, help="Model folder (default models/classifier/REGIME-EPS)."),
-    metrics: Optional[Path] = typer.Option(None, help="Metrics JSON (default metrics/train/REGIME-EPS.json)."),
+    metrics: Optional[Path] = typer.Option(None, help="Numbers-only metrics JSON (default metrics/train/REGIME-EPS.json)."),
+    report: Optional[Path] = typer.Option(None, help="Full record JSON (default reports/train/REGIME-EPS.json)."),
+    tuned: Optional[Path] = typer.Option(None, help="Train with the best params of a tuning report "
+                                                     "(reports/tune/eps=E.json)."),
     params: Path = ParamsOpt,
 ):
     """Train the Swin classifier for one (regime, epsilon) over the seeds."""
@@ -156,6 +164,9 @@ def train(
         device=device,
         out=out,
         metrics_out=metrics,
+        report_out=report,
+        tuned_path=tuned,
+        resume_if_valid=resume_if_valid,
     )
 
 
@@ -163,28 +174,31 @@ def train(
 @_user_errors
 def evaluate(
     models: Path = typer.Option(Path("models/classifier"), help="Folder of trained grid cells."),
-    out: Path = typer.Option(Path("metrics/eval"), help="Metrics folder (summary.json, runs/)."),
+    out: Path = typer.Option(Path("metrics/eval"), help="Numbers-only metrics folder ({internal,external}/REGIME.json)."),
     plots: Path = typer.Option(Path("plots/eval"), help="Plots folder."),
+    report: Path = typer.Option(Path("reports/eval"), help="Report folder (summary.json, runs/ with fairness)."),
     params: Path = ParamsOpt,
 ):
     """Evaluate every trained run internally and externally; fairness and privacy-utility plots."""
     from mammodp.stages import evaluate as stage
 
-    stage.run(_cfg(params), models=models, out=out, plots=plots)
+    stage.run(_cfg(params), models=models, out=out, plots=plots, report=report)
 
 
 @app.command()
 @_user_errors
 def tune(
     epsilon: str = typer.Option(..., help="Privacy budget to tune for."),
-    out: Optional[Path] = typer.Option(None, help="Result JSON (default metrics/tune/eps=E.json)."),
+    out: Optional[Path] = typer.Option(None, help="Numbers-only result (default metrics/tune/eps=E.json)."),
+    report: Optional[Path] = typer.Option(None, help="Full result with best params and privacy statement "
+                                                      "(default reports/tune/eps=E.json)."),
     params: Path = ParamsOpt,
 ):
     """Optuna study of clipping norm, noise and learning rate for one budget."""
     from mammodp.config import parse_epsilon
     from mammodp.stages import tune as stage
 
-    stage.run(_cfg(params), epsilon=parse_epsilon(epsilon), out=out)
+    stage.run(_cfg(params), epsilon=parse_epsilon(epsilon), out=out, report=report)
 
 
 @app.command()
@@ -215,6 +229,54 @@ def audit(
     from mammodp.stages import audit as stage
 
     stage.run(_cfg(params), models=models, promoted=promoted, out=out, report=report, plots=plots, device=device)
+
+
+@app.command()
+@_user_errors
+def server(
+    root: Path = typer.Option(Path(".mlflow-server"), help="Folder for the PostgreSQL cluster, logs and artifacts."),
+    host: str = typer.Option("127.0.0.1", help="Interface the MLflow server listens on (0.0.0.0: other machines)."),
+    port: int = typer.Option(5000, help="MLflow server port."),
+    pg_port: int = typer.Option(5432, help="Port of the local PostgreSQL cluster (127.0.0.1 only)."),
+    backend_store_uri: Optional[str] = typer.Option(None, help="Use this database instead of a local cluster "
+                                                                "(postgresql://USER:PASS@HOST:PORT/DB)."),
+    artifacts_destination: Optional[str] = typer.Option(None, help="Artifact folder or object-store URI "
+                                                                    "(default ROOT/artifacts)."),
+):
+    """Run the shared tracking server (PostgreSQL backend, proxied artifacts) until Ctrl-C."""
+    import signal
+    import time
+
+    from mammodp.server import tracking_server
+
+    def stop(signum, frame):  # noqa: ARG001 - `kill`, `timeout` and service managers send SIGTERM
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+    with tracking_server(root, host=host, port=port, pg_port=pg_port, backend_store_uri=backend_store_uri,
+                         artifacts_destination=artifacts_destination) as uris:
+        typer.echo(f"MLflow server: export MLFLOW_TRACKING_URI={uris['tracking_uri']}")
+        if uris["optuna_storage"]:
+            typer.echo(f"Optuna storage for this machine's workers: tune.storage: {uris['optuna_storage']}")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+
+
+@app.command("lint-params")
+def lint_params(
+    files: list[Path] = typer.Argument(..., help="params files to check (params.yaml, pipelines/*.yaml)."),
+):
+    """Load each params file strictly (every key present, known, well typed, in range)."""
+    from mammodp.config import check_params_files
+
+    lines = check_params_files(files)
+    typer.echo("\n".join(lines))
+    if any(line.startswith("error") for line in lines):
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

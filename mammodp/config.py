@@ -1,7 +1,9 @@
 """Typed, frozen configuration built from params.yaml.
 
 One `@dataclass(frozen=True)` per params section. Loading rejects unknown keys, missing
-keys and wrong types with a `ConfigError` naming the dotted key (`train.lr`). Stages take
+keys and wrong types with a `ConfigError` naming the dotted key (`train.lr`): a plan must
+state every setting (the field defaults below document typical values; they never fill in
+a key a params file left out). `1e-3` is read as a number. Stages take
 these objects; library modules take plain typed arguments and never read params.yaml.
 
 Optuna varies values with `dataclasses.replace`; MLflow logs `flatten(asdict(cfg))`.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 
 from dataclasses import dataclass, field
@@ -78,7 +81,9 @@ class ModelConfig:
     """Classifier architecture."""
 
     preset: str = "swin_micro"  # a key of mammodp.models.swin.PRESETS
-    pretrained_weights: str | None = None  # local weights file; null = random init
+    # local weights file (.pth/.safetensors), or a hub model `hf-hub:timm/<name>` resolved through
+    # the Hugging Face cache (HF_HUB_OFFLINE=1: cache only); null = random init
+    pretrained_weights: str | None = None
     mode: Literal["full", "frozen_backbone"] = "full"  # what is trained (and privatised)
 
 
@@ -92,7 +97,7 @@ class DPConfig:
     privacy_unit: Literal["patch", "patient"] = "patch"  # what one record is
     reproducible_noise: bool = False  # seed the noise generator (breaks the DP guarantee)
     grad_chunk: int = 32  # samples per per-sample-gradient chunk (bounds their memory)
-    per_sample_method: Literal["auto", "vmap", "hooks"] = "auto"  # auto: hooks, checked vs vmap once
+    per_sample_method: Literal["auto", "vmap", "hooks", "mixed", "ghost"] = "auto"  # auto: mixed, checked vs vmap
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     num_workers: int = 0  # DataLoader workers
-    params_from_tune: bool = False  # take lr / C / sigma from metrics/tune/eps=E.json
 
     @property
     def regimes(self) -> tuple[str, ...]:
@@ -214,6 +218,15 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """Limits of the served model (`mlflow models serve`), saved in its meta.json at training time."""
+
+    max_image_pixels: int = 40_000_000  # rows x columns (x frames) of one image or `pixels` patch
+    max_roi_side: int = 4096  # px, the larger side of a request's `roi` box
+    max_rows: int = 64  # patches per request
+
+
+@dataclass(frozen=True)
 class PromoteConfig:
     """MLflow registry promotion (`mammodp promote`)."""
 
@@ -261,6 +274,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -309,6 +323,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
             return INF
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            value = float(value.strip())
+            if math.isinf(value):
+                raise ConfigError("overflows to infinity; write inf if infinity is meant", field=key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {value!r}", field=key)
         if math.isnan(value):
@@ -334,116 +352,256 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name in raw:
-            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
-    try:
-        obj = cls(**kwargs)
-    except TypeError as exc:  # a missing required field
-        raise ConfigError(str(exc), field=prefix or "params") from exc
+        if f.name not in raw:
+            # Strict: a plan states every setting. A silent code default once trained 8 epochs
+            # where the plan said 30 (the defaults below document, they do not fill in).
+            raise ConfigError("missing key: every setting must be stated in the params file "
+                              "(see pipelines/*.yaml for complete plans)", field=key)
+        kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
+    obj = cls(**kwargs)
     _check(obj, prefix)
     return obj
 
 
+_SEED_MAX = 2**32 - 1  # numpy's limit; torch takes more
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_INF_WORDS = ("inf", "+inf", ".inf", "+.inf", "infinity", "+infinity")  # budgets on the command line
+
+
 def _check(obj: Any, prefix: str) -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express: every field of every section, by its name."""
 
     def bad(name: str, msg: str) -> None:
         raise ConfigError(msg, field=f"{prefix}.{name}" if prefix else name)
 
+    def at_least(lowest: int | float, *names: str) -> None:
+        for name in names:
+            if not getattr(obj, name) >= lowest:
+                bad(name, f"must be >= {lowest}, got {getattr(obj, name)}")
+
+    def within(name: str, lo: float, hi: float, *, closed: str = "[]") -> None:
+        v = getattr(obj, name)
+        ok = (v >= lo if closed[0] == "[" else v > lo) and (v <= hi if closed[1] == "]" else v < hi)
+        if not ok:
+            bad(name, f"must be in {closed[0]}{lo:g}, {hi:g}{closed[1]}, got {v}")
+
+    def seed(*names: str) -> None:
+        for name in names:
+            if not 0 <= getattr(obj, name) <= _SEED_MAX:
+                bad(name, f"a seed must be in [0, {_SEED_MAX}], got {getattr(obj, name)}")
+
+    def text(*names: str) -> None:
+        for name in names:
+            if not str(getattr(obj, name)).strip():
+                bad(name, "must not be empty")
+
+    def finite(*names: str) -> None:
+        for name in names:
+            values = getattr(obj, name)
+            for v in values if isinstance(values, tuple) else (values,):
+                if isinstance(v, float) and math.isinf(v):
+                    bad(name, f"must be finite, got {v}")
+
+    def log_range(name: str) -> None:
+        lo, hi = getattr(obj, name)
+        if not 0 < lo <= hi < INF:
+            bad(name, f"range must satisfy 0 < low <= high < inf, got [{lo}, {hi}]")
+
+    if isinstance(obj, Config):
+        seed("seed")
+        text("plan", "experiment")
+    if isinstance(obj, PhantomConfig):
+        seed("seed")
+        at_least(2, "cbis_train_patients")
+        at_least(1, "cbis_test_patients", "bcdr_patients")
+        at_least(64, "image_height", "image_width")
+        finite("bcdr_scale", "mass_radius")
+        within("bcdr_scale", 0, 4, closed="(]")
+        lo, hi = obj.mass_radius
+        if not 0 < lo <= hi:
+            bad("mass_radius", f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
+        within("difficulty", 0, 1)
+    if isinstance(obj, DataConfig):
+        text("raw_dir", "cbis_dir", "bcdr_dir", "prepared_dir", "synthetic_dir")
     if isinstance(obj, PrepareConfig):
-        if obj.patch_size < 16:
-            bad("patch_size", "must be at least 16")
-        if not 0 < obj.val_fraction < 1:
-            bad("val_fraction", "must be in (0, 1)")
-        if obj.margin < 0 or obj.min_size < 1:
-            bad("margin", "margin must be >= 0 and min_size >= 1")
+        at_least(16, "patch_size")
+        at_least(0, "margin")
+        at_least(1, "min_size", "workers")
+        within("val_fraction", 0, 1, closed="()")
+        text("stratify")
+        seed("seed")
     if isinstance(obj, ValidateConfig):
-        if not 0 <= obj.min_class_fraction < 0.5:
-            bad("min_class_fraction", "must be in [0, 0.5): both classes need room in a split")
+        within("min_class_fraction", 0, 0.5, closed="[)")
         lo, hi = obj.intensity_mean
         if not 0 <= lo < hi <= 1:
             bad("intensity_mean", f"must be [low, high] with 0 <= low < high <= 1, got [{lo}, {hi}]")
-        if obj.intensity_std_min < 0:
-            bad("intensity_std_min", "must be >= 0")
+        within("intensity_std_min", 0, 1)
+    if isinstance(obj, ModelConfig):
+        text("preset")
+        if obj.pretrained_weights is not None:
+            text("pretrained_weights")
     if isinstance(obj, DPConfig):
-        if not 0 < obj.delta < 1:
-            bad("delta", "must be in (0, 1)")
-        if obj.max_grad_norm <= 0:
-            bad("max_grad_norm", "must be > 0")
-        if obj.grad_chunk < 1:
-            bad("grad_chunk", "must be >= 1")
+        within("delta", 0, 1, closed="()")
+        finite("max_grad_norm")
+        if not obj.max_grad_norm > 0:
+            bad("max_grad_norm", f"must be > 0, got {obj.max_grad_norm}")
+        at_least(1, "grad_chunk")
     if isinstance(obj, TrainConfig):
         known = {"real+synth", "synth", "synth-pretrain+dp-finetune"}
         for r in obj.synthetic_regimes:
             if r not in known:
                 bad("synthetic_regimes", f"unknown regime {r!r}; known: {sorted(known)} (real is always trained)")
+        if len(set(obj.synthetic_regimes)) != len(obj.synthetic_regimes):
+            bad("synthetic_regimes", "lists a regime twice")
+        if not obj.epsilons:
+            bad("epsilons", "needs at least one budget (inf = non-private)")
         for e in obj.epsilons:
             if not e > 0:
                 bad("epsilons", f"a budget must be > 0 (inf = non-private), got {e}")
-        if obj.batch_size < 1 or obj.physical_batch_size < 1:
-            bad("batch_size", "batch sizes must be >= 1")
-        if obj.lr <= 0:
-            bad("lr", "must be > 0")
-        if not 0 <= obj.label_smoothing < 1:
-            bad("label_smoothing", "must be in [0, 1)")
+        if len(set(obj.epsilons)) != len(obj.epsilons):
+            bad("epsilons", "lists a budget twice")
+        if not obj.seeds:
+            bad("seeds", "needs at least one seed")
+        if len(set(obj.seeds)) != len(obj.seeds):
+            bad("seeds", "lists a seed twice")
+        for s in obj.seeds:
+            if not 0 <= s <= _SEED_MAX:
+                bad("seeds", f"a seed must be in [0, {_SEED_MAX}], got {s}")
+        at_least(1, "epochs", "pretrain_epochs", "batch_size", "physical_batch_size")
+        at_least(0, "num_workers")
+        finite("lr", "weight_decay", "synth_ratio")
+        if not obj.lr > 0:
+            bad("lr", f"must be > 0, got {obj.lr}")
+        at_least(0, "weight_decay", "synth_ratio")
+        within("label_smoothing", 0, 1, closed="[)")
+        if not _DEVICE.match(obj.device):
+            bad("device", f"must be auto, cpu, cuda, cuda:N or mps, got {obj.device!r}")
+    if isinstance(obj, EvaluateConfig):
+        at_least(0, "bootstrap")
+        within("ci", 0, 1, closed="()")
+        bins = obj.age_bins
+        finite("age_bins")
+        if len(bins) < 2 or any(nxt <= prev for prev, nxt in zip(bins[:-1], bins[1:])):
+            bad("age_bins", f"must be at least 2 strictly increasing edges, got {list(bins)}")
+        if not obj.subgroups or any(not g.strip() for g in obj.subgroups):
+            bad("subgroups", "must name at least one column, none empty")
+        within("fixed_threshold", 0, 1)
     if isinstance(obj, GanConfig):
-        for name in ("width", "latent_dim", "epochs", "batch_size", "checkpoint_every", "sample_every"):
-            if getattr(obj, name) < 1:
-                bad(name, "must be >= 1")
-        if obj.lr <= 0:
-            bad("lr", "must be > 0")
+        at_least(1, "width", "latent_dim", "epochs", "batch_size", "checkpoint_every", "sample_every")
+        at_least(0, "cpu_threads")
+        finite("lr", "collapse_threshold", "diverge_loss")
+        if not obj.lr > 0:
+            bad("lr", f"must be > 0, got {obj.lr}")
+        b1, b2 = obj.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            bad("betas", f"Adam betas must each be in [0, 1), got [{b1}, {b2}]")
         lo, hi = obj.real_label_range
-        if not 0 < lo <= hi:
+        if not 0 < lo <= hi < INF:
             bad("real_label_range", f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
-        if obj.cpu_threads < 0:
-            bad("cpu_threads", "must be >= 0 (0 = torch's default)")
+        at_least(0, "collapse_threshold")
+        if not obj.diverge_loss > 0:
+            bad("diverge_loss", f"must be > 0, got {obj.diverge_loss}")
+        if not _DEVICE.match(obj.device):
+            bad("device", f"must be auto, cpu, cuda, cuda:N or mps, got {obj.device!r}")
     if isinstance(obj, GanDPConfig):
+        finite("epsilon", "max_grad_norm")
         if not obj.epsilon > 0:
-            bad("epsilon", "must be > 0")
-        if not 0 < obj.delta < 1:
-            bad("delta", "must be in (0, 1)")
-        if obj.max_grad_norm <= 0:
-            bad("max_grad_norm", "must be > 0")
-    if isinstance(obj, SynthesizeConfig) and obj.n_per_class < 1:
-        bad("n_per_class", "must be >= 1")
+            bad("epsilon", f"must be > 0, got {obj.epsilon}")
+        within("delta", 0, 1, closed="()")
+        if not obj.max_grad_norm > 0:
+            bad("max_grad_norm", f"must be > 0, got {obj.max_grad_norm}")
+    if isinstance(obj, SynthesizeConfig):
+        at_least(1, "n_per_class")
+        seed("seed")
     if isinstance(obj, SynthQualityConfig):
-        if obj.subsets < 1:
-            bad("subsets", "must be >= 1")
+        at_least(1, "subsets", "closest_pairs")
         if obj.subset_size < 2:
             bad("subset_size", "must be >= 2 (a covariance needs two images)")
-        if not 0 < obj.memorisation_percentile < 100:
-            bad("memorisation_percentile", "must be in (0, 100)")
-        if obj.memorisation_size < 4 or obj.closest_pairs < 1:
-            bad("memorisation_size", "memorisation_size must be >= 4 and closest_pairs >= 1")
+        at_least(4, "memorisation_size")
+        within("memorisation_percentile", 0, 100, closed="()")
+        if obj.inception_weights is not None:
+            text("inception_weights")
+        seed("seed")
     if isinstance(obj, AuditConfig):
         for e in obj.epsilons:
             if not (0 < e < INF):
                 bad("epsilons", f"audited budgets must be finite and > 0 (the inf power model is always run), got {e}")
-        if obj.models < 1 or obj.epochs < 1:
-            bad("models", "models and epochs must be >= 1")
-        if obj.canaries < 2 or obj.real_records < 2:
-            bad("canaries", "canaries and real_records must be >= 2")
-        if not 0 < obj.significance < 1:
-            bad("significance", "must be in (0, 1)")
-        if obj.cpu_threads < 0:
-            bad("cpu_threads", "must be >= 0 (0 = torch's default)")
+        at_least(1, "models", "epochs")
+        at_least(2, "canaries", "real_records")
+        within("significance", 0, 1, closed="()")
+        at_least(0, "cpu_threads")
         for f in obj.fprs:
             if not 0 < f < 1:
                 bad("fprs", f"false-positive rates must be in (0, 1), got {f}")
     if isinstance(obj, TuneConfig):
         for name in ("max_grad_norm", "noise_multiplier", "lr"):
-            lo, hi = getattr(obj, name)
-            if not 0 < lo <= hi:
-                bad(name, f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
+            log_range(name)
+        if not obj.epsilons:
+            bad("epsilons", "needs at least one finite budget")
         for e in obj.epsilons:
             if not (0 < e < INF):
                 bad("epsilons", f"tuning needs finite budgets > 0 (noise is what it tunes), got {e}")
-        for name in ("n_trials", "max_epochs"):
-            if getattr(obj, name) < 1:
-                bad(name, "must be >= 1")
-        for name in ("synthetic_val_size", "startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
-            if getattr(obj, name) < 0:
-                bad(name, "must be >= 0")
+        at_least(1, "n_trials", "max_epochs")
+        at_least(0, "synthetic_val_size", "startup_trials", "pruner_startup_trials", "pruner_warmup_epochs")
+        text("storage")
+    if isinstance(obj, PromoteConfig):
+        text("model_name")
+        if not obj.max_epsilon > 0:
+            bad("max_epsilon", f"must be > 0 (inf = any budget), got {obj.max_epsilon}")
+    if isinstance(obj, ServeConfig):
+        at_least(1, "max_image_pixels", "max_roi_side", "max_rows")
+
+
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_INF_TEXT = {".inf", "+.inf", "-.inf", ".Inf", "+.Inf", "-.Inf", ".INF", "+.INF", "-.INF"}
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML as a person reads it: `1e-3` is a number (PyYAML's YAML 1.1 rules make it a
+    string), and an overflowing literal such as `1e400` is an error rather than infinity
+    (only a literal `inf` / `.inf` means infinity: a non-private budget is never an accident)."""
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node)
+    if text in _INF_TEXT:
+        return -INF if text.startswith("-") else INF
+    if text.lower() in (".nan",):
+        return math.nan
+    value = float(text.replace("_", ""))
+    if math.isinf(value):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} overflows to infinity; write inf if infinity is meant", node.start_mark)
+    return value
+
+
+_ParamsLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+# Scientific notation without a dot (1e-3, 5E+2) resolves to float too.
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?\d+[eE][-+]?\d+$"), list("-+0123456789"))
+
+
+def read_params(path: str | Path) -> dict:
+    """Parse a params file with the project's YAML rules (see `_ParamsLoader`).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("params file not found", path=p)
+    try:
+        raw = yaml.load(p.read_text(), Loader=_ParamsLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"not valid YAML{where}: {problem}", path=p) from exc
+    if raw is None:
+        raise ConfigError("params file is empty", path=p)
+    if not isinstance(raw, dict):
+        raise ConfigError("top level must be a mapping", path=p)
+    return raw
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
@@ -457,14 +615,7 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         ConfigError: the file is missing or unreadable, or a key is unknown or ill-typed.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("params file not found", path=p)
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", path=p) from exc
-    if not isinstance(raw, dict):
-        raise ConfigError("top level must be a mapping", path=p)
+    raw = read_params(p)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -475,6 +626,21 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         return _build(Config, raw, "")
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in {p})") from exc
+
+
+def check_params_files(paths: list[str | Path]) -> list[str]:
+    """Load each params file strictly; return one line per file (`ok` or the error).
+
+    Used by `make lint-params` over params.yaml and every plan in pipelines/.
+    """
+    lines = []
+    for p in paths:
+        try:
+            load_config(p)
+            lines.append(f"ok     {p}")
+        except ConfigError as exc:
+            lines.append(f"error  {exc}")
+    return lines
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -498,23 +664,33 @@ def format_epsilon(eps: float) -> str:
 
 
 def parse_epsilon(text: str | float) -> float:
-    """Inverse of `format_epsilon`; accepts numbers too."""
+    """Inverse of `format_epsilon`; accepts numbers too.
+
+    Only the literal `inf` (or `infinity`) means non-private: a number too large for a float
+    (`1e400`) is refused, not silently read as infinity.
+    """
     if isinstance(text, (int, float)):
-        return float(text)
-    t = text.strip().lower()
-    if t in ("inf", "infinity", "+inf"):
-        return INF
-    try:
-        value = float(t)
-    except ValueError as exc:
-        raise ConfigError(f"not a privacy budget: {text!r}", field="epsilon") from exc
-    if not value > 0:
+        value = float(text)
+    else:
+        t = text.strip().lower()
+        if t in _INF_WORDS:
+            return INF
+        try:
+            value = float(t)
+        except ValueError as exc:
+            raise ConfigError(f"not a privacy budget: {text!r}", field="epsilon") from exc
+        if math.isinf(value):
+            raise ConfigError(f"{text!r} is too large for a number; write inf for a non-private run",
+                              field="epsilon")
+    if math.isnan(value) or not value > 0:
         raise ConfigError(f"a budget must be > 0, got {text!r}", field="epsilon")
     return value
 
 
 __all__ = [n for n in dir() if n.endswith("Config")] + [
     "load_config",
+    "read_params",
+    "check_params_files",
     "flatten",
     "format_epsilon",
     "parse_epsilon",

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from mammodp.checkpoint import Checkpoint, as_checkpoint
 from mammodp.data.datasets import PatchTable, random_flips
 
 log = logging.getLogger(__name__)
@@ -82,19 +83,56 @@ def _loss_fn(spec: FitSpec):
 def _score(model, table: PatchTable, device) -> tuple[np.ndarray, float]:
     """P(malignant) on a table and its AUPRC (NaN with one class)."""
     from mammodp.metrics.classification import classification_metrics
-    from mammodp.serving import predict_proba
+    from mammodp.inference import predict_proba
 
     probs = predict_proba(model, table.images, device=str(device))
     return probs, float(classification_metrics(table.labels, probs)["auprc"])
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def _engine(model, optimizer, spec: FitSpec, private: PatchTable | None, public: PatchTable | None, device):
+    """The one DP engine of a run: private (finite epsilon) or its non-private mode."""
     import torch
 
-    from mammodp.io import atomic_path
+    from mammodp.privacy.engine import make_private
 
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    use_amp = spec.amp and torch.device(device).type == "cuda"
+    if private is not None:
+        records, unit, target = private.record_ids(spec.privacy_unit), spec.privacy_unit, spec.epsilon
+        sigma = spec.noise_multiplier if spec.private else None
+    else:  # synthetic only: public samples are the records of a non-private engine
+        records, unit, target, sigma = public.record_ids("patch"), "patch", math.inf, None
+    batch = spec.batch_size
+    if not (private is not None and spec.private):  # non-private: a small set is one batch
+        batch = min(batch, int(np.unique(records).size))
+    engine = make_private(
+        model, optimizer, record_ids=records, expected_batch_size=batch,
+        target_epsilon=target, delta=spec.delta, epochs=spec.epochs, max_grad_norm=spec.max_grad_norm,
+        accountant=spec.accountant, privacy_unit=unit, noise_multiplier=sigma,
+        # Subsampling amplification assumes the Poisson draws are secret: seed them (and
+        # the noise) from params only when reproducibility was asked for. Their state is
+        # still checkpointed, so a resumed run draws exactly what it would have drawn.
+        noise_seed=spec.seed if spec.reproducible_noise else None,
+        sampler_seed=spec.seed if (spec.reproducible_noise or not spec.private or private is None) else None,
+        grad_chunk=spec.grad_chunk, physical_batch_size=spec.physical_batch_size,
+        autocast_dtype=torch.bfloat16 if use_amp else None, per_sample_method=spec.per_sample_method,
+    )
+    log.info("%s: %d records, q=%.4g, sigma=%.4g, %d steps", "DP-SGD" if engine.private else "non-private",
+             engine.sampler.n_records, engine.sample_rate, engine.noise_multiplier, engine.total_steps)
+    return engine
+
+
+def _epsilon(engine, private: PatchTable | None) -> float:
+    """Epsilon spent on private records: 0 when none were trained on, inf without DP."""
+    return engine.epsilon_spent() if private is not None else 0.0
+
+
+def privacy_record(engine, private: PatchTable | None) -> dict[str, Any]:
+    """The one privacy-record schema of every run: the engine's summary, plus whether the
+    run's sampled records were private (synthetic-only training spends no epsilon)."""
+    rec = dict(engine.summary())
+    rec["trained_on_private"] = private is not None
+    rec["epsilon"] = _epsilon(engine, private)
+    return rec
 
 
 def fit(
@@ -105,11 +143,13 @@ def fit(
     public: PatchTable | None,
     val: PatchTable,
     device,
-    checkpoint: Path | None = None,
+    checkpoint: Checkpoint | Path | None = None,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
     desc: str = "train",
+    optimizer_factory: Callable[[list], Any] | None = None,
+    dist=None,
 ) -> FitResult:
     """Train `model` in place and return the best-by-validation state.
 
@@ -121,127 +161,94 @@ def fit(
         public: synthetic patches mixed into each step (never counted as private records).
         val: validation patches: the only data used for model selection.
         device: torch device.
-        checkpoint: file for the per-epoch checkpoint (model, optimiser, accountant, RNGs).
-        resume: continue from `checkpoint` if it exists.
+        checkpoint: the per-epoch checkpoint (model, optimiser, accountant, RNGs): a
+            `mammodp.checkpoint.Checkpoint` (file + the settings it must match) or a bare path.
+        resume: continue from `checkpoint` if it exists and was made with the same settings.
         on_epoch: called after every epoch with that epoch's record.
         progress: show a progress bar per epoch.
         desc: progress-bar label.
+        optimizer_factory: builds the optimiser from the trainable parameters; default
+            AdamW(lr, weight_decay) from `spec`. Its update is post-processing of the
+            (private) gradient, so any optimiser keeps the guarantee.
+        dist: a `mammodp.privacy.distributed.DistContext` to train data-parallel (records
+            sharded over the ranks, clipped sums all-reduced, noise once); default: the one
+            `distributed.setup()` joined in this process (torchrun), else single-process.
+            Every rank calls `fit` alike; only rank 0 writes the checkpoint.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from mammodp.privacy.engine import make_private
-
     if private is None and public is None:
         raise ValueError("nothing to train on: give private and/or public data")
+    if dist is None:
+        from mammodp.privacy.distributed import active
+
+        dist = active()
+    progress = progress and (dist is None or dist.is_main)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = (optimizer_factory(params) if optimizer_factory is not None
+                 else torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay))
     loss_fn = _loss_fn(spec)
-    gen = torch.Generator().manual_seed(spec.seed)  # shuffling, flips, public draws
-    use_amp = spec.amp and torch.device(device).type == "cuda"
-
-    dp_engine = None
-    if spec.private and private is not None:
-        records = private.record_ids(spec.privacy_unit)
-        n_records = int(records.max()) + 1
-        dp_engine = make_private(
-            model,
-            optimizer,
-            record_ids=records,
-            expected_batch_size=spec.batch_size,
-            target_epsilon=spec.epsilon,
-            delta=spec.delta,
-            epochs=spec.epochs,
-            max_grad_norm=spec.max_grad_norm,
-            accountant=spec.accountant,
-            privacy_unit=spec.privacy_unit,
-            noise_multiplier=spec.noise_multiplier,
-            # Subsampling amplification assumes the Poisson draws are secret: seed them (and
-            # the noise) from params only when reproducibility was asked for. Their state is
-            # still checkpointed, so a resumed run draws exactly what it would have drawn.
-            noise_seed=spec.seed if spec.reproducible_noise else None,
-            sampler_seed=spec.seed if spec.reproducible_noise else None,
-            grad_chunk=spec.grad_chunk,
-            physical_batch_size=spec.physical_batch_size,
-            autocast_dtype=torch.bfloat16 if use_amp else None,
-            per_sample_method=spec.per_sample_method,
-        )
-        log.info("DP-SGD: %d records, q=%.4g, sigma=%.4g, %d steps",
-                 n_records, dp_engine.sample_rate, dp_engine.noise_multiplier, dp_engine.total_steps)
+    gen = torch.Generator().manual_seed(spec.seed)  # flips and public draws
+    dp_engine = _engine(model, optimizer, spec, private, public, device)
+    aug_gen = gen  # flips; data-parallel ranks draw their own (their samples differ)
+    if dist is not None:
+        aug_gen = dist.make_data_parallel(dp_engine, spec.seed)
+    # The table the engine samples from: real records, or (synthetic-only training) the
+    # public set itself, sampled the same way so that every regime has one loop shape.
+    sampled = private if private is not None else public
+    mixed = public if private is not None else None
 
     start_epoch, history = 0, []
     best = {"state": copy.deepcopy(model.state_dict()), "epoch": -1, "auprc": -math.inf, "probs": None}
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = as_checkpoint(checkpoint)  # plain data, settings-checked (mammodp.checkpoint)
+    ck = None
+    if resume and checkpoint is not None and (dist is None or dist.is_main):
+        ck = checkpoint.load(spec)
+    if dist is not None and resume and checkpoint is not None:
+        ck = dist.broadcast_object(ck)  # rank 0's file: no shared file system needed
+    if ck is not None:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
-        if dp_engine is not None:
-            dp_engine.load_state_dict(ck["dp"])
+        dp_engine.load_state_dict(ck["dp"])
         start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck["best"]
-        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+        if dist is not None:
+            dist.load_rank_state(ck.get("ranks"), dp_engine, aug_gen)
+        log.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
+    if dist is not None:
+        dist.broadcast_module(model)  # replicas start equal; equal updates keep them so
 
-    x_priv = y_priv = x_pub = y_pub = None
-    if private is not None:
-        x_priv, y_priv = private.tensors()
-    if public is not None:
-        x_pub, y_pub = public.tensors()
+    x_s, y_s = sampled.tensors()
+    x_pub, y_pub = mixed.tensors() if mixed is not None else (None, None)
+    n_pub = max(1, round(spec.synth_ratio * spec.batch_size)) if x_pub is not None and spec.synth_ratio > 0 else 0
 
     def augment(x):
-        return random_flips(x, gen) if spec.flip else x
+        return random_flips(x, aug_gen) if spec.flip else x
 
+    # One loop for every run: Poisson batches from the engine (private records, or the public
+    # set when nothing private is trained on), synthetic samples mixed into every step, the
+    # engine's precision policy. eps = inf differs from DP only in clipping, noise and accounting.
     for epoch in range(start_epoch, spec.epochs):
         model.train()
         losses = []
-        if dp_engine is not None:
-            steps = dp_engine.steps_per_epoch
-            bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
-            for step in bar:
-                idx = dp_engine.sample_batch()  # Poisson: patch indices of the sampled records
-                xb, yb = augment(x_priv[idx]), y_priv[idx]
-                pub = None
-                if x_pub is not None and spec.synth_ratio > 0:
-                    m = max(1, round(spec.synth_ratio * spec.batch_size))
-                    j = torch.randint(0, len(x_pub), (m,), generator=gen)
-                    pub = (augment(x_pub[j]).to(device), y_pub[j].to(device))
-                loss = dp_engine.step(xb.to(device), yb.to(device), loss_fn, record_idx=idx, public=pub)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss)
-                if progress and step == steps - 1:  # accounting is costly: once per epoch
-                    bar.set_postfix(loss=f"{loss:.3f}", eps=f"{dp_engine.epsilon_spent():.2f}")
-        else:
-            # Non-private: shuffled minibatches over private + public (mixed at synth_ratio).
-            xs, ys = [], []
-            if x_priv is not None:
-                xs.append(x_priv)
-                ys.append(y_priv)
-            if x_pub is not None:
-                if x_priv is not None and spec.synth_ratio > 0:
-                    m = min(len(x_pub), max(1, round(spec.synth_ratio * len(x_priv))))
-                    j = torch.randperm(len(x_pub), generator=gen)[:m]
-                    xs.append(x_pub[j])
-                    ys.append(y_pub[j])
-                elif x_priv is None:
-                    xs.append(x_pub)
-                    ys.append(y_pub)
-            x_all, y_all = torch.cat(xs), torch.cat(ys)
-            order = torch.randperm(len(x_all), generator=gen)
-            batches = [order[i : i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
-            bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
-            for bidx in bar:
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for chunk in bidx.split(spec.physical_batch_size):
-                    xb, yb = augment(x_all[chunk]).to(device), y_all[chunk].to(device)
-                    with torch.autocast(device_type="cuda", enabled=use_amp):
-                        loss = loss_fn(model(xb), yb) * (len(chunk) / len(bidx))
-                    loss.backward()
-                    total += loss.item()
-                optimizer.step()
-                losses.append(total)
-                bar.set_postfix(loss=f"{total:.3f}")
+        steps = dp_engine.steps_per_epoch
+        bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
+        for step in bar:
+            idx = dp_engine.sample_batch()  # Poisson: sample indices of the sampled records
+            xb, yb = augment(x_s[idx]), y_s[idx]
+            pub = None
+            if n_pub:
+                j = torch.randint(0, len(x_pub), (n_pub,), generator=gen)  # public: with replacement
+                pub = (augment(x_pub[j]), y_pub[j])
+            loss = dp_engine.step(xb, yb, loss_fn, record_idx=idx, public=pub)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            if progress and step == steps - 1:  # accounting is costly: once per epoch
+                eps = dp_engine.epsilon_spent()
+                bar.set_postfix(loss=f"{loss:.3f}", eps="inf" if math.isinf(eps) else f"{eps:.2f}")
 
         val_probs, val_auprc = _score(model, val, device)
         record = {
@@ -250,27 +257,26 @@ def fit(
             # a diagnostic outside epsilon (the stage says so in the run).
             "train_loss": float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
             "val_auprc": val_auprc,
-            "epsilon": dp_engine.epsilon_spent() if dp_engine is not None else (math.inf if private is not None else 0.0),
+            "epsilon": _epsilon(dp_engine, private),
         }
         history.append(record)
         if np.isfinite(val_auprc) and val_auprc > best["auprc"]:
             best = {"state": copy.deepcopy(model.state_dict()), "epoch": epoch, "auprc": val_auprc, "probs": val_probs}
         if checkpoint is not None:
-            _save_checkpoint(Path(checkpoint), {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(), "dp": dp_engine.state_dict() if dp_engine else None,
-                "epoch": epoch, "history": history, "best": best, "spec": asdict(spec),
-            })
+            ranks = dist.gather_rank_state(dp_engine, aug_gen) if dist is not None else None
+            if dist is None or dist.is_main:
+                checkpoint.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(), "dp": dp_engine.state_dict(),
+                    "epoch": epoch, "history": history, "best": best,
+                    **({"ranks": ranks} if ranks is not None else {}),
+                }, spec)
         if on_epoch is not None:
             on_epoch(record)
 
     if best["probs"] is None:  # every epoch had NaN AUPRC (one-class val): keep the last weights
         best = {"state": copy.deepcopy(model.state_dict()), "epoch": spec.epochs - 1,
                 "auprc": float("nan"), "probs": _score(model, val, device)[0]}
-    privacy = dp_engine.summary() if dp_engine is not None else {
-        "epsilon": math.inf if private is not None else 0.0,
-        "noise_multiplier": 0.0, "sample_rate": float("nan"), "steps": 0,
-        "accountant": "none", "accountant_fallback": False,
-    }
+    privacy = privacy_record(dp_engine, private)
     return FitResult(best_state=best["state"], best_epoch=best["epoch"], best_val_auprc=best["auprc"],
                      history=history, privacy=privacy, val_probs=best["probs"])

@@ -107,7 +107,8 @@ def test_broken_manifest_exits_1_naming_the_expectation(workdir: Path):
     result = invoke("--report-dir", "reports")
     assert result.exit_code == 1
     assert error_lines(result) == [
-        "error: cbis: expect_column_values_to_be_unique(sample_id) (reports in reports)"]
+        "error: cbis: expect_column_values_to_be_unique(sample_id) (first: patient_id 'P-cbis-train-0', "
+        "sample_id 'cbis-train-0') (reports in reports)"]
     assert "Traceback" not in result.output
 
     bcdr = json.loads((workdir / "reports" / "bcdr.json").read_text())
@@ -130,13 +131,13 @@ def test_missing_manifest_is_a_data_error(workdir: Path):
     assert not (workdir / "reports").exists()
 
 
-def test_synthetic_manifest_expects_generator_size(workdir: Path):
+def test_synthetic_manifest_expects_the_patch_size(workdir: Path):
+    """`synthesize` resizes generator output to prepare.patch_size: every set is checked at it."""
     cfg = load_config(workdir / "params.yaml")
-    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, image_size=64))
+    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, image_size=128))
     synthetic = Path(cfg.data.synthetic_dir) / "manifest.parquet"
     prepared = Path(cfg.data.prepared_dir) / "cbis" / "manifest.parquet"
-    assert expected_shape(cfg, synthetic) == (64, 64)
-    assert expected_shape(cfg, prepared) == (PATCH, PATCH)
+    assert expected_shape(cfg, synthetic) == expected_shape(cfg, prepared) == (PATCH, PATCH)
 
 
 @pytest.mark.parametrize("key, value", [

@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory) -> Path:
     import torch
 
     from mammodp.models.swin import create_classifier
-    from mammodp.serving import save_classifier
+    from mammodp.inference import save_classifier
 
     torch.manual_seed(0)
     model = create_classifier("swin_micro", pretrained_weights=None, mode="full")

@@ -56,9 +56,30 @@ def test_nonprivate_and_private_runs_track_the_stable_names(env, project):
     from mammodp.stages import train
 
     s_inf = train.run(env, regime="real", epsilon=math.inf, out=project / "m/real-inf",
-                      metrics_out=project / "metrics/real-inf.json")
+                      metrics_out=project / "metrics/real-inf.json", report_out=project / "reports/real-inf.json")
     s_dp = train.run(env, regime="real", epsilon=1.0, out=project / "m/real-1",
-                     metrics_out=project / "metrics/real-1.json")
+                     metrics_out=project / "metrics/real-1.json", report_out=project / "reports/real-1.json")
+
+    # Metrics files hold numbers only (same columns per cell); the prose is in the report.
+    for name in ("real-inf", "real-1"):
+        numbers = json.loads((project / f"metrics/{name}.json").read_text())
+        assert numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values())
+        assert "privacy_note" in json.loads((project / f"reports/{name}.json").read_text())
+    assert json.loads((project / "metrics/real-1.json").read_text())["private"] == 1
+    assert "epsilon" not in json.loads((project / "metrics/real-inf.json").read_text())
+
+    # Lineage: the run's dataset inputs name its manifests, with digests; the experiment opens
+    # in MLflow's model-training view; adding a budget would keep the same grid parent.
+    run_dp = mlflow.get_run(s_dp["runs"][0]["run_id"])
+    inputs = {(d.dataset.name, d.tags[0].value if d.tags else None): d.dataset for d in run_dp.inputs.dataset_inputs}
+    names = {n for n, _ in inputs}
+    assert {"cbis-train", "cbis-val"} <= names, names
+    for ds in inputs.values():
+        assert ds.digest and "manifest.parquet" in ds.source and not ds.source.startswith(str(project))
+    exp = mlflow.get_experiment_by_name(env.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    more = dataclasses.replace(env, train=dataclasses.replace(env.train, epsilons=(1.0, 3.0, math.inf)))
+    assert train.grid_parent_run(more) == run_dp.data.tags["mlflow.parentRunId"]
 
     # DP run: epsilon spent at most the target, from the accountant over Poisson sampling.
     assert 0 < s_dp["epsilon_spent_max"] <= 1.0 + 1e-9
@@ -82,13 +103,13 @@ def test_nonprivate_and_private_runs_track_the_stable_names(env, project):
     assert "val_auprc" in run_inf.data.metrics and "train_loss" in run_inf.data.metrics
 
     # The saved model scores the internal test set well above chance (non-private smoke run).
-    from mammodp.serving import load_classifier, predict_proba
+    from mammodp.inference import load_classifier, predict_proba
 
     model, meta = load_classifier(project / "m/real-inf/seed=0")
     test = PatchTable.load(project / "prepared/cbis/manifest.parquet", ["test"])
     auroc = classification_metrics(test.labels, predict_proba(model, test.images))["auroc"]
     assert auroc > 0.6, auroc
-    assert float(meta["epsilon"]) == math.inf and json.loads((project / "metrics/real-1.json").read_text())["runs"]
+    assert float(meta["epsilon"]) == math.inf and json.loads((project / "reports/real-1.json").read_text())["runs"]
 
 
 def test_resume_after_a_kill_ends_with_the_same_epsilon(env, project):

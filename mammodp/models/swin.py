@@ -179,7 +179,8 @@ def create_classifier(
     Args:
         preset: a key of `PRESETS` (`swin_micro`, `swin_tiny`).
         pretrained_weights: local `.pth` / `.pt` / `.bin` (torch state dict) or `.safetensors`
-            file, or None for random initialisation. Either a timm / Microsoft Swin checkpoint
+            file, a hub model `hf-hub:ORG/NAME` (see `resolve_weights`), or None for random
+            initialisation. Either a timm / Microsoft Swin checkpoint
             (its classifier head is ignored) or a state dict of this classifier (backbone and,
             where the shapes fit, head).
         mode: `full` trains everything; `frozen_backbone` trains only the MLP head (the
@@ -203,6 +204,57 @@ def create_classifier(
 
 
 # --------------------------------------------------------------------------- weights
+
+
+HF_HUB_PREFIX = "hf-hub:"
+# Files a timm model repository on the Hugging Face Hub holds its weights in, in order of preference.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def resolve_weights(spec: str | Path) -> Path:
+    """The local file behind a weights setting: a path as is, or a hub model through the cache.
+
+    `hf-hub:ORG/NAME[@REVISION]` (timm's naming, e.g.
+    `hf-hub:timm/swin_tiny_patch4_window7_224.ms_in1k`) is resolved by huggingface_hub: from
+    its local cache (`HF_HUB_CACHE` / `HF_HOME`), downloading only when online. With
+    `HF_HUB_OFFLINE=1` nothing is downloaded and a model missing from the cache is an error
+    naming it.
+
+    Raises:
+        WeightsError: the hub model is not cached (offline), does not exist, or holds no weights file.
+    """
+    text = str(spec)
+    if not text.startswith(HF_HUB_PREFIX):
+        return Path(spec)
+    repo, _, revision = text[len(HF_HUB_PREFIX):].partition("@")
+    if not repo or repo.count("/") != 1:
+        raise WeightsError(f"hub model must be written hf-hub:ORG/NAME[@REVISION], got {text!r}",
+                           field="model.pretrained_weights")
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    missing = []
+    for filename in HF_WEIGHT_FILES:
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision or None))
+        except EntryNotFoundError:
+            missing.append(filename)
+        except LocalEntryNotFoundError:
+            missing.append(filename)
+            continue
+        except RepositoryNotFoundError as exc:
+            raise WeightsError(f"hub model {repo!r} does not exist (or needs a token)",
+                               field="model.pretrained_weights") from exc
+        except OSError as exc:  # network and file-system failures of the download
+            raise WeightsError(f"hub model {repo!r} could not be fetched: {type(exc).__name__}: {exc}",
+                               field="model.pretrained_weights") from exc
+    if offline:
+        raise WeightsError(f"hub model {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                           f"forbids downloading it (looked for {', '.join(missing)}); download it once online, "
+                           "or point model.pretrained_weights at a local file", field="model.pretrained_weights")
+    raise WeightsError(f"hub model {repo!r} has none of {', '.join(HF_WEIGHT_FILES)} (or the hub is unreachable "
+                       "and it is not cached)", field="model.pretrained_weights")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -242,7 +294,7 @@ def load_weights(model: SwinClassifier, path: str | Path) -> None:
         WeightsError: missing or unreadable file, or keys / shapes that do not fit the
             backbone (the message lists missing, unexpected and mismatched keys).
     """
-    path = Path(path)
+    path = resolve_weights(path)
     sd = _read_state_dict(path)
     if any(k.startswith("backbone.") for k in sd):
         # A mammodp classifier state dict (what `model.state_dict()` saves).

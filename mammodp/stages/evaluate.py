@@ -20,6 +20,7 @@ import pandas as pd
 
 from mammodp.config import Config, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 from mammodp.io import atomic_dir, write_json
 
@@ -28,13 +29,35 @@ log = logging.getLogger(__name__)
 SPLITS = {"val": "validation", "internal": "CBIS test", "external": "BCDR"}
 
 
-def _tables(cfg: Config) -> dict[str, PatchTable]:
-    root = Path(cfg.data.prepared_dir)
-    cbis = read_manifest_table(root / "cbis" / "manifest.parquet")
-    bcdr = read_manifest_table(root / "bcdr" / "manifest.parquet")
-    out = {"val": cbis[cbis["split"] == "val"], "internal": cbis[cbis["split"] == "test"],
-           "external": bcdr[bcdr["split"] == "external"]}
-    return {k: PatchTable.from_frame(v) for k, v in out.items()}
+def _tables(cfg: Config) -> tuple[dict[str, PatchTable], dict[str, Path]]:
+    """The evaluation tables by split key, and the manifest each one came from."""
+    cbis, bcdr = manifest_path(cfg.data.prepared_dir, "cbis"), manifest_path(cfg.data.prepared_dir, "bcdr")
+    sources = {"val": (cbis, "val"), "internal": (cbis, "test"), "external": (bcdr, "external")}
+    frames = {p: read_manifest_table(p) for p in {m for m, _ in sources.values()}}
+    tables = {k: PatchTable.from_frame(frames[m][frames[m]["split"] == split]) for k, (m, split) in sources.items()}
+    return tables, {k: m for k, (m, _) in sources.items()}
+
+
+# MLflow dataset names of the evaluation splits (training logs cbis-train / cbis-val itself).
+DATASET_NAMES = {"internal": "cbis-test", "external": "bcdr-external"}
+
+
+def cell_metrics(records: list[dict], split: str) -> dict[str, dict]:
+    """`dvc metrics show` numbers of one regime on one split: `{eps=E: {auroc, auroc_lo, ...}}`.
+
+    Means over seeds; CIs are the mean of the seeds' bootstrap bounds. One file per
+    (split, regime) makes `dvc metrics show` a table with one row per regime.
+    """
+    out: dict[str, dict] = {}
+    for eps in sorted({r["epsilon_target"] for r in records}):
+        rs = [r["splits"][split] for r in records if r["epsilon_target"] == eps]
+        cell = {}
+        for key in ("auroc", "auroc_ci_low", "auroc_ci_high", "auprc", "auprc_ci_low", "auprc_ci_high"):
+            vals = [float(m[key]) for m in rs if key in m and m[key] is not None and math.isfinite(float(m[key]))]
+            if vals:
+                cell[key.replace("_ci_low", "_lo").replace("_ci_high", "_hi")] = round(float(np.mean(vals)), 4)
+        out[f"eps={format_epsilon(eps)}"] = cell
+    return out
 
 
 def _subgroups(frame: pd.DataFrame, probs: np.ndarray, cfg: Config) -> dict[str, pd.DataFrame]:
@@ -59,8 +82,13 @@ def _subgroups(frame: pd.DataFrame, probs: np.ndarray, cfg: Config) -> dict[str,
 
 
 def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path("metrics/eval"),
-        plots: Path = Path("plots/eval")) -> dict:
-    """Evaluate the whole grid; write metrics/eval/{summary.json,runs/}, plots/eval/ and log to MLflow."""
+        plots: Path = Path("plots/eval"), report: Path = Path("reports/eval")) -> dict:
+    """Evaluate the whole grid and log to MLflow.
+
+    Writes `out/{internal,external}/<regime>.json` (numbers only, for `dvc metrics show`),
+    `report/` (per-run detail with fairness, the summary with correlations and notes) and
+    `plots/` (privacy-utility and fairness CSVs for `dvc plots`, figures).
+    """
     import mlflow
     from tqdm.auto import tqdm
 
@@ -68,10 +96,10 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     from mammodp.metrics.classification import evaluate_predictions
     from mammodp.metrics.fairness import epsilon_spd_correlation
     from mammodp.metrics.plots import plot_fairness, plot_pr_roc, plot_privacy_utility
+    from mammodp.inference import load_classifier, predict_proba
     from mammodp.privacy.compose import NOT_COVERED, served_epsilon
-    from mammodp.serving import load_classifier, predict_proba
 
-    tables = _tables(cfg)
+    tables, manifests = _tables(cfg)
     cells = [(r, e) for r in cfg.train.regimes for e in cfg.train.epsilons]
     run_dirs = []
     for regime, eps in cells:
@@ -82,8 +110,8 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
             run_dirs.append((regime, eps, seed, d))
 
     records, fairness_rows, curves_all = [], [], {}
-    out, plots = Path(out), Path(plots)
-    with atomic_dir(out / "runs") as runs_tmp, atomic_dir(plots / "figures") as fig_tmp:
+    out, plots, report = Path(out), Path(plots), Path(report)
+    with atomic_dir(report / "runs") as runs_tmp, atomic_dir(plots / "figures") as fig_tmp:
         for regime, eps, seed, d in tqdm(run_dirs, desc="evaluate"):
             model, meta = load_classifier(d)
             thr = float(meta["threshold"])
@@ -112,6 +140,8 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
             curves_all[name] = curves
             # Results go to the training run too, so the MLflow UI compares the grid in one table.
             with tracking.start_run(cfg.experiment, "train", run_id=meta["run_id"]):
+                for split, name_ds in DATASET_NAMES.items():
+                    tracking.log_dataset(tables[split].frame, manifests[split], name_ds, "test")
                 for split, m in per_run["splits"].items():
                     tracking.log_metrics({f"{split}_{k}": v for k, v in m.items()})
                 tracking.log_figure(fig, f"eval/pr_roc_{name}.png")
@@ -169,7 +199,12 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
         "selection": "thresholds and checkpoints chosen on the validation split only",
         "privacy_note": "epsilon per run as recorded by its accountant; see each run's privacy/what_epsilon_covers.txt",
     }
-    write_json(out / "summary.json", summary)
+    write_json(report / "summary.json", summary)
+    with atomic_dir(out) as tmp:
+        for split in ("internal", "external"):
+            for regime in cfg.train.regimes:
+                write_json(tmp / split / f"{regime}.json",
+                           cell_metrics([r for r in records if r["regime"] == regime], split))
     with tracking.start_run(cfg.experiment, "evaluate", name="evaluate",
                             params={"bootstrap": cfg.evaluate.bootstrap, "n_runs": len(records)}):
         mlflow.log_artifact(str(plots / "privacy_utility.csv"), "plots")

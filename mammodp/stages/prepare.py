@@ -27,7 +27,7 @@ from mammodp import errors
 from mammodp.config import Config
 from mammodp.data import bcdr, cbis
 from mammodp.data.imageio import save_patch
-from mammodp.data.manifest import SPLITS, write_manifest
+from mammodp.data.manifest import SPLITS, manifest_path, write_manifest
 from mammodp.data.patches import ImagePatches, PatchGeometry
 from mammodp.data.splits import assign_splits, check_patient_disjoint
 from mammodp.errors import ConfigError, DataError, MammoDPError
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 IMPORTERS: dict[str, ModuleType] = {"cbis-ddsm": cbis, "bcdr": bcdr}
 SKIPPED_NAME = "skipped.json"
 PATCH_DIR = "patches"
+
+
+# prepare.* keys only the CBIS-DDSM import reads (its val split); BCDR is all external.
+CBIS_ONLY_KEYS = ("val_fraction", "stratify", "seed")
 
 
 def _bare_message(exc: MammoDPError) -> str:
@@ -119,7 +123,16 @@ def _summary(df: pd.DataFrame, source: str, out: Path) -> str:
 
 
 def run(cfg: Config, source: str, root: Path, out: Path) -> None:
-    """Import one raw source into `out` (patches, manifest, skip report).
+    """Import one raw source into `out` and log the import as an MLflow run (see `import_source`)."""
+    df, skipped = import_source(cfg, source, root, out)
+    _log_run(cfg, source, root, out, df, skipped)
+
+
+def import_source(cfg: Config, source: str, root: Path, out: Path) -> tuple[pd.DataFrame, list]:
+    """Import one raw source into `out` (patches, manifest, skip report); no tracking.
+
+    Returns:
+        (the manifest, the skipped files).
 
     Args:
         cfg: the whole config; reads `cfg.prepare`.
@@ -197,7 +210,7 @@ def run(cfg: Config, source: str, root: Path, out: Path) -> None:
             "%d lesion(s) from %d file(s) skipped; listed in %s", n_lesions, len(skipped), out / SKIPPED_NAME
         )
     print(_summary(df, source, out))
-    _log_run(cfg, source, root, out, df, skipped)
+    return df, skipped
 
 
 def _log_run(cfg: Config, source: str, root: Path, out: Path, df: pd.DataFrame, skipped: list) -> None:
@@ -209,8 +222,10 @@ def _log_run(cfg: Config, source: str, root: Path, out: Path, df: pd.DataFrame, 
 
     counts = df.groupby(["split", "label"]).size()
     with tracking.start_run(cfg.experiment, "prepare", name=f"prepare/{source}",
-                            tags={"source": source, "manifest_hash": tracking.manifest_hash(out / "manifest.parquet")},
-                            params={**flatten(cfg.prepare, "prepare"), "source": source, "root": str(root)}):
+                            tags={"source": source, "manifest_hash": tracking.manifest_hash(manifest_path(out))},
+                            params={**{k: v for k, v in flatten(cfg.prepare, "prepare").items()
+                                       if source == "cbis-ddsm" or k.split(".")[1] not in CBIS_ONLY_KEYS},
+                                    "source": source, "root": str(root)}):
         tracking.log_metrics({f"n_{split}_{'malignant' if label == 1 else 'benign'}": int(n)
                               for (split, label), n in counts.items()})
         tracking.log_metrics({"n_patches": len(df), "n_patients": int(df["patient_id"].nunique()),

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mammodp.config import Config, flatten
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,28 @@ def _metrics_for_mlflow(prefix: str, node: Any, out: dict[str, float]) -> None:
         out[prefix] = float(node)
 
 
-def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = Path("plots/synthesis")) -> dict:
-    """Compute the table and the memorisation check; write OUT and PLOTS; return the results.
+def synthesis_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """The table's numbers for `dvc metrics show`: overall mean per metric and pair, and the
+    memorisation figures. Skipped metrics are absent (the report says why)."""
+    out: dict[str, Any] = {}
+    for metric in ("frd", "fid"):
+        block = results.get(metric, {})
+        if block.get("skipped"):
+            continue
+        row = {pair: round(float(block[pair]["overall"]["mean"]), 4) for pair in PAIRS
+               if isinstance(block.get(pair), dict) and "mean" in block[pair].get("overall", {})}
+        if row:
+            out[metric] = row
+    mem = results["memorisation"]
+    out["memorisation"] = {k: mem[k] for k in ("fraction_below_threshold", "n_flagged", "threshold")
+                           if isinstance(mem.get(k), (int, float))}
+    return out
+
+
+def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = Path("plots/synthesis"),
+        report: Path = Path("reports/synthesis.json")) -> dict:
+    """Compute the table and the memorisation check; write OUT (numbers), REPORT (the whole
+    table with its notes) and PLOTS; return the results.
 
     Raises:
         DataError: a manifest or patch is missing, or a split the check needs is empty.
@@ -174,9 +195,9 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
     q = cfg.synth_quality
     seed_everything(q.seed)
     prepared = Path(cfg.data.prepared_dir)
-    cbis_manifest = prepared / "cbis" / "manifest.parquet"
-    synth_manifest = Path(cfg.data.synthetic_dir) / "manifest.parquet"
-    bcdr_manifest = prepared / "bcdr" / "manifest.parquet"
+    cbis_manifest = manifest_path(prepared, "cbis")
+    synth_manifest = manifest_path(cfg.data.synthetic_dir)
+    bcdr_manifest = manifest_path(prepared, "bcdr")
 
     real, real_labels, _ = _load(cbis_manifest, ["train"], None)
     shape = tuple(real.shape[-2:])
@@ -270,7 +291,8 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
     with atomic_dir(plots) as tmp:
         for name, fig in figures.items():
             fig.savefig(tmp / name, dpi=90)
-    write_json(out, results)
+    write_json(report, results)
+    write_json(out, synthesis_metrics(results))
 
     metrics: dict[str, float] = {}
     for key in ("frd", "fid"):

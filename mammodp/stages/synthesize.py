@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mammodp.config import Config, flatten
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def run(cfg: Config, generator: Path = Path("models/mcgan"), out: Path = Path("d
                 imgs = mcgan.sample(G, labels[start:start + BATCH], z=z[start:start + BATCH])
                 for j, img in enumerate(resize(imgs, size)):
                     save_patch(tmp / df["image_path"].iloc[start + j], img)
-            df.to_parquet(tmp / "manifest.parquet", index=False)
+            df.to_parquet(manifest_path(tmp), index=False)
             df.to_csv(tmp / "manifest.csv", index=False)
             write_json(tmp / "generator_privacy.json", generator_privacy(info))
         tracking.log_metrics({"n_images": len(df), "n_per_class": s.n_per_class})

@@ -14,9 +14,12 @@ Each seed is one MLflow run under the grid's parent run, tagged as DESIGN.md say
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,7 +28,9 @@ import pandas as pd
 
 from mammodp.config import Config, flatten, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import ConfigError, DataError
+from mammodp.checkpoint import Checkpoint, exclusive_output
 from mammodp.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -42,11 +47,11 @@ PRIVACY_NOTE = (
 
 
 def cbis_manifest(cfg: Config) -> Path:
-    return Path(cfg.data.prepared_dir) / "cbis" / "manifest.parquet"
+    return manifest_path(cfg.data.prepared_dir, "cbis")
 
 
 def synthetic_manifest(cfg: Config) -> Path:
-    return Path(cfg.data.synthetic_dir) / "manifest.parquet"
+    return manifest_path(cfg.data.synthetic_dir)
 
 
 def synthetic_provenance(df: pd.DataFrame) -> dict:
@@ -61,8 +66,23 @@ def synthetic_provenance(df: pd.DataFrame) -> dict:
     }
 
 
-def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None):
-    """The FitSpec of one run from params (and tuned values where `params_from_tune`)."""
+# train.* keys each regime reads (dvc.yaml lists exactly these for its stage; MLflow logs them).
+_COMMON_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "physical_batch_size", "label_smoothing", "flip",
+                "amp", "seeds", "device")
+REGIME_TRAIN_KEYS = {
+    "real": _COMMON_KEYS,
+    "real+synth": _COMMON_KEYS + ("synth_ratio",),
+    "synth": _COMMON_KEYS,
+    "synth-pretrain+dp-finetune": _COMMON_KEYS + ("pretrain_epochs",),
+}
+
+
+def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None, regime: str = "real"):
+    """The FitSpec of one run from params (and tuned values from `--tuned`).
+
+    Only `real+synth` mixes synthetic samples into the steps, so only it reads
+    `train.synth_ratio`.
+    """
     from mammodp.training import FitSpec
 
     t, dp = cfg.train, cfg.dp
@@ -72,21 +92,39 @@ def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None):
         flip=t.flip, amp=t.amp, seed=seed, epsilon=epsilon, delta=dp.delta,
         max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, privacy_unit=dp.privacy_unit,
         grad_chunk=dp.grad_chunk, per_sample_method=dp.per_sample_method, reproducible_noise=dp.reproducible_noise,
-        synth_ratio=t.synth_ratio,
+        synth_ratio=t.synth_ratio if regime == "real+synth" else 0.0,
     )
     if tuned:
         spec = replace(spec, **{k: v for k, v in tuned.items() if k in ("lr", "max_grad_norm", "noise_multiplier", "epochs")})
     return spec
 
 
-def load_tuned(cfg: Config, epsilon: float) -> dict | None:
-    """Best params of the Optuna study for this budget, when `train.params_from_tune` is on."""
-    if not cfg.train.params_from_tune or math.isinf(epsilon):
+def load_tuned(path: Path | None) -> dict | None:
+    """Best params of a finished Optuna study (`reports/tune/eps=E.json`), or None.
+
+    Tuned values are opted into per command (`mammodp train --tuned FILE`), never read
+    behind DVC's back: a DVC stage that should use them lists the file as a dep.
+    """
+    if path is None:
         return None
-    p = Path("metrics/tune") / f"eps={format_epsilon(epsilon)}.json"
+    p = Path(path)
     if not p.is_file():
-        raise DataError("train.params_from_tune is on but the tuning result is missing; run `mammodp tune`", path=p)
-    return json.loads(p.read_text())["best_params"]
+        raise DataError("tuning result not found; run `mammodp tune` first", path=p)
+    try:
+        best = json.loads(p.read_text()).get("best_params")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise DataError(f"not a tuning report ({exc})", path=p) from exc
+    if not best:
+        raise DataError("the study has no complete trial: no best params to train with", path=p)
+    # The study's privacy cost travels with its params (fit_spec takes only the numeric keys),
+    # so that the run and its registered version state it.
+    statement = json.loads(p.read_text()).get("privacy_statement")
+    return {**best, "privacy_statement": str(statement)} if statement else best
+
+
+# Settings that define a grid's recipe; a grid's cells (budgets, regimes, seeds) and where it
+# runs (device, workers) are not part of it, so adding a budget keeps the same parent run.
+_NOT_RECIPE = ("synthetic_regimes", "epsilons", "seeds", "device", "num_workers")
 
 
 def grid_parent_run(cfg: Config) -> str:
@@ -97,7 +135,8 @@ def grid_parent_run(cfg: Config) -> str:
 
     from mammodp import tracking
 
-    grid = {"model": asdict(cfg.model), "train": asdict(cfg.train), "dp": asdict(cfg.dp)}
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in _NOT_RECIPE}
+    grid = {"plan": cfg.plan, "model": asdict(cfg.model), "train": train, "dp": asdict(cfg.dp)}
     key = hashlib.sha256(json.dumps(grid, sort_keys=True, default=str).encode()).hexdigest()[:12]
     runs = tracking.find_runs(cfg.experiment, f"tags.stage = 'train-grid' and tags.grid_id = '{key}'")
     if len(runs):
@@ -106,21 +145,69 @@ def grid_parent_run(cfg: Config) -> str:
                             tags={"grid_id": key, "plan": cfg.plan},
                             params=flatten(grid),
                             description="Parent of the classifier grid: regimes x budgets x seeds.") as run:
-        mlflow.set_tag("grid_regimes", ",".join(cfg.train.regimes))
         return run.info.run_id
 
 
+def cell_metrics(summary: dict) -> dict[str, float]:
+    """The numbers of a grid cell for `dvc metrics show`: one row per cell, same columns.
+
+    Non-finite values are left out (a non-private cell has no epsilon: `private` is 0).
+    """
+    runs = summary["runs"]
+    out: dict[str, float] = {
+        "val_auprc": summary["val_auprc_mean"],
+        "val_auprc_std": float(np.std([r["val_auprc"] for r in runs])) if len(runs) > 1 else 0.0,
+        "private": int(math.isfinite(summary["epsilon_target"])),
+        "epsilon_target": summary["epsilon_target"],
+        "epsilon": summary["epsilon_spent_max"],
+        "within_budget": int(all(r["within_budget"] for r in runs)),
+        "noise_multiplier": float(np.mean([r["noise_multiplier"] or 0.0 for r in runs])),
+        "sample_rate": float(np.mean([r["sample_rate"] for r in runs])),
+        "steps": int(max(r["steps"] for r in runs)),
+        "best_epoch": float(np.mean([r["best_epoch"] for r in runs])),
+        "n_seeds": len(runs),
+    }
+    return {k: v for k, v in out.items() if isinstance(v, int) or math.isfinite(v)}
+
+
 def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = False, device: str | None = None,
-        out: Path | None = None, metrics_out: Path | None = None) -> dict:
-    """Train one grid cell for every seed; write `out/seed=S/` models and a metrics JSON."""
-    from mammodp.runtime import resolve_device
+        out: Path | None = None, metrics_out: Path | None = None, report_out: Path | None = None,
+        tuned_path: Path | None = None, resume_if_valid: bool = False) -> dict:
+    """Train one grid cell for every seed.
+
+    Writes `out/seed=S/` models, a numbers-only metrics JSON (`metrics_out`, for
+    `dvc metrics show`) and the full record with its privacy statement (`report_out`).
+
+    Under `torchrun --nproc_per_node=N` every rank runs this alike, training data-parallel
+    (`mammodp.privacy.distributed`); only rank 0 logs to MLflow and writes outputs.
+    Checkpoints live in `out/.checkpoints/` (locked: one trainer per `out`). `resume` continues
+    from them and refuses ones made with other settings; `resume_if_valid` (the pipeline's
+    choice) continues from a checkpoint of identical settings and otherwise trains afresh.
+    """
+    from mammodp.privacy import distributed
+    from mammodp.runtime import claim_gpu, resolve_device
+
+    if (gpu := claim_gpu()) is not None:  # one GPU per concurrent job of a DVC queue ($MAMMODP_GPU_POOL)
+        log.info("job holds GPU %s of $MAMMODP_GPU_POOL", gpu)
 
     if regime not in REGIMES:
         raise ConfigError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}", field="regime")
     eps_txt = format_epsilon(epsilon)
     out = Path(out or Path("models/classifier") / f"{regime}-{eps_txt}")
     metrics_out = Path(metrics_out or Path("metrics/train") / f"{regime}-{eps_txt}.json")
-    dev = resolve_device(device or cfg.train.device)
+    report_out = Path(report_out or Path("reports/train") / f"{regime}-{eps_txt}.json")
+    dist = distributed.setup(device or cfg.train.device)  # None outside torchrun
+    try:
+        return _run_cell(cfg, regime, epsilon, seeds, resume, dist.device if dist else resolve_device(device or cfg.train.device),
+                         out, metrics_out, report_out, tuned_path, dist)
+    finally:
+        if dist is not None:
+            distributed.shutdown()
+
+
+def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report_out, tuned_path, dist) -> dict:
+    main = dist is None or dist.is_main
+    eps_txt = format_epsilon(epsilon)
     seeds = list(seeds or cfg.train.seeds)
 
     manifest = cbis_manifest(cfg)
@@ -136,17 +223,23 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
         if synth.images.shape[-2:] != val.images.shape[-2:]:
             raise DataError(f"synthetic patches are {synth.images.shape[-2:]} but real ones "
                             f"{val.images.shape[-2:]}; regenerate the synthetic set", path=sm)
-    tuned = load_tuned(cfg, epsilon)
+    tuned = load_tuned(tuned_path)
 
     results = []
-    parent = grid_parent_run(cfg)
-    with atomic_dir(out) as tmp_out:
-        # Resume reads the checkpoints the previous attempt left in the live folder.
-        ckpt_root = Path("checkpoints") / "classifier" / f"{regime}-{eps_txt}"
+    parent = grid_parent_run(cfg) if main else None
+    # Checkpoints live in the live `out` (replaced whole, with them, when the cell is done); the
+    # lock refuses a second trainer on `out` and lets stale temp outputs of a kill -9 be removed.
+    # Ranks other than 0 (torchrun) write nothing and hold no lock: their folders are scratch.
+    resume_mode = "restart" if resume_if_valid and not resume else "refuse"
+    resume = resume or resume_if_valid
+    with (exclusive_output(out, metrics_out, report_out) if main else _scratch_dir()) as ckpt_root, \
+            (atomic_dir(out) if main else _scratch_dir()) as tmp_out:
         for seed in seeds:
             results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                        dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
-                                       resume, parent, manifest))
+                                       resume, parent, manifest, resume_mode, main=main))
+    if not main:
+        return {"regime": regime, "epsilon_target": epsilon, "runs": results, "rank": dist.rank}
     summary = {
         "regime": regime, "epsilon_target": epsilon, "delta": cfg.dp.delta,
         "privacy_unit": cfg.dp.privacy_unit, "runs": results,
@@ -154,15 +247,22 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
         "epsilon_spent_max": max(r["epsilon"] for r in results),
         "privacy_note": PRIVACY_NOTE, **provenance,
     }
-    write_json(metrics_out, summary)
+    write_json(report_out, summary)
+    write_json(metrics_out, cell_metrics(summary))
     print(f"train {regime} eps={eps_txt}: val AUPRC {summary['val_auprc_mean']:.3f}, "
           f"epsilon spent {format_epsilon(summary['epsilon_spent_max']) if math.isinf(summary['epsilon_spent_max']) else round(summary['epsilon_spent_max'], 3)} "
           f"(target {eps_txt}) -> {out}")
     return summary
 
 
+@contextlib.contextmanager
+def _scratch_dir():
+    with tempfile.TemporaryDirectory(prefix="mammodp-rank-") as tmp:
+        yield Path(tmp)
+
+
 def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
-                resume, parent, manifest) -> dict:
+                resume, parent, manifest, resume_mode="refuse", main: bool = True) -> dict:
     import mlflow
 
     from mammodp import tracking
@@ -170,11 +270,11 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
     from mammodp.models.swin import create_classifier
     from mammodp.pyfunc_model import log_classifier
     from mammodp.runtime import seed_everything
-    from mammodp.serving import save_classifier
+    from mammodp.inference import save_classifier
     from mammodp.training import fit
 
     seed_everything(seed)
-    spec = fit_spec(cfg, epsilon, seed, tuned)
+    spec = fit_spec(cfg, epsilon, seed, tuned, regime)
     model = create_classifier(cfg.model.preset, pretrained_weights=cfg.model.pretrained_weights, mode=cfg.model.mode)
     eps_txt = format_epsilon(epsilon)
     private_touched_without_dp = math.isinf(epsilon) and real is not None
@@ -189,34 +289,64 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         desc += (" The synthetic data came from a generator trained on private data WITHOUT DP: "
                  "this run's epsilon does not cover the synthetic pathway (synthetic_privacy=not_covered).")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with tracking.start_run(cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
+    # A checkpoint stands for every setting of this run (all params but the grid's own lists,
+    # whose cell this is) and the exact data: resuming with anything else is refused.
+    grid_lists = ("train.epsilons", "train.seeds", "train.synthetic_regimes")
+    run_settings = {"params": {k: v for k, v in flatten(cfg).items() if k not in grid_lists},
+                    "cell": {"regime": regime, "epsilon": epsilon, "seed": seed, "tuned": tuned or {}},
+                    "data": {"cbis_manifest": tags["manifest_hash"], **{k: provenance[k] for k in sorted(provenance)},
+                             **({"synthetic_n": len(synth)} if synth is not None else {})}}
+
+    def ckpt(name):
+        return Checkpoint(ckpt_dir / name, {**run_settings, "phase": name}, on_mismatch=resume_mode)
+
+    if _world_size() > 1:
+        tags["world_size"] = _world_size()  # data-parallel ranks (torchrun)
+    if os.environ.get("MAMMODP_GPU_POOL"):
+        tags["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the queue job's GPU
+    with contextlib.nullcontext() if not main else tracking.start_run(
+                            cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
                             tags=tags, parent_run_id=parent, description=desc,
-                            params={**flatten(cfg.model, "model"), **flatten(cfg.train, "train"),
-                                    **flatten(cfg.dp, "dp"), "tuned_params": json.dumps(tuned or {})}) as run:
+                            params={**flatten(cfg.model, "model"),
+                                    **{f"train.{k}": v for k, v in flatten(cfg.train).items()
+                                       if k in REGIME_TRAIN_KEYS[regime]},
+                                    **flatten(cfg.dp, "dp"), "tuned_params": json.dumps({k: v for k, v in (tuned or {}).items()
+                                                               if k != "privacy_statement"})}) as run:
+
+        # Lineage: the manifest rows this run read (the UI's Dataset column).
+        if real is not None and main:
+            tracking.log_dataset(real.frame, manifest, "cbis-train", "training")
+        if main:
+            tracking.log_dataset(val.frame, manifest, "cbis-val", "validation")
+        if synth is not None and main:
+            tracking.log_dataset(synth.frame, synthetic_manifest(cfg), "synthetic", "training")
 
         def on_epoch(rec, offset=0):
-            tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
+            if main:
+                tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
 
         if regime == "synth-pretrain+dp-finetune":
             pre = replace(spec, epsilon=math.inf, epochs=cfg.train.pretrain_epochs)
             pre_res = fit(model, pre, private=None, public=synth, val=val, device=dev,
-                          checkpoint=ckpt_dir / "pretrain.pt", resume=resume,
-                          on_epoch=lambda r: tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
-                                                                   "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
+                          checkpoint=ckpt("pretrain.pt"), resume=resume,
+                          on_epoch=lambda r: main and tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
+                                                                            "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
                           desc=f"pretrain seed={seed}")
             model.load_state_dict(pre_res.best_state)
-            res = fit(model, replace(spec, synth_ratio=0.0), private=real, public=None, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
+            res = fit(model, spec, private=real, public=None, val=val, device=dev,
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
         elif regime == "synth":
             res = fit(model, replace(spec, epsilon=math.inf), private=None, public=synth, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
         elif regime == "real+synth":
             res = fit(model, spec, private=real, public=synth, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
         else:
-            res = fit(model, replace(spec, synth_ratio=0.0), private=real, public=None, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
+            res = fit(model, spec, private=real, public=None, val=val, device=dev,
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
 
+        if not main:  # a helper rank: its replica equals rank 0's, which reports it
+            return {"seed": seed, "epsilon": float(res.privacy["epsilon"]), "steps": res.privacy["steps"]}
         model.load_state_dict(res.best_state)
         privacy = dict(res.privacy)
         spent = float(privacy["epsilon"])
@@ -230,6 +360,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             "regime": regime, "seed": seed, "epsilon_target": epsilon, "epsilon": spent,
             "delta": cfg.dp.delta, "threshold": thr, "best_epoch": res.best_epoch, "run_id": run.info.run_id,
             "privacy": privacy, "privacy_note": PRIVACY_NOTE, **provenance, **end_to_end_meta(e2e),
+            "serve": asdict(cfg.serve),  # the served model's request limits (mammodp.serving)
         }
         save_classifier(model, meta, model_dir)
         mlflow.log_params({
@@ -239,13 +370,13 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             "accountant_fallback": privacy.get("accountant_fallback", False), "threshold": thr,
         })
         mlflow.set_tag("within_budget", str(within).lower())
-        log_end_to_end(e2e, tuning_statement(cfg, epsilon))
+        log_end_to_end(e2e, tuning_statement(tuned))
         tracking.log_metrics({f"final_val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))})
         tracking.log_metrics({"best_val_auprc": res.best_val_auprc, "best_epoch": res.best_epoch})
         if math.isfinite(spent):
             mlflow.log_metric("epsilon", spent, step=len(res.history))
         mlflow.log_dict(meta, "privacy/meta.json")
-        mlflow.log_text(what_epsilon_covers(e2e, tuning_statement(cfg, epsilon)), "privacy/what_epsilon_covers.txt")
+        mlflow.log_text(what_epsilon_covers(e2e, tuning_statement(tuned)), "privacy/what_epsilon_covers.txt")
         log_classifier(model_dir, val.images[0, 0])
         if not within:
             log.warning("run %s spent epsilon %.3f above its target %s", run.info.run_id, spent, eps_txt)
@@ -302,12 +433,9 @@ def end_to_end_meta(e2e) -> dict:
             "epsilon_total_statement": e2e.statement()}
 
 
-def tuning_statement(cfg: Config, epsilon: float) -> str:
-    """The tuning study's privacy statement when this run took its params from it, else ''."""
-    if not cfg.train.params_from_tune or math.isinf(epsilon):
-        return ""
-    p = Path("metrics/tune") / f"eps={format_epsilon(epsilon)}.json"
-    return str(json.loads(p.read_text()).get("privacy_statement", "")) if p.is_file() else ""
+def tuning_statement(tuned: dict | None) -> str:
+    """The tuning study's privacy statement when this run trained with its params (`--tuned`), else ''."""
+    return str((tuned or {}).get("privacy_statement", ""))
 
 
 def log_end_to_end(e2e, tuning: str) -> None:
@@ -336,3 +464,10 @@ def what_epsilon_covers(e2e, tuning: str) -> str:
     lines += ["", "Released without DP (declared; not covered by any epsilon):"]
     lines += [f"- {r}" for r in DECLARED_RELEASES]
     return "\n".join(lines) + "\n"
+
+
+def _world_size() -> int:
+    from mammodp.privacy.distributed import active
+
+    ctx = active()
+    return ctx.world_size if ctx is not None else 1

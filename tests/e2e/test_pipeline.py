@@ -89,7 +89,7 @@ def test_data_stages_repro_and_rerun_only_what_changed(project):
 def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project):
     repo, env = project
     _run(["dvc", "repro"], repo, env)
-    summary = json.loads((repo / "metrics/eval/summary.json").read_text())
+    summary = json.loads((repo / "reports/eval/summary.json").read_text())
     assert summary["n_runs"] == 4 * 2  # 4 regimes x {1, inf} x 1 seed
     for rec in summary["privacy_utility"]:
         if rec["epsilon"] != "inf" and rec["regime"] != "synth":
@@ -101,8 +101,33 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     audit = json.loads((repo / "metrics/audit.json").read_text())
     assert audit["consistent"] == 1 and all(isinstance(v, (int, float)) for v in audit.values())
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout
+
+    # `dvc metrics show` is a table of numbers: every value of every metrics file is a number,
+    # and no file holds more than ~60 of them.
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert any(f.startswith("metrics/eval/internal/") for f in files), sorted(files)
+
+    def leaves(node):
+        return [x for v in node.values() for x in (leaves(v) if isinstance(v, dict) else [v])]
+
+    for name, body in files.items():
+        values = leaves(body["data"])
+        assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), name
+        assert len(values) <= 60, (name, len(values))
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "results"], repo, env)
+
+    # A new budget leaves every existing cell up to date (only the new cells, evaluation and
+    # what follows it change).
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epsilons"] = [1, 3, "inf"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
+    assert {"train_real@3", "train@synth-3"} <= changed, changed
+    assert not changed & {"train_real@1", "train_real@inf", "train@synth-1", "train@real+synth-inf",
+                          "train_gan", "tune@6"}, changed
+    _run(["git", "checkout", "params.yaml"], repo, env)
 
     res = _run(["dvc", "exp", "run", "-S", "gan.lr=0.0003"], repo, env)
     out = res.stdout + res.stderr
@@ -110,3 +135,10 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
         assert f"Running stage '{stage}'" in out, stage
     for stage in ("prepare_cbis", "prepare_bcdr", "validate", "train_real@1", "train_real@inf"):
         assert f"Running stage '{stage}'" not in out, stage
+    # The experiment carries its metrics (metrics files are committed, not git-ignored), so
+    # `dvc exp show` compares numbers across experiments.
+    exps = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    experiment_rows = [e for base in exps for e in (base.get("experiments") or [])]
+    assert experiment_rows, exps
+    revs = [r for e in experiment_rows for r in e["revs"]]
+    assert any(r["data"].get("metrics", {}).get("metrics/synthesis.json") for r in revs), revs[:1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def test_study_creates_nested_runs_within_budget_and_resumes(cfg, tmp_path):
     from mammodp.stages.train import fit_spec, load_tuned
 
     out = tmp_path / "metrics" / "tune" / "eps=8.json"
-    first = tune.run(cfg, BUDGET, out=out)
+    report = tmp_path / "reports" / "tune" / "eps=8.json"
+    first = tune.run(cfg, BUDGET, out=out, report=report)
     runs = nested_trial_runs(cfg.experiment, first["mlflow_run_id"])
     assert len(runs) == 4 and first["trials"]["total"] == 4
     for r in runs:
@@ -98,20 +100,25 @@ def test_study_creates_nested_runs_within_budget_and_resumes(cfg, tmp_path):
     assert tune.epsilon_after("rdp", floor, first["sample_rate"], one_epoch, 1e-3) <= BUDGET
     assert tune.epsilon_after("rdp", floor * 0.9, first["sample_rate"], one_epoch, 1e-3) > BUDGET
 
-    second = tune.run(cfg, BUDGET, out=out)
+    second = tune.run(cfg, BUDGET, out=out, report=report)
     assert second["study_name"] == first["study_name"]
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["trials"]["total"] == 8
     assert len(nested_trial_runs(cfg.experiment, first["mlflow_run_id"])) == 8
     assert second["max_trial_epsilon"] <= BUDGET
 
-    # `train` takes the best params from the result file.
-    written = json.loads(out.read_text())
-    assert written == json.loads(json.dumps(second))
-    monkey_cfg = load_config(REPO / "params.yaml", overrides={"train.params_from_tune": True})
-    tuned = load_tuned(monkey_cfg, BUDGET)  # reads metrics/tune/eps=8.json from the cwd
-    assert tuned == second["best_params"]
-    spec = fit_spec(monkey_cfg, BUDGET, 0, tuned)
+    # The full result is a report; the metrics file holds numbers only.
+    second_again = tune.run(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, n_trials=1)), BUDGET,
+                            out=out, report=report)
+    written = json.loads(report.read_text())
+    assert written == json.loads(json.dumps(second_again))
+    numbers = json.loads(out.read_text())
+    assert numbers and all(isinstance(v, (int, float)) for v in numbers.values())
+    assert numbers["trials"] == 9 and numbers["private_train_trials"] == 9
+    # `mammodp train --tuned` takes the best params from the report.
+    tuned = load_tuned(report)
+    assert tuned == second_again["best_params"]
+    spec = fit_spec(load_config(REPO / "params.yaml"), BUDGET, 0, tuned)
     assert (spec.lr, spec.noise_multiplier, spec.epochs) == (tuned["lr"], tuned["noise_multiplier"], tuned["epochs"])
 
 
@@ -153,7 +160,7 @@ def test_synthetic_objective_reads_no_real_validation_record(cfg, tmp_path):
     c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, synthetic_dir=str(synth)),
                             tune=dataclasses.replace(cfg.tune, data="synthetic", synthetic_val_size=8, n_trials=1))
 
-    result = tune.run(c, BUDGET, out=tmp_path / "eps=8.json")
+    result = tune.run(c, BUDGET, out=tmp_path / "eps=8.json", report=tmp_path / "report-eps=8.json")
     assert result["objective_data"] == "synthetic"
     assert "8 patches" in result["objective_data_description"]
     assert result["private_train_trials"] == 1 and result["private_validation_trials"] == 0

@@ -1,0 +1,103 @@
+"""One epoch of the paper plan on a small CBIS-layout phantom, on the GPU: full-model DP and
+head-only DP of Swin-T at 224 px, side by side with non-private training of the same model.
+
+    python bench/gpu_train_check.py [--patients 40] [--epsilon 6] [--out DIR]
+
+Uses the training core only (phantom writer, CBIS importer, `mammodp.training.fit`): no MLflow
+or DVC, so it runs on a bare GPU machine with torch, timm, opacus and pydicom. Prints one line
+per run: wall time of the epoch (steps, validation scoring and the accountant's epsilon),
+samples/s, peak GPU memory, epsilon spent; and the DP/plain ratios. Noise calibration is timed
+on its own line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from mammodp.config import load_config  # noqa: E402
+from mammodp.data.datasets import PatchTable  # noqa: E402
+from mammodp.data.phantom import write_phantom  # noqa: E402
+from mammodp.models.swin import create_classifier  # noqa: E402
+from mammodp.privacy import calibrate_noise, steps_per_epoch  # noqa: E402
+from mammodp.stages.prepare import import_source  # noqa: E402
+from mammodp.stages.train import fit_spec  # noqa: E402
+from mammodp.training import fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plan", default=str(ROOT / "pipelines/paper.yaml"))
+    ap.add_argument("--patients", type=int, default=40, help="CBIS-layout training patients of the phantom")
+    ap.add_argument("--epsilon", type=float, default=6.0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default=None, help="override the plan's model.preset (e.g. swin_micro on CPU)")
+    ap.add_argument("--out", default=None, help="work folder (default: a temp dir)")
+    args = ap.parse_args()
+
+    cfg = load_config(args.plan)
+    cfg = dataclasses.replace(
+        cfg, phantom=dataclasses.replace(cfg.phantom, cbis_train_patients=args.patients,
+                                         cbis_test_patients=max(4, args.patients // 4), bcdr_patients=4),
+        prepare=dataclasses.replace(cfg.prepare, workers=2),
+        # one epoch; noise is calibrated to the budget over that one epoch
+        train=dataclasses.replace(cfg.train, epochs=1),
+        # no local ImageNet file on a bare machine: random init (timing is the same)
+        model=dataclasses.replace(cfg.model, pretrained_weights=None, preset=args.preset or cfg.model.preset),
+    )
+    work = Path(args.out or tempfile.mkdtemp(prefix="gpu-check-"))
+    t0 = time.perf_counter()
+    write_phantom(work / "raw", cfg.phantom)
+    import_source(cfg, "cbis-ddsm", work / "raw/cbis-ddsm", work / "prepared/cbis")
+    print(f"phantom + prepare: {time.perf_counter() - t0:.1f} s")
+    manifest = work / "prepared/cbis/manifest.parquet"
+    train, val = PatchTable.load(manifest, ["train"]), PatchTable.load(manifest, ["val"])
+    print(f"{len(train)} training / {len(val)} validation patches of {train.images.shape[-1]} px; "
+          f"preset {cfg.model.preset}, batch {cfg.train.batch_size} (physical {cfg.train.physical_batch_size})")
+
+    dev = torch.device(args.device)
+    # Noise calibration is a one-off CPU cost of a private run: time it apart from the epoch.
+    records = len(train) if cfg.dp.privacy_unit == "patch" else train.frame["patient_id"].nunique()
+    q = cfg.train.batch_size / records
+    t = time.perf_counter()
+    sigma = calibrate_noise(args.epsilon, cfg.dp.delta, q, cfg.train.epochs * steps_per_epoch(q), cfg.dp.accountant)
+    print(f"noise calibration ({cfg.dp.accountant}): sigma {sigma:.3f} in {time.perf_counter() - t:.1f} s")
+    results = {}
+    for mode in ("full", "frozen_backbone"):
+        for eps in (math.inf, args.epsilon):
+            spec = fit_spec(cfg, eps, 0, {"noise_multiplier": sigma} if math.isfinite(eps) else None)
+            torch.manual_seed(0)
+            model = create_classifier(cfg.model.preset, mode=mode)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            res = fit(model, spec, private=train, public=None, val=val, device=dev, progress=False)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+            peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
+            n = res.privacy["steps"] * res.privacy["expected_batch_size"]
+            results[(mode, eps)] = (wall, peak)
+            print(f"{mode:>16} eps={eps:<5g} wall {wall:7.1f} s  {n / wall:7.1f} samples/s  peak {peak:8.0f} MiB  "
+                  f"epsilon {res.privacy['epsilon']:.3f}  sigma {res.privacy['noise_multiplier']:.3f}  "
+                  f"steps {res.privacy['steps']}  route {res.privacy['per_sample_method']}")
+    for mode in ("full", "frozen_backbone"):
+        (tp, mp), (td, md) = results[(mode, math.inf)], results[(mode, args.epsilon)]
+        print(f"{mode}: DP/plain time {td / tp:.2f}x (throughput {tp / td:.2f}x), peak memory {md / mp:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
