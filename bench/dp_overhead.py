@@ -1,26 +1,40 @@
 """DP-SGD overhead: private step time and peak memory relative to a plain step.
 
     python bench/dp_overhead.py [--preset swin_micro] [--steps N] [--batch B] [--device cpu|cuda]
+                                [--threads 1] [--profile]
 
 Without --preset it measures swin_micro on CPU and, when CUDA is present, swin_tiny
 (224 px) on CUDA. For each model it times, side by side in interleaved repetitions
 (median over --steps), one optimiser step of
 
 - plain training of the whole model vs full-model DP-SGD (`mammodp.privacy.make_private`:
-  per-sample gradients, per-record clipping, noise, AdamW step), once with the default
-  hook-based per-sample gradients (`grad_sampler`) and once with the torch.func vmap route;
+  per-record clipping, noise, AdamW step) with the default route (`auto` = mixed ghost
+  clipping with book-keeping, checked against vmap on the first step), and with the
+  `ghost`, `hooks` (materialised per-sample gradients) and torch.func `vmap` routes
+  (--routes; on CUDA only auto and hooks by default);
 - plain training of the head on a frozen backbone vs head-only DP-SGD (same engine), and
   vs Opacus' own GradSampleModule + DPOptimizer on the head (backbone features computed
   without gradients), the one Opacus route that runs on a Swin.
+
+Time: on CPU the per-step CPU time of this process (`time.process_time`) -- on a shared
+machine wall time also counts the moments other jobs hold the core; with one thread
+(--threads 1) CPU time is the step's own compute. Wall-clock ratios are printed beside
+it. On CUDA wall-clock time (synchronised).
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the memory held before the
 step. On CPU PyTorch keeps no allocator peak, so the CPU figure is the peak of live tensor
 bytes reconstructed from `torch.profiler(profile_memory=True)` allocation events (op
 granularity: a transient buffer allocated and freed inside one kernel is not seen). RSS or
-tracemalloc deltas are not used: the CPU allocator caches and tracemalloc misses it.
+tracemalloc deltas are not used: the CPU allocator caches and tracemalloc misses it. What a
+variant keeps between steps was allocated before the measured step, so its bytes are added
+to the peak: the DP engine's fp32 clipped-sum buffers (one per trainable parameter), and
+Opacus' per-sample and summed gradients left on the parameters until the next zero_grad.
 
 Batches are the same for every variant: q = 1 over B records, so each Poisson batch holds
 all B samples and the DP step does exactly the work of a B-sample step.
+
+--profile prints torch.profiler's top operators (self CPU time) of the plain and the
+default DP step: the profile that guided the mixed route (see `mammodp/privacy/ghost.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +56,8 @@ from mammodp.models.swin import PRESETS, create_classifier, trainable_parameters
 from mammodp.privacy import make_private  # noqa: E402
 
 LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+ROUTES = ("auto", "ghost", "hooks", "vmap")  # full-model DP routes measured on CPU by default
+CUDA_ROUTES = ("auto", "hooks")  # on CUDA (Swin-T 224): ghost's 3136 x 3136 Grams and vmap take minutes
 
 
 def _sync(device: torch.device) -> None:
@@ -81,16 +97,35 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
-def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, size: int):
-    """name -> step function, for one preset. Every model starts from the same weights."""
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _engine_held(engine) -> Callable[[], int]:
+    """Bytes the DP engine keeps between steps (its fp32 clipped-sum buffers)."""
+    return lambda: _tensor_bytes([getattr(engine, "_flat", None)])
+
+
+def _opacus_held(params: list[torch.nn.Parameter]) -> Callable[[], int]:
+    """Bytes Opacus keeps between steps: per-sample and summed gradients left on the parameters."""
+    return lambda: _tensor_bytes([getattr(p, a, None) for p in params for a in ("grad_sample", "summed_grad")])
+
+
+def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, size: int,
+              routes: tuple[str, ...] = ROUTES):
+    """name -> step function, name -> DP engine, and name -> bytes held between steps, for
+    one preset. Every model starts from the same weights."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, size, size, generator=g).to(device)
     y = torch.randint(0, 2, (batch,), generator=g).to(device)
     records = np.arange(batch)
     steps: dict[str, Callable[[], None]] = {}
+    engines: dict[str, object] = {}
+    held: dict[str, Callable[[], int]] = {}
 
-    for mode, tag in (("full", "full"), ("frozen_backbone", "head")):
+    head_routes = tuple(r for r in ("auto", "vmap") if r in routes) or ("auto",)
+    for mode, tag, methods in (("full", "full", routes), ("frozen_backbone", "head", head_routes)):
         base = create_classifier(preset, mode=mode).to(device).train()
 
         plain = copy.deepcopy(base)
@@ -102,7 +137,7 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
             opt.step()
 
         steps[f"{tag}/plain"] = plain_step
-        for method in ("hooks", "vmap"):
+        for method in methods:
             private = copy.deepcopy(base)
             private_opt = torch.optim.AdamW(trainable_parameters(private), lr=1e-4)
             engine = make_private(private, private_opt, record_ids=records, expected_batch_size=batch, delta=1e-5,
@@ -111,14 +146,18 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
                                   physical_batch_size=batch, per_sample_method=method)
 
             def dp_step(engine=engine, opt=private_opt):
-                idx = engine.sample_batch()  # q = 1: all B samples
+                idx = engine.sample_batch()  # q = 1: all B samples, in order (x[idx] is x: no copy)
                 engine.step(x, y, LOSS, record_idx=idx)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
             steps[f"{tag}/dp-{method}"] = dp_step
+            engines[f"{tag}/dp-{method}"] = engine
+            held[f"{tag}/dp-{method}"] = _engine_held(engine)
 
         if mode == "frozen_backbone":
+            import warnings
+
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer
 
@@ -131,46 +170,83 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
                 with torch.no_grad():
                     feats = model.backbone(model.preprocess(x))  # frozen: no graph
                 opt.zero_grad(set_to_none=True)
-                LOSS(gsm(feats), y).backward()
+                with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients"
+                    warnings.simplefilter("ignore", UserWarning)
+                    LOSS(gsm(feats), y).backward()
                 opt.step()
 
             steps["head/opacus"] = opacus_step
-    return steps
+            held["head/opacus"] = _opacus_held(list(gsm.parameters()))
+    return steps, engines, held
 
 
-def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int) -> None:
+def _profile(steps: dict[str, Callable[[], None]], names: list[str], rows: int = 12) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in names:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                steps[name]()
+        print(f"## torch.profiler, {name}, 3 steps (profiler overhead inflates small ops)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+
+
+def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int, profile: bool = False,
+          routes: tuple[str, ...] | None = None) -> None:
     """Measure and print the ratios for one preset on one device."""
     size = PRESETS[preset]["img_size"]
-    steps = _variants(preset, device, batch, grad_chunk, size)
-    for fn in steps.values():  # warm-up: lazy imports, vmap set-up, cuDNN autotuning
+    routes = routes or (ROUTES if device.type == "cpu" else CUDA_ROUTES)
+    routes = ("auto",) + tuple(r for r in routes if r != "auto")  # the default route is always measured
+    steps, engines, held = _variants(preset, device, batch, grad_chunk, size, routes)
+    for fn in steps.values():  # warm-up: lazy imports, vmap set-up, the auto check, cuDNN autotuning
         fn()
         fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
+    cpu = device.type == "cpu"
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    proc: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(reps):  # interleaved: machine-load drifts hit every variant alike
         for name, fn in steps.items():
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    peak = {k: _peak_bytes(fn, device) for k, fn in steps.items()}
-    mem_how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler live-tensor peak"
+            wall[name].append(time.perf_counter() - t)
+            proc[name].append(time.process_time() - c)
+    med_wall = {k: statistics.median(v) for k, v in wall.items()}
+    med = {k: statistics.median(v) for k, v in proc.items()} if cpu else med_wall
+    # The step's own peak plus what the variant held before it started (allocated by the
+    # previous step, so the profiler cannot see it; plain training holds nothing: .grad is None).
+    peak = {k: held[k]() + _peak_bytes(fn, device) if k in held else _peak_bytes(fn, device)
+            for k, fn in steps.items()}
+    mem_how = "torch.cuda.max_memory_allocated" if not cpu else "torch.profiler live-tensor peak"
+    time_how = "CPU time (process_time)" if cpu else "wall time"
     n_full = sum(p.numel() for p in create_classifier(preset).parameters())
     print(f"# {preset} ({n_full / 1e6:.2f}M params) on {device} ({torch.get_num_threads()} CPU threads), "
-          f"batch {batch}, grad_chunk {grad_chunk}, "
-          f"{size} px, median of {reps} interleaved steps; memory: {mem_how}")
+          f"batch {batch}, grad_chunk {grad_chunk}, {size} px, median of {reps} interleaved steps; "
+          f"time: {time_how}; memory: {mem_how} (+ DP buffers held between steps)")
+    auto = engines["full/dp-auto"]
+    route = getattr(auto, "_route", None)
+    choices = getattr(route[2], "choices", {}) if route else {}
+    n_ghost = sum(v == "ghost" for v in choices.values())
+    print(f"# auto route: {auto.per_sample_method}{' (' + auto.method_note + ')' if auto.method_note else ''}; "
+          f"Linear/patchify layers by ghost norm: {n_ghost} of {len(choices)}")
 
     def line(label: str, dp: str, ref: str) -> None:
-        print(f"{label}: time {med[dp] / med[ref]:.2f}x, peak memory {peak[dp] / max(peak[ref], 1):.2f}x"
+        extra = f", wall {med_wall[dp] / med_wall[ref]:.2f}x" if cpu else ""
+        print(f"{label}: time {med[dp] / med[ref]:.2f}x{extra}, peak memory {peak[dp] / max(peak[ref], 1):.2f}x"
               f"   ({med[dp] * 1e3:.1f} ms vs {med[ref] * 1e3:.1f} ms; "
               f"{peak[dp] / 2**20:.1f} MiB vs {peak[ref] / 2**20:.1f} MiB)")
 
-    line("full-model DP", "full/dp-hooks", "full/plain")
-    line("full-model DP (vmap route)", "full/dp-vmap", "full/plain")
-    line("head-only DP", "head/dp-hooks", "head/plain")
-    line("head-only DP (vmap route)", "head/dp-vmap", "head/plain")
+    line("full-model DP (auto: mixed)", "full/dp-auto", "full/plain")
+    for route in routes[1:]:
+        line(f"full-model DP ({route} route)", f"full/dp-{route}", "full/plain")
+    line("head-only DP (auto: mixed)", "head/dp-auto", "head/plain")
+    if "head/dp-vmap" in steps:
+        line("head-only DP (vmap route)", "head/dp-vmap", "head/plain")
     line("head-only Opacus GradSampleModule", "head/opacus", "head/plain")
+    line("head-only DP vs Opacus", "head/dp-auto", "head/opacus")
+    if profile:
+        _profile(steps, ["full/plain", "full/dp-auto"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,11 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), help="one preset (default: micro on CPU + tiny on CUDA)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-    ap.add_argument("--steps", type=int, default=10, help="timed repetitions per variant")
+    ap.add_argument("--steps", type=int, default=20, help="timed repetitions per variant")
     ap.add_argument("--batch", type=int, default=32, help="samples per step")
-    ap.add_argument("--grad-chunk", type=int, default=32, help="samples per vmap call")
+    ap.add_argument("--grad-chunk", type=int, default=32, help="samples per per-sample-gradient pass")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 gives steadier CPU timings on a shared machine)")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables (plain vs DP)")
+    ap.add_argument("--routes", default=None,
+                    help=f"comma-separated DP routes to measure beside auto (default: {','.join(ROUTES)} on CPU, "
+                         f"{','.join(CUDA_ROUTES)} on CUDA)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         if torch.cuda.is_available() and args.device in (None, "cuda"):
             runs.append(("swin_tiny", torch.device("cuda")))
     for preset, device in runs:
-        bench(preset, device, args.steps, args.batch, args.grad_chunk)
+        routes = tuple(r for r in args.routes.split(",") if r) if args.routes else None
+        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class DPConfig:
     privacy_unit: Literal["patch", "patient"] = "patch"  # what one record is
     reproducible_noise: bool = False  # seed the noise generator (breaks the DP guarantee)
     grad_chunk: int = 32  # samples per per-sample-gradient chunk (bounds their memory)
-    per_sample_method: Literal["auto", "vmap", "hooks"] = "auto"  # auto: hooks, checked vs vmap once
+    per_sample_method: Literal["auto", "vmap", "hooks", "mixed", "ghost"] = "auto"  # auto: mixed, checked vs vmap
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,9 @@ class SynthQualityConfig:
     memorisation_size: int = 32  # px, side images are downsampled to for nearest neighbours
     memorisation_percentile: float = 1.0  # percentile of the held-out baseline = threshold
     closest_pairs: int = 8  # synthetic/training pairs shown in the closest-pairs grid
+    # Show the real training patches in the closest-pairs grid (MLflow + dvc plots): a release of
+    # private data without DP; false withholds them (the synthetic row and distances stay).
+    show_real_pairs: bool = False
     seed: int = 0
 
 
@@ -232,6 +235,25 @@ class PromoteConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Empirical privacy audit (`mammodp audit`): membership inference, one-run epsilon bound."""
+
+    epsilons: tuple[float, ...] = (6.0,)  # finite budgets audited with canary models (+ the inf power model)
+    models: int = 3  # audit models per budget: 1 canary target + (models - 1) LiRA shadows
+    epochs: int = 15  # training epochs of each audit model
+    real_records: int = 128  # real CBIS train+test patches an audit model may train on (each in w.p. 1/2)
+    canaries: int = 64  # canaries of EACH kind per model: white-box (gradient) and black-box (noise patches)
+    significance: float = 0.05  # 1 - confidence of the empirical lower bound (split over the two kinds)
+    fprs: tuple[float, ...] = (0.001, 0.01)  # false-positive rates at which membership TPR is reported
+    min_power_epsilon: float = 0.5  # the non-private power model's bound must exceed this (else: no power)
+    # Accountant of the audit models' claims: rdp_int = RDP at integer orders (fast; a valid,
+    # slightly looser upper bound), rdp, or prv.
+    accountant: Literal["rdp_int", "rdp", "prv"] = "rdp_int"
+    cpu_threads: int = 1  # torch intra-op threads on CPU (small models: more threads mostly wait); 0 = default
+    seed: int = 0  # canaries, inclusion coins, real-set draw
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
@@ -251,6 +273,7 @@ class Config:
     synth_quality: SynthQualityConfig = field(default_factory=SynthQualityConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
@@ -499,6 +522,17 @@ def _check(obj: Any, prefix: str) -> None:
         if obj.inception_weights is not None:
             text("inception_weights")
         seed("seed")
+    if isinstance(obj, AuditConfig):
+        for e in obj.epsilons:
+            if not (0 < e < INF):
+                bad("epsilons", f"audited budgets must be finite and > 0 (the inf power model is always run), got {e}")
+        at_least(1, "models", "epochs")
+        at_least(2, "canaries", "real_records")
+        within("significance", 0, 1, closed="()")
+        at_least(0, "cpu_threads")
+        for f in obj.fprs:
+            if not 0 < f < 1:
+                bad("fprs", f"false-positive rates must be in (0, 1), got {f}")
     if isinstance(obj, TuneConfig):
         for name in ("max_grad_norm", "noise_multiplier", "lr"):
             log_range(name)

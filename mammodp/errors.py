@@ -50,6 +50,8 @@ class ServingError(MammoDPError):
     """A serving request is malformed."""
 
 
+class DistributedError(MammoDPError):
+    """A data-parallel job lost a rank, or its torchrun environment is unusable."""
 class Interrupted(KeyboardInterrupt):
     """The process got SIGTERM (or SIGHUP): raised like Ctrl-C's KeyboardInterrupt, so every
     `with` block unwinds (temporary outputs removed, the MLflow run marked KILLED)."""

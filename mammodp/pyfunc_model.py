@@ -16,7 +16,9 @@ The signature declares the three columns as optional, so that any one route vali
 request with neither `image` nor `pixels`, an undecodable image, a bad box or a wrong shape
 is answered 400 with a message (MLflow's scoring server maps `INVALID_PARAMETER_VALUE` to 400).
 Response per row: `p_malignant`, `label` (1 = malignant, at the threshold chosen on the
-validation split) and `epsilon` (the model's spent epsilon as text, `inf` if non-private).
+validation split) and `epsilon` (the model's END-TO-END epsilon as text: its own DP-SGD composed
+with its synthetic data's generator; `inf` if non-private, `not_covered` when no finite epsilon
+covers its training data, e.g. synthetic data from a generator trained without DP).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ Request format (JSON body of `POST /invocations`), one patch per row:
 A request with neither `image` nor `pixels`, an undecodable image, a bad box, a wrong shape or
 anything over the model's limits is answered 400 with a message naming the row and field.
 Response per row: `p_malignant`, `label` (1 = malignant, at the threshold chosen on the
-validation split) and `epsilon` (the model's spent epsilon as text, `inf` if non-private).
+validation split) and `epsilon` (the end-to-end epsilon as text: the classifier's composed with
+its synthetic data's generator, `not_covered` where no epsilon covers the model, `inf` if
+non-private).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from mammodp.inference import epsilon_text, load_classifier, predict_proba
+from mammodp.privacy.compose import served_epsilon
 from mammodp.serving import request_to_patches
 
 
@@ -82,7 +85,8 @@ class MammoClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({
             "p_malignant": p.astype(np.float64),
             "label": (p >= thr).astype(np.int64),
-            "epsilon": [epsilon_text(self.meta.get("epsilon"))] * len(p),
+            # End to end: the total over the classifier and its generator, or `not_covered`.
+            "epsilon": [epsilon_text(served_epsilon(self.meta))] * len(p),
         })
 
 

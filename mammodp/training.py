@@ -149,6 +149,7 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     optimizer_factory: Callable[[list], Any] | None = None,
+    dist=None,
 ) -> FitResult:
     """Train `model` in place and return the best-by-validation state.
 
@@ -169,12 +170,21 @@ def fit(
         optimizer_factory: builds the optimiser from the trainable parameters; default
             AdamW(lr, weight_decay) from `spec`. Its update is post-processing of the
             (private) gradient, so any optimiser keeps the guarantee.
+        dist: a `mammodp.privacy.distributed.DistContext` to train data-parallel (records
+            sharded over the ranks, clipped sums all-reduced, noise once); default: the one
+            `distributed.setup()` joined in this process (torchrun), else single-process.
+            Every rank calls `fit` alike; only rank 0 writes the checkpoint.
     """
     import torch
     from tqdm.auto import tqdm
 
     if private is None and public is None:
         raise ValueError("nothing to train on: give private and/or public data")
+    if dist is None:
+        from mammodp.privacy.distributed import active
+
+        dist = active()
+    progress = progress and (dist is None or dist.is_main)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (optimizer_factory(params) if optimizer_factory is not None
@@ -182,6 +192,9 @@ def fit(
     loss_fn = _loss_fn(spec)
     gen = torch.Generator().manual_seed(spec.seed)  # flips and public draws
     dp_engine = _engine(model, optimizer, spec, private, public, device)
+    aug_gen = gen  # flips; data-parallel ranks draw their own (their samples differ)
+    if dist is not None:
+        aug_gen = dist.make_data_parallel(dp_engine, spec.seed)
     # The table the engine samples from: real records, or (synthetic-only training) the
     # public set itself, sampled the same way so that every regime has one loop shape.
     sampled = private if private is not None else public
@@ -190,21 +203,29 @@ def fit(
     start_epoch, history = 0, []
     best = {"state": copy.deepcopy(model.state_dict()), "epoch": -1, "auprc": -math.inf, "probs": None}
     checkpoint = as_checkpoint(checkpoint)  # plain data, settings-checked (mammodp.checkpoint)
-    ck = checkpoint.load(spec) if resume and checkpoint is not None else None
+    ck = None
+    if resume and checkpoint is not None and (dist is None or dist.is_main):
+        ck = checkpoint.load(spec)
+    if dist is not None and resume and checkpoint is not None:
+        ck = dist.broadcast_object(ck)  # rank 0's file: no shared file system needed
     if ck is not None:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         dp_engine.load_state_dict(ck["dp"])
         start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck["best"]
+        if dist is not None:
+            dist.load_rank_state(ck.get("ranks"), dp_engine, aug_gen)
         log.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
+    if dist is not None:
+        dist.broadcast_module(model)  # replicas start equal; equal updates keep them so
 
     x_s, y_s = sampled.tensors()
     x_pub, y_pub = mixed.tensors() if mixed is not None else (None, None)
     n_pub = max(1, round(spec.synth_ratio * spec.batch_size)) if x_pub is not None and spec.synth_ratio > 0 else 0
 
     def augment(x):
-        return random_flips(x, gen) if spec.flip else x
+        return random_flips(x, aug_gen) if spec.flip else x
 
     # One loop for every run: Poisson batches from the engine (private records, or the public
     # set when nothing private is trained on), synthetic samples mixed into every step, the
@@ -242,11 +263,14 @@ def fit(
         if np.isfinite(val_auprc) and val_auprc > best["auprc"]:
             best = {"state": copy.deepcopy(model.state_dict()), "epoch": epoch, "auprc": val_auprc, "probs": val_probs}
         if checkpoint is not None:
-            checkpoint.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(), "dp": dp_engine.state_dict(),
-                "epoch": epoch, "history": history, "best": best,
-            }, spec)
+            ranks = dist.gather_rank_state(dp_engine, aug_gen) if dist is not None else None
+            if dist is None or dist.is_main:
+                checkpoint.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(), "dp": dp_engine.state_dict(),
+                    "epoch": epoch, "history": history, "best": best,
+                    **({"ranks": ranks} if ranks is not None else {}),
+                }, spec)
         if on_epoch is not None:
             on_epoch(record)
 

@@ -2,8 +2,10 @@
 
 One entry point, `make_private(model, optimizer, ...)` -> `DPSGD` (module `engine`).
 Building blocks: `per_sample` (per-sample / per-record gradients and clipping, vmap
-route), `grad_sampler` (the faster hook-based route), `sampler` (Poisson sampling,
-physical chunks), `accountant` (RDP / PRV with a recorded fallback).
+route), `grad_sampler` (one batched forward/backward with per-layer hooks; the `hooks`
+route), `ghost` (mixed ghost clipping with book-keeping: the default `mixed` route),
+`sampler` (Poisson sampling, physical chunks), `accountant` (RDP / PRV with a recorded
+fallback).
 
 A training loop (x, y: all training patches; patient_codes: one patient index per patch)::
 

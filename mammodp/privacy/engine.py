@@ -5,10 +5,12 @@ sampler, the accountant and the noise generator. Per logical step the caller ask
 batch (`sample_batch`) and hands its tensors to `step`, which
 
 1. splits the batch into physical chunks that never cut a record in two,
-2. computes each record's gradient (summed over its samples) -- by default with the
-   hook-based per-sample gradients of `grad_sampler` (one batched backward; checked once
-   per run against the `torch.func` vmap reference), else with vmap --, clips it to norm
-   C over all trainable parameters and sums the clipped gradients,
+2. clips each record's gradient (summed over its samples) to norm C over all trainable
+   parameters and sums the clipped gradients -- by default (`auto`) with mixed ghost
+   clipping (module `ghost`: one batched forward/backward, per-record norms from T x T
+   Gram products or materialised, per layer, the sum by book-keeping; checked once per
+   run against the `torch.func` vmap reference), else with vmap --, accumulating in
+   place into one flat buffer kept for the run,
 3. adds Gaussian noise N(0, sigma^2 C^2) once,
 4. divides by the EXPECTED batch size q x N (records), not the realised Poisson count,
 5. optionally mixes in the plain mean gradient of PUBLIC samples (synthetic data: not
@@ -42,8 +44,11 @@ from mammodp.errors import PrivacyError
 from mammodp.privacy.accountant import PrivacyAccountant, calibrate_noise, make_accountant
 from mammodp.privacy.per_sample import (
     LossFn,
+    clip_factors,
     clipped_grad_sum,
+    make_route,
     per_sample_gradients,
+    record_norms,
     resolve_method,
     trainable_named_parameters,
 )
@@ -52,6 +57,12 @@ from mammodp.privacy.sampler import PoissonSampler, split_physical, steps_per_ep
 log = logging.getLogger(__name__)
 
 PRIVACY_UNITS = ("patch", "patient")
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| (inf for NaN)."""
+    err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+    return err if math.isfinite(err) else math.inf
 
 
 class DPSGD:
@@ -69,8 +80,8 @@ class DPSGD:
         delta, privacy_unit, target_epsilon.
         steps_per_epoch: round(1 / q); total_steps: epochs x steps_per_epoch.
         steps_taken: logical steps done (including resumed ones).
-        per_sample_method: `hooks` or `vmap` (the route in use); method_note: why `auto`
-            fell back to vmap, if it did.
+        per_sample_method: `mixed`, `ghost`, `hooks` or `vmap` (the route in use);
+            method_note: why `auto` fell back to vmap, if it did.
         last_stats: counts and clipping rate of the last step.
     """
 
@@ -112,9 +123,13 @@ class DPSGD:
             self.per_sample_method = resolve_method(model, per_sample_method)
         except ValueError as exc:
             raise PrivacyError(str(exc), field="per_sample_method") from exc
-        # `auto` chose hooks: check them once against vmap on real inputs before trusting them.
-        self._verify_hooks = per_sample_method == "auto" and self.per_sample_method == "hooks"
+        # `auto` chose a hook-based route: check it once against vmap on real inputs before trusting it.
+        self._verify_route = per_sample_method == "auto" and self.per_sample_method != "vmap"
         self.method_note = ""
+        self._route = None  # (method, loss_fn, route object): built once, reused every step
+        self._flat: torch.Tensor | None = None  # all clipped sums, fp32, zeroed in place per step
+        self._sums: dict[str, torch.Tensor] = {}  # per-parameter views of it
+        self._sizes: list[int] = []  # numel of each parameter, in the buffer's order
         self.steps_taken = 0
         self.last_stats: dict[str, float] = {}
         self._params = trainable_named_parameters(model)
@@ -126,6 +141,10 @@ class DPSGD:
         else:
             self.noise_generator.manual_seed(int(noise_seed))
         self._pending: np.ndarray | None = None  # sample indices handed out by sample_batch()
+        # Data-parallel seam (mammodp.privacy.distributed): `reduce(grads, stats)` sums the ranks'
+        # gradient sums and batch counts after the noise; only the rank with `adds_noise` adds it.
+        self.reduce = None
+        self.adds_noise = True
 
     # ------------------------------------------------------------------ properties
 
@@ -194,12 +213,14 @@ class DPSGD:
 
         if self.private:
             priv, n_samples, n_records, loss_sum, clipped = self._private_sum(inputs, targets, loss_fn, records, device)
-            if self.noise_multiplier > 0:
-                std = self.noise_multiplier * self.max_grad_norm
-                for name, g in priv.items():
-                    noise = torch.normal(0.0, std, size=g.shape, generator=self.noise_generator,
-                                         device=self.noise_generator.device)
-                    g.add_(noise.to(g.device))  # (param shape), one draw per step
+            stats = (n_samples, n_records, loss_sum, clipped)
+            if self.reduce is None:
+                grads = self._noisy_mean(priv, self.expected_batch_size)
+            else:  # data-parallel: (S_r + z on the noising rank), summed over ranks, then divided
+                noisy = self._noisy_mean(priv, 1.0, add_noise=self.adds_noise)
+                noisy, stats = self.reduce(noisy, stats)
+                grads = {n: g / self.expected_batch_size for n, g in noisy.items()}
+            n_samples, n_records, loss_sum, clipped = stats
             divisor = self.expected_batch_size
         else:
             priv, n_samples, loss_sum = self._plain_sum(inputs, targets, loss_fn, device, self.physical_batch_size)
@@ -207,7 +228,10 @@ class DPSGD:
             # The same estimator as the private mode (sum / expected batch size), so that a
             # private step with zero noise and no clipping equals this one exactly.
             divisor = self.expected_batch_size
-        grads = {n: g / divisor for n, g in priv.items()}
+            if self.reduce is not None:  # data-parallel: the ranks' plain sums, summed
+                priv, (n_samples, n_records, loss_sum, clipped) = self.reduce(
+                    priv, (n_samples, n_records, loss_sum, clipped))
+            grads = {n: g / divisor for n, g in priv.items()}
 
         pub_loss = math.nan
         if public is not None and public[0].shape[0] > 0:
@@ -221,7 +245,8 @@ class DPSGD:
             pub_loss = pub_sum / m
 
         for name, p in self._params.items():
-            p.grad = grads[name].to(p.dtype)
+            g = grads[name]
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         if self.private:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
@@ -232,11 +257,30 @@ class DPSGD:
             return loss_sum / n_samples
         return pub_loss
 
+    def _noisy_mean(self, sums: dict[str, torch.Tensor], divisor: float,
+                    add_noise: bool = True) -> dict[str, torch.Tensor]:
+        """(clipped sum + N(0, sigma^2 C^2)) / divisor for every parameter, in ONE fresh flat
+        tensor whose views become `.grad`: the noise is drawn straight into it (one draw per
+        coordinate per step), then the sum is added and the result divided, in place."""
+        std = self.noise_multiplier * self.max_grad_norm if add_noise else 0.0
+        gen = self.noise_generator
+        flat = self._flat
+        if std > 0 and flat.device == gen.device:
+            out = torch.empty_like(flat).normal_(0.0, std, generator=gen).add_(flat)
+        elif std > 0:
+            out = torch.empty_like(flat, device=gen.device).normal_(0.0, std, generator=gen).to(flat.device).add_(flat)
+        else:
+            out = flat.clone()
+        out.div_(divisor)
+        pieces = out.split(self._sizes)  # one op for all views
+        return {name: piece.view(sums[name].shape) for name, piece in zip(sums, pieces)}
+
     def _check_batch(self, idx: np.ndarray, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self._pending is None:
             raise PrivacyError("step() needs a batch from sample_batch() first (one batch per step)",
                                field="record_idx")
-        if idx.shape != self._pending.shape or not np.array_equal(np.sort(idx), np.sort(self._pending)):
+        if idx.shape != self._pending.shape or not (
+                np.array_equal(idx, self._pending) or np.array_equal(np.sort(idx), np.sort(self._pending))):
             # Privacy accounting assumes Poisson batches: any other batch breaks the guarantee.
             raise PrivacyError("record_idx is not the batch sample_batch() returned", field="record_idx")
         if inputs.shape[0] != idx.size or targets.shape[0] != idx.size:
@@ -244,44 +288,87 @@ class DPSGD:
                 f"inputs ({inputs.shape[0]}) and targets ({targets.shape[0]}) must match record_idx ({idx.size})",
                 field="record_idx")
 
-    def _check_hooks(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> None:
-        """Once per run (method `auto`): hook-based per-sample gradients must equal vmap's on
-        a few real samples (fp32), else the run uses vmap and the summary says why."""
-        self._verify_hooks = False
-        x, y = x[:4], y[:4]
-        ref, _ = per_sample_gradients(self.model, loss_fn, x, y, method="vmap")
+    def _route_for(self, loss_fn: LossFn):
+        """The run's route object, built once per run (and loss function) and reused."""
+        cached = self._route
+        if cached is not None and cached[0] == self.per_sample_method and cached[1] is loss_fn:
+            return cached[2]
+        route = make_route(self.model, loss_fn, self.autocast_dtype, self.per_sample_method)
+        self._route = (self.per_sample_method, loss_fn, route)
+        return route
+
+    def _check_route(self, x: torch.Tensor, y: torch.Tensor, records: torch.Tensor, loss_fn: LossFn) -> None:
+        """Once per run (method `auto`): the chosen route's per-record norms and clipped sum
+        must equal those from vmap's per-record gradients on a few real samples (fp32, a
+        clipping norm that clips some records and not others), else the run uses vmap and
+        the summary says why."""
+        self._verify_route = False
+        method = self.per_sample_method
+        x, y, r = x[:4], y[:4], records[:4]
+        ref, _ = per_sample_gradients(self.model, loss_fn, x, y, record_ids=r, method="vmap")
+        ref_norms = record_norms(ref)
+        c = float(ref_norms.median())
+        c = c if math.isfinite(c) and c > 0 else 1.0
+        factors = clip_factors(ref_norms, c)
+        expected = {n: torch.einsum("r,r...->...", factors, g) for n, g in ref.items()}
+        problem = ""
         try:
-            fast, _ = per_sample_gradients(self.model, loss_fn, x, y, method="hooks")
-        except RuntimeError as exc:  # e.g. a layer the single backward could not reach
-            fast, problem = None, f"hooks failed ({exc})"
-        if fast is not None:
-            worst, where = 0.0, ""
-            for name, r in ref.items():
-                err = float((fast[name] - r).abs().max() / r.abs().max().clamp(min=1e-12))
-                if not err <= worst:  # also catches NaN
-                    worst, where = err, name
-            problem = "" if worst < 1e-3 else f"hooks disagreed with vmap (relative error {worst:.3g} in {where})"
+            got = clipped_grad_sum(self.model, loss_fn, x, y, max_grad_norm=c, record_ids=r,
+                                   grad_chunk=self.grad_chunk, route=make_route(self.model, loss_fn, None, method))
+        except Exception as exc:  # noqa: BLE001 -- any failure of the unchecked route means: use vmap
+            problem = f"{method} failed ({type(exc).__name__}: {exc})"
+        if not problem:
+            errs = {"the per-record norms": _rel_err(got.norms, ref_norms)}
+            errs.update({name: _rel_err(got.grads[name], e) for name, e in expected.items()})
+            where, worst = max(errs.items(), key=lambda kv: kv[1])
+            if not worst < 1e-3:
+                problem = f"{method} disagreed with vmap (relative error {worst:.3g} in {where})"
         if problem:
             self.per_sample_method = "vmap"
+            self._route = None
             self.method_note = problem + "; using vmap"
             log.warning("per-sample gradients: %s", self.method_note)
 
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """The run's fp32 clipped-sum buffers: views of one flat tensor, allocated on the first
+        step and zeroed in place (one op) on every later one."""
+        if self._flat is None:
+            sizes = [p.numel() for p in self._params.values()]
+            first = next(iter(self._params.values()))
+            self._flat = torch.zeros(sum(sizes), dtype=torch.float32, device=first.device)
+            start = 0
+            self._sizes = sizes
+            for (name, p), size in zip(self._params.items(), sizes):
+                self._sums[name] = self._flat[start : start + size].view(p.shape)
+                start += size
+        else:
+            self._flat.zero_()
+        return self._sums
+
     def _private_sum(self, inputs, targets, loss_fn, records, device):
-        """Sum of per-record clipped gradients over physical chunks that keep records whole."""
-        total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self._params.items()}
+        """Sum of per-record clipped gradients over physical chunks that keep records whole,
+        accumulated in place into the run's buffers."""
+        total = self._buffers()
         n_samples = n_records = clipped = 0
         loss_sum = 0.0
-        for pos in split_physical(records.numpy(), self.physical_batch_size):
-            pos_t = torch.from_numpy(pos)
-            x = inputs[pos_t.to(inputs.device)].to(device, non_blocking=True)
-            y = targets[pos_t.to(targets.device)].to(device, non_blocking=True)
-            if self._verify_hooks:
-                self._check_hooks(x, y, loss_fn)
+        n = inputs.shape[0]
+        # A batch that fits one physical chunk is that chunk as it is (clipped_grad_sum groups
+        # records itself): no split, no gather copy.
+        chunks = [None] if 0 < n <= self.physical_batch_size else split_physical(records.numpy(),
+                                                                                self.physical_batch_size)
+        for pos in chunks:
+            if pos is None:
+                x, y, rec = inputs, targets, records
+            else:
+                pos_t = torch.from_numpy(pos)
+                x, y, rec = inputs[pos_t.to(inputs.device)], targets[pos_t.to(targets.device)], records[pos_t]
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if self._verify_route:
+                self._check_route(x, y, rec, loss_fn)
             res = clipped_grad_sum(self.model, loss_fn, x, y, max_grad_norm=self.max_grad_norm,
-                                   record_ids=records[pos_t].to(device), grad_chunk=self.grad_chunk,
-                                   autocast_dtype=self.autocast_dtype, method=self.per_sample_method)
-            for n in total:
-                total[n] += res.grads[n]
+                                   record_ids=rec, grad_chunk=self.grad_chunk,
+                                   route=self._route_for(loss_fn), out=total)
             n_samples += res.n_samples
             n_records += res.n_records
             clipped += int((res.norms > self.max_grad_norm).sum())
@@ -424,9 +511,12 @@ def make_private(
         grad_chunk: samples per vmap call (bounds per-sample-gradient memory).
         physical_batch_size: most samples moved to the device / pushed through at once.
         autocast_dtype: e.g. torch.bfloat16 for mixed precision on CUDA; None = fp32.
-        per_sample_method: `auto` (hook-based per-sample gradients where the model
-            supports them, checked once against vmap on the first batch; else vmap),
-            `vmap` (torch.func: any model, slower) or `hooks` (no check).
+        per_sample_method: `auto` (`mixed` where the model supports the hook-based
+            routes, checked once against vmap on the first batch; else vmap), `mixed`
+            (mixed ghost clipping with book-keeping: no materialised per-sample gradients
+            where ghost norms are cheaper), `ghost` (ghost norms for every Linear),
+            `hooks` (hook-based, all per-sample gradients materialised) or `vmap`
+            (torch.func: any model, slower). Only `auto` is checked.
 
     Returns:
         The engine.

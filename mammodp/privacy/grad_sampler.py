@@ -1,13 +1,21 @@
-"""Fast per-sample gradients from ONE batched forward and backward (hook-based).
+"""Per-layer activations and output gradients from ONE batched forward and backward.
 
 The `torch.func` route (`per_sample._PerSample`) differentiates each sample separately
-under vmap: always correct, but every op pays vmap's batching overhead. This route runs
-the model once on the batch, records each trainable layer's input activation `a` and,
-from one `autograd.grad` call w.r.t. the layer OUTPUTS (so no summed weight gradient is
-ever computed), its output gradient `g`, then forms per-sample gradients directly:
+under vmap: always correct, but every op pays vmap's batching overhead. The routes built
+on this module run the model once on the batch, record each trainable layer's input
+activation `a` and, from one `autograd.grad` call w.r.t. the layer OUTPUTS (so no summed
+weight gradient is ever computed), its output gradient `g`. What is done with (a, g) is
+the route's business:
+
+- `HookPerSample` (method `hooks`) materialises per-sample gradients of every layer;
+- `ghost.MixedClipper` (methods `mixed` / `ghost`) computes per-record gradient NORMS
+  without materialising them where that is cheaper, then the clipped sum by book-keeping.
+
+The per-layer rules (per sample b, tokens t):
 
 - Linear:     dW_b = sum_t g_bt a_bt^T,  db_b = sum_t g_bt
-- LayerNorm:  dw_b = sum_t g_bt * xhat_bt,  db_b = sum_t g_bt (xhat: the normalised input)
+- LayerNorm:  dw_b = sum_t g_bt * xhat_bt,  db_b = sum_t g_bt (xhat: the normalised input,
+  rebuilt from the mean / rstd that the forward already saved for its own backward)
 - Conv2d used as a patchifier (stride == kernel, no padding): a Linear on unfolded patches
 - timm WindowAttention's `relative_position_bias_table`: the bias is handed to attention
   expanded to one copy per window, (B * windows, heads, N, N); the gradient of that copy
@@ -18,18 +26,23 @@ timm's window partition is sample-major (row b * windows + w), so a layer's acti
 (B * windows, N, C) reshapes to (B, windows * N, C) with each sample's tokens together.
 A model opts in by setting `dp_sample_major = True` (SwinClassifier does); any trainable
 parameter outside the supported layers makes `supports()` false and callers use vmap.
+
+A model may also offer `dp_split() -> (features_fn, head, prefix) | None` (SwinClassifier
+does with a frozen backbone): the frozen features are then computed once per batch under
+`torch.no_grad()` and only the trainable suffix runs with hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
 
-from mammodp.privacy.per_sample import LossFn, trainable_named_parameters
+from mammodp.privacy.per_sample import LossFn, per_sample_loss_fn, trainable_named_parameters
 
 
 def _window_attention_cls():
@@ -72,6 +85,220 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
+def frozen_split(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, nn.Module, str]:
+    """(frozen feature function or None, module that holds every trainable parameter, its prefix)."""
+    split = model.dp_split() if callable(getattr(model, "dp_split", None)) else None
+    if split is not None:
+        features, module, prefix = split
+        local = dict(module.named_parameters())
+        trainable = trainable_named_parameters(model)
+        if all(n.startswith(prefix) and n[len(prefix):] in local for n in trainable):
+            return features, module, prefix
+    return None, model, ""
+
+
+def frozen_features(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, autocast) -> torch.Tensor:
+    """Features of a frozen prefix, computed under `torch.inference_mode()` (no autograd, no
+    version counters or view tracking: cheaper than no_grad) and cloned out of it, so that the
+    trainable suffix can save them for its backward."""
+    with torch.inference_mode(), autocast:
+        out = features(x)
+    return out.clone()
+
+
+@dataclass(slots=True)
+class LayerCall:
+    """One call of one trainable layer in a recorded forward.
+
+    Attributes:
+        key: parameter-name prefix of the layer in the full model (e.g. `head.0.`).
+        module, kind, own: the layer, its rule (`_layer_kind`) and its trainable parameter names.
+        a: the input activation (None for window attention).
+        ln_stats: (mean, rstd) saved by a LayerNorm's forward, when available.
+    """
+
+    key: str
+    module: nn.Module
+    kind: str
+    own: list[str]
+    a: torch.Tensor | None
+    ln_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class Recorder:
+    """Runs a forward and one backward with hooks on the trainable layers of `module`.
+
+    `run(x, y, sink)` calls `sink(call, g)` (with grad mode off) for every trainable
+    layer call as soon as backward produces that call's output gradient `g`, and returns
+    the per-sample losses. Hooks live only for the duration of the call.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None):
+        if not supports(model):
+            raise ValueError("model not supported by the hook-based per-sample gradients")
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+        self.features, self.module, self.prefix = frozen_split(model)
+        self.layers: list[tuple[str, nn.Module, str, list[str]]] = []  # (key, module, kind, own params)
+        for name, module in self.module.named_modules():
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if own:
+                self.layers.append((self.prefix + (f"{name}." if name else ""), module, _layer_kind(module), own))
+        self.names = list(trainable_named_parameters(model))
+        self._per_sample_loss = per_sample_loss_fn(loss_fn)
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The samples, or their frozen features computed once, without autograd."""
+        if self.features is None:
+            return x
+        return frozen_features(self.features, x, self._autocast(x.device))
+
+    @contextlib.contextmanager
+    def _hooks(self, sink, state: dict):
+        handles, patched = [], []
+
+        def watch(call: LayerCall):
+            state["pending"] += 1
+
+            def on_grad(g):
+                sink(call, g)  # backward without create_graph runs hooks with grad mode off: no graph
+                state["fired"] += 1
+
+            return on_grad
+
+        for key, module, kind, own in self.layers:
+            if kind == "window_attention":
+                original = module._get_rel_pos_bias
+                batch: dict[str, int] = {}
+
+                def pre(mod, inputs, batch=batch):
+                    batch["n"] = inputs[0].shape[0]  # B * windows
+
+                def bias(mod=module, own=own, key=key, original=original, batch=batch):
+                    with torch.no_grad():
+                        b = original()  # (1, heads, N, N), looked up in the table
+                    # One copy per window, a leaf that backward is asked for: its gradient is
+                    # the per-window one, and autograd computes no summed table gradient.
+                    full = b.expand(batch["n"], -1, -1, -1).requires_grad_()
+                    full.register_hook(watch(LayerCall(key, mod, "window_attention", own, None)))
+                    state["roots"].append(full)
+                    return full
+
+                handles.append(module.register_forward_pre_hook(pre))
+                module._get_rel_pos_bias = bias  # instance attribute shadows the method
+                patched.append(module)
+            else:
+                def fwd(mod, inputs, output, own=own, key=key, kind=kind):
+                    stats = None
+                    if kind == "layer_norm":
+                        node = output.grad_fn  # the stats its own backward saved: no recomputation
+                        if node is not None and type(node).__name__ == "NativeLayerNormBackward0":
+                            stats = (node._saved_result1, node._saved_result2)
+                    on_grad = watch(LayerCall(key, mod, kind, own, inputs[0], stats))
+                    if state["first"] is None:
+                        state["first"] = output  # the backward target (forward order): its node never runs
+                        output.register_hook(on_grad)
+                    else:
+                        # A pre-hook on the node that made the output sees the output's gradient
+                        # before that node runs: what a tensor hook sees, at a third of the cost.
+                        output.grad_fn.register_prehook(lambda grads, nr=output.output_nr: on_grad(grads[nr]))
+
+                handles.append(module.register_forward_hook(fwd))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module in patched:
+                del module._get_rel_pos_bias  # back to the class method
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, sink) -> torch.Tensor:
+        """Forward + one backward over prepared inputs; returns detached per-sample losses (n,)."""
+        state = {"pending": 0, "fired": 0, "roots": [], "first": None}
+        with self._hooks(sink, state), self._autocast(x.device):
+            logits = self.module(x)
+        losses = self._per_sample_loss(logits.float(), y)  # (n,)
+        # One backward. Its inputs are the FIRST trainable layer's output (every later layer
+        # lies on the way to it) and the per-window bias copies; parameters are not asked
+        # for, so autograd skips every summed weight gradient, and the tensor hooks consume
+        # each layer's gradient as it passes.
+        inputs = ([state["first"]] if state["first"] is not None else []) + state["roots"]
+        if inputs:
+            torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+        if state["fired"] != state["pending"]:
+            raise RuntimeError(
+                f"hook-based per-sample gradients reached {state['fired']} of {state['pending']} layer calls; "
+                "this model's layers do not form one chain: use method='vmap'")
+        return losses.detach()
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as float32 (itself when it already is: no dispatch for a no-op cast)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def linear_io(call: LayerCall, g: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a (n, T, d_in), g (n, T, d_out)) of a Linear or patchifier call, T tokens per sample."""
+    a = call.a
+    if call.kind == "patchify":
+        k = call.module.kernel_size
+        a = F.unfold(a, k, stride=call.module.stride).transpose(1, 2)  # (n, L, Cin*kh*kw)
+        g = g.flatten(2).transpose(1, 2)  # (n, L, Cout)
+        return a, g
+    return a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])  # sample-major folding
+
+
+def layer_norm_grads(call: LayerCall, g: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """Per-sample LayerNorm gradients {param: (n, C)} (float32)."""
+    a = f32(call.a)
+    g = f32(g)
+    if call.ln_stats is not None:
+        mean, rstd = call.ln_stats
+        xhat = (a - f32(mean)).mul_(f32(rstd))
+    else:
+        xhat = F.layer_norm(a, call.module.normalized_shape, eps=call.module.eps)
+    res: dict[str, torch.Tensor] = {}
+    if "weight" in call.own:
+        res["weight"] = xhat.mul_(g).reshape(n, -1, g.shape[-1]).sum(1)
+    if "bias" in call.own:
+        res["bias"] = g.reshape(n, -1, g.shape[-1]).sum(1)
+    return res
+
+
+def bias_table_grads(call: LayerCall, g: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-sample gradient (n, rows, heads) of a window attention's relative-position bias table."""
+    module = call.module
+    heads, area = module.num_heads, module.window_area
+    # g: (n * windows, heads, N, N) -> summed over each sample's windows -> (n, N*N, heads)
+    per = f32(g).reshape(n, -1, heads, area * area).sum(1).transpose(1, 2)
+    table = module.relative_position_bias_table
+    idx = module.relative_position_index.reshape(-1)  # (N*N,) row of the table per pair
+    dt = per.new_zeros((n, *table.shape))
+    dt.index_add_(1, idx, per)
+    return dt
+
+
+def per_sample_rule(call: LayerCall, g: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of one call of one layer: {param name: (n, *shape)} (float32)."""
+    if call.kind == "window_attention":
+        return {"relative_position_bias_table": bias_table_grads(call, g, n)}
+    if call.kind == "layer_norm":
+        return layer_norm_grads(call, g, n)
+    a, g = linear_io(call, g, n)
+    a, g = f32(a), f32(g)
+    res: dict[str, torch.Tensor] = {}
+    if "weight" in call.own:
+        res["weight"] = torch.bmm(g.transpose(1, 2), a).view(n, *call.module.weight.shape)  # (n, C_out, C_in)
+    if "bias" in call.own:
+        res["bias"] = g.sum(1)
+    return res
+
+
 class HookPerSample:
     """Per-sample gradients of the trainable parameters via hooks (see module docstring).
 
@@ -79,149 +306,37 @@ class HookPerSample:
     `__call__(params, x, y) -> ({name: (n, *shape)}, losses (n,))`.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None):
-        if not supports(model):
-            raise ValueError("model not supported by the hook-based per-sample gradients")
+    def __init__(self, model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None,
+                 recorder: Recorder | None = None):
+        self.recorder = recorder if recorder is not None else Recorder(model, loss_fn, autocast_dtype)
+        self.names = self.recorder.names
         self.model = model
-        self.loss_fn = loss_fn
-        self.autocast_dtype = autocast_dtype
-        self.layers: list[tuple[str, nn.Module, str, list[str]]] = []  # (name, module, kind, own params)
-        for name, module in model.named_modules():
-            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if own:
-                self.layers.append((name, module, _layer_kind(module), own))
-        self.names = list(trainable_named_parameters(model))
-        # per-sample loss of logits (n, K): one loss_fn call per sample, batched by vmap
-        self._per_sample_loss = vmap(lambda lg, t: loss_fn(lg.unsqueeze(0), t.unsqueeze(0)))
 
     def params(self) -> dict[str, torch.Tensor]:
         """Unused by this route (the live parameters are used); kept for the interface."""
         return {}
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs are used as they are."""
-        return x
-
-    @contextlib.contextmanager
-    def _recording(self, n: int, out: dict[str, torch.Tensor], fired: list[int], roots: list[torch.Tensor]):
-        """Hooks for one forward/backward: each trainable layer's output gets a tensor hook
-        that turns its gradient into per-sample gradients as soon as backward produces it
-        (then the gradient is freed, as in plain training)."""
-        handles = []
-        patched = []
-        pending = [0]  # layer calls whose gradient hook must fire
-        outputs: list[torch.Tensor] = []
-
-        def collect(module, kind, own, prefix, a):
-            pending[0] += 1
-
-            def on_grad(g):
-                with torch.no_grad():  # read activations, build no graph
-                    for pname, value in self._rule(module, kind, own, a, g, n).items():
-                        key = prefix + pname
-                        out[key] = out[key] + value if key in out else value
-                fired[0] += 1
-
-            return on_grad
-
-        for name, module, kind, own in self.layers:
-            prefix = f"{name}." if name else ""
-            if kind == "window_attention":
-                original = module._get_rel_pos_bias
-                batch = {}
-
-                def pre(mod, inputs, batch=batch):
-                    batch["n"] = inputs[0].shape[0]  # B * windows
-
-                def bias(mod=module, own=own, prefix=prefix, original=original, batch=batch):
-                    b = original()  # (1, heads, N, N), a function of the table
-                    full = b.expand(batch["n"], -1, -1, -1)  # one copy per window: its own gradient
-                    full.register_hook(collect(mod, "window_attention", own, prefix, None))
-                    return full
-
-                handles.append(module.register_forward_pre_hook(pre))
-                module._get_rel_pos_bias = bias  # instance attribute shadows the method
-                patched.append(module)
-                # backward reaches the bias copies only if something upstream of them is asked for
-                roots.append(module.relative_position_bias_table)
-            else:
-                def fwd(mod, inputs, output, own=own, prefix=prefix, kind=kind):
-                    output.register_hook(collect(mod, kind, own, prefix, inputs[0]))
-                    outputs.append(output)  # in forward order
-
-                handles.append(module.register_forward_hook(fwd))
-        try:
-            yield outputs, pending
-        finally:
-            for h in handles:
-                h.remove()
-            for module in patched:
-                del module._get_rel_pos_bias  # back to the class method
+        """Samples, or frozen features computed once without autograd."""
+        return self.recorder.prepare(x)
 
     def __call__(self, params, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-sample gradients {name: (n, *shape)} (float32) and losses (n,)."""
         n = x.shape[0]
         out: dict[str, torch.Tensor] = {}
-        fired = [0]
-        roots: list[torch.Tensor] = []
-        ctx = (torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
-               if self.autocast_dtype is not None else contextlib.nullcontext())
-        with self._recording(n, out, fired, roots) as (outputs, pending), ctx:
-            logits = self.model(x)
-        losses = self._per_sample_loss(logits.float(), y)  # (n,)
-        # One backward. Its inputs are the FIRST trainable layer's output (every later layer
-        # lies on the way to it) and the bias tables (to reach their per-window copies);
-        # parameters are otherwise not asked for, so autograd skips the summed weight
-        # gradients, and the tensor hooks consume each layer's gradient as it passes.
-        inputs = outputs[:1] + roots
-        if inputs:
-            torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-        if fired[0] != pending[0]:
-            raise RuntimeError(
-                f"hook-based per-sample gradients reached {fired[0]} of {pending[0]} layer calls; "
-                "this model's layers do not form one chain: use method='vmap'")
+
+        def sink(call: LayerCall, g: torch.Tensor) -> None:
+            for pname, value in per_sample_rule(call, g, n).items():
+                key = call.key + pname
+                out[key] = out[key] + value if key in out else value  # a layer called twice: sum
+
+        losses = self.recorder.run(x, y, sink)
         for name in self.names:  # cannot happen for a chain; kept for a parameter-free path
             if name not in out:
                 p = dict(self.model.named_parameters())[name]
                 out[name] = torch.zeros((n, *p.shape), device=x.device, dtype=torch.float32)
-        return {k: out[k] for k in self.names}, losses.detach()
-
-    @staticmethod
-    def _rule(module: nn.Module, kind: str, own: list[str], a: torch.Tensor | None, g: torch.Tensor,
-              n: int) -> dict[str, torch.Tensor]:
-        """Per-sample gradients of one call of one layer: {param name: (n, *shape)}."""
-        g = g.float()
-        if kind == "window_attention":
-            heads, area = module.num_heads, module.window_area
-            # g: (n * windows, heads, N, N) -> summed over each sample's windows -> (n, N*N, heads)
-            per = g.reshape(n, -1, heads, area * area).sum(1).transpose(1, 2)
-            table = module.relative_position_bias_table
-            idx = module.relative_position_index.reshape(-1)  # (N*N,) row of the table per pair
-            dt = per.new_zeros((n, *table.shape))  # (n, rows, heads)
-            dt.index_add_(1, idx, per)
-            return {"relative_position_bias_table": dt}
-        a = a.float()
-        if kind == "patchify":
-            k = module.kernel_size
-            a = F.unfold(a, k, stride=module.stride).transpose(1, 2)  # (n, L, Cin*kh*kw)
-            g = g.flatten(2).transpose(1, 2)  # (n, L, Cout)
-        else:
-            a = a.reshape(n, -1, a.shape[-1])  # (n, tokens, C_in): sample-major folding
-            g = g.reshape(n, -1, g.shape[-1])  # (n, tokens, C_out)
-        res: dict[str, torch.Tensor] = {}
-        if kind == "layer_norm":
-            xhat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
-            if "weight" in own:
-                res["weight"] = (g * xhat).sum(1)
-            if "bias" in own:
-                res["bias"] = g.sum(1)
-            return res
-        if "weight" in own:
-            w = torch.bmm(g.transpose(1, 2), a)  # (n, C_out, C_in)
-            res["weight"] = w.view(n, *module.weight.shape)
-        if "bias" in own:
-            res["bias"] = g.sum(1)
-        return res
+        return {k: out[k] for k in self.names}, losses
 
 
-__all__ = ["HookPerSample", "supports"]
+__all__ = ["HookPerSample", "LayerCall", "Recorder", "f32", "frozen_features", "frozen_split", "per_sample_rule",
+           "supports"]

@@ -1,11 +1,16 @@
 """Per-sample and per-record gradients, and their clipping: the core of DP-SGD.
 
-Two routes compute the same numbers (tests check both against a loop of ordinary
-autograd):
+Four routes compute the same clipped sums (tests check each against a loop of ordinary
+autograd); `per_sample_method` names them:
 - `vmap` (here): `torch.func` `vmap(grad(loss of one sample))` differentiates the whole
   forward for each sample independently, whatever the layers do. The reference route.
-- `hooks` (`grad_sampler`): one batched forward/backward with per-layer rules; needs a
-  model that declares its folding sample-major (Swin). ~1.3x a plain step instead of ~1.9x.
+- `hooks` (`grad_sampler`): one batched forward/backward with per-layer rules that
+  materialise every per-sample gradient; needs a model that declares its folding
+  sample-major (Swin).
+- `mixed` / `ghost` (`ghost`): the same single forward/backward, but per-record norms by
+  ghost norms (T x T Gram products) where cheaper than materialisation (`mixed`; `ghost`:
+  every Linear), then the clipped sum by book-keeping. The default (`auto`) where the model
+  supports hooks.
 
 Why not Opacus' own hooks: a timm Swin folds attention windows into the batch dimension
 ((B * windows, tokens, C) inside every block) and keeps a raw `relative_position_bias_table`
@@ -17,8 +22,10 @@ constants, so head-only DP (frozen backbone) is the same code with fewer gradien
 A *record* is the privacy unit: one patch, or all patches of one patient. A record's
 gradient is the sum of its samples' gradients; clipping acts on records.
 
-Memory: per-sample gradients cost `grad_chunk x (number of trainable parameters)` floats
-(swin_tiny, full model: 28M x 32 x 4 B = 3.6 GB), plus the activations of `grad_chunk` samples.
+Memory (vmap / hooks): per-sample gradients cost `grad_chunk x (number of trainable
+parameters)` floats (swin_tiny, full model: 28M x 32 x 4 B = 3.6 GB), plus the activations
+of `grad_chunk` samples. `mixed` keeps only the layers where that is cheaper than their
+activations.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
@@ -43,6 +51,24 @@ _NORM_EPS = 1e-6
 def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Name -> parameter for the parameters that get (private) gradients."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def per_sample_loss_fn(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """logits (n, K), targets (n,) -> the (n,) losses `loss_fn` gives each sample alone.
+
+    A plain `nn.CrossEntropyLoss` (mean reduction, no class weights) is computed directly
+    with `reduction="none"` (one kernel); any other loss by calling `loss_fn` on one sample
+    at a time under vmap (~2 ms per call on CPU: a tenth of a swin_micro step's DP cost).
+    """
+    if type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction == "mean":
+        smoothing, ignore = loss_fn.label_smoothing, loss_fn.ignore_index
+
+        def direct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing,
+                                   ignore_index=ignore)
+
+        return direct
+    return vmap(lambda lg, t: loss_fn(lg.unsqueeze(0), t.unsqueeze(0)))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -95,8 +121,9 @@ class _PerSample:
         """The vmapped inputs: the samples, or their frozen features (B, F)."""
         if self.features is None:
             return x
-        with torch.no_grad(), _autocast(x.device, self.autocast_dtype):
-            return self.features(x)
+        from mammodp.privacy.grad_sampler import frozen_features
+
+        return frozen_features(self.features, x, _autocast(x.device, self.autocast_dtype))
 
     def __call__(self, params, x, y) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-sample grads {full name: (n, *shape)} and losses (n,) for prepared inputs."""
@@ -104,14 +131,16 @@ class _PerSample:
         return {self.prefix + n: g for n, g in grads.items()}, losses
 
 
-METHODS = ("auto", "vmap", "hooks")
+METHODS = ("auto", "vmap", "hooks", "mixed", "ghost")
+# Routes that never materialise all per-sample gradients (book-keeping clipped sums).
+BOOKKEEPING = ("mixed", "ghost")
 
 
 def resolve_method(model: nn.Module, method: str) -> str:
-    """`auto` -> `hooks` when the model supports them, else `vmap`.
+    """`auto` -> `mixed` when the model supports the hook-based routes, else `vmap`.
 
     Raises:
-        ValueError: unknown method, or `hooks` for a model they do not support.
+        ValueError: unknown method, or a hook-based method for a model it does not support.
     """
     from mammodp.privacy import grad_sampler
 
@@ -120,17 +149,32 @@ def resolve_method(model: nn.Module, method: str) -> str:
     if method == "vmap":
         return "vmap"
     ok = grad_sampler.supports(model)
-    if method == "hooks" and not ok:
-        raise ValueError("the hook-based per-sample gradients do not support this model; use 'vmap'")
-    return "hooks" if ok else "vmap"
+    if method != "auto" and not ok:
+        raise ValueError(f"the hook-based routes ({method!r}) do not support this model; use 'vmap'")
+    if not ok:
+        return "vmap"
+    return "mixed" if method == "auto" else method
 
 
-def _make_fn(model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None, method: str):
-    if resolve_method(model, method) == "hooks":
+def make_route(model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None, method: str):
+    """The object that computes per-sample gradients (vmap, hooks) or clipped sums (mixed,
+    ghost) for `model`. Build it once per run: it walks the model."""
+    method = resolve_method(model, method)
+    if method in BOOKKEEPING:
+        from mammodp.privacy.ghost import MixedClipper
+
+        return MixedClipper(model, loss_fn, autocast_dtype, route=method)
+    if method == "hooks":
         from mammodp.privacy.grad_sampler import HookPerSample
 
         return HookPerSample(model, loss_fn, autocast_dtype)
     return _PerSample(model, loss_fn, autocast_dtype)
+
+
+def _make_fn(model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None, method: str):
+    """A per-sample-gradient route (book-keeping methods materialise by hooks here)."""
+    method = resolve_method(model, method)
+    return make_route(model, loss_fn, autocast_dtype, "hooks" if method in BOOKKEEPING else method)
 
 
 def _group_records(record_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,6 +187,13 @@ def _group_records(record_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     keys, inverse, counts = torch.unique(record_ids, sorted=True, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
     return keys, order, counts
+
+
+def _index_or_slice(pos: torch.Tensor, device: torch.device) -> torch.Tensor | slice:
+    """Positions (CPU int64) as a slice when they are one ascending run (a view, no gather)."""
+    if pos.numel() and int(pos[-1]) - int(pos[0]) == pos.numel() - 1 and bool((pos.diff() == 1).all()):
+        return slice(int(pos[0]), int(pos[-1]) + 1)
+    return pos.to(device)
 
 
 def _packs(counts: list[int], max_samples: int) -> list[tuple[int, int]]:
@@ -222,6 +273,7 @@ def per_sample_gradients(
         autocast_dtype: e.g. torch.bfloat16 to run the forward under autocast.
         method: `vmap` (torch.func, any model: the reference), `hooks` (one batched
             backward, `grad_sampler`; Swin-type models only) or `auto` (hooks if supported).
+            `mixed` / `ghost` do not materialise per-sample gradients: here they mean `hooks`.
 
     Returns:
         ({name: (R, *param.shape)}, keys (R,)): gradients in ascending record-id order and
@@ -280,55 +332,73 @@ def clipped_grad_sum(
     grad_chunk: int = 32,
     autocast_dtype: torch.dtype | None = None,
     method: str = "vmap",
+    route=None,
+    out: dict[str, torch.Tensor] | None = None,
 ) -> ClippedSum:
     """Per-record clipped gradients, summed, with at most ~`grad_chunk` records in memory.
 
     Records are processed in packs of whole records (at most `grad_chunk` samples per
-    pack, unless one record alone is larger): each pack's per-record gradients are
-    computed, clipped to norm `max_grad_norm` over ALL trainable parameters, and added
-    to the running sum. The inputs must contain every sample of each record present.
+    pack, unless one record alone is larger): each pack's per-record gradients (or, for
+    `mixed` / `ghost`, their norms) are computed, clipped to norm `max_grad_norm` over ALL
+    trainable parameters, and added to the running sum. The inputs must contain every
+    sample of each record present.
 
-    Args: as `per_sample_gradients`, plus `max_grad_norm` (C; `math.inf` = no clipping).
-        With `method="hooks"` one pack is one batched forward/backward (memory: the pack's
-        activations plus its per-sample gradients).
+    Args: as `per_sample_gradients`, plus
+        max_grad_norm: C (`math.inf` = no clipping).
+        method: also `mixed` / `ghost` (book-keeping clipped sums, `privacy.ghost`). With a
+            hook-based method one pack is one batched forward/backward; a record larger
+            than `grad_chunk` is then done by `hooks` over several passes.
+        route: a `make_route(model, loss_fn, autocast_dtype, method)` object to reuse
+            (the engine builds it once per run); overrides `method` / `autocast_dtype`.
+        out: {name: float32 param-shaped tensor} to accumulate into in place (e.g. the
+            engine's buffers); None = fresh zeros.
 
     Returns:
-        The clipped sum, per-record norms and counts.
+        The clipped sum (`grads` is `out` when given), per-record norms and counts.
     """
-    params = trainable_named_parameters(model)
-    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    if out is None:
+        out = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable_named_parameters(model).items()}
+    total = out
     n = inputs.shape[0]
     if n == 0:
         return ClippedSum(total, torch.zeros(0, device=inputs.device), 0, 0, 0.0)
-    fn = _make_fn(model, loss_fn, autocast_dtype, method)
-    trainable = fn.params()
+    fn = route if route is not None else make_route(model, loss_fn, autocast_dtype, method)
+    bookkeeping = hasattr(fn, "clipped_sum")
+    trainable = {} if bookkeeping else fn.params()
     inputs = fn.prepare(inputs)  # samples, or frozen features computed once for the batch
-    if record_ids is None:
-        # Patch unit: each sample is a record; packs are plain slices.
-        packs = [(torch.arange(s, min(s + grad_chunk, n), device=inputs.device), None, min(grad_chunk, n - s))
-                 for s in range(0, n, grad_chunk)]
+    rid = None if record_ids is None else record_ids.cpu()  # grouping is book-keeping on a few ints: CPU
+    if rid is None or (rid.numel() > 1 and bool((rid[1:] > rid[:-1]).all())) or rid.numel() == 1:
+        # Each sample its own record, in ascending order (always so for the patch unit):
+        # packs are plain slices.
+        packs = [(slice(s, min(s + grad_chunk, n)), None, min(grad_chunk, n - s)) for s in range(0, n, grad_chunk)]
     else:
-        keys, order, counts = _group_records(record_ids.to(inputs.device))
+        keys, order, counts = _group_records(rid)
         counts_l = counts.tolist()
         offsets = [0]
         for c in counts_l:
             offsets.append(offsets[-1] + c)
         packs = []
         for a, b in _packs(counts_l, grad_chunk):
-            pos = order[offsets[a] : offsets[b]]
+            pos = _index_or_slice(order[offsets[a] : offsets[b]], inputs.device)
             if b - a == offsets[b] - offsets[a]:
                 local = None  # one sample per record in this pack: nothing to sum
             else:
-                local = torch.repeat_interleave(torch.arange(b - a, device=inputs.device), counts[a:b])
+                local = torch.repeat_interleave(torch.arange(b - a), counts[a:b]).to(inputs.device)
             packs.append((pos, local, b - a))
     norms_all, loss_sum = [], torch.zeros((), device=inputs.device)
     for pos, local, n_rec in packs:
-        grads, losses = _record_grads(fn, trainable, inputs[pos], targets[pos], local, n_rec, grad_chunk)
-        norms = record_norms(grads)  # (n_rec,)
-        factors = clip_factors(norms, max_grad_norm)
-        for name, g in grads.items():
-            # sum_r factor_r * g_r as one matmul: (n_rec,) @ (n_rec, P) -> (P,)
-            total[name] += (factors @ g.reshape(n_rec, -1).float()).view_as(total[name])
+        x, y = inputs[pos], targets[pos]
+        if bookkeeping and x.shape[0] <= grad_chunk:
+            norms, losses = fn.clipped_sum(x, y, local, n_rec, max_grad_norm, total)
+        else:
+            # A book-keeping route materialises a record larger than one pass (several passes).
+            ps = fn.materialiser() if bookkeeping else fn
+            grads, losses = _record_grads(ps, trainable, x, y, local, n_rec, grad_chunk)
+            norms = record_norms(grads)  # (n_rec,)
+            factors = clip_factors(norms, max_grad_norm)
+            for name, g in grads.items():
+                # sum_r factor_r * g_r as one matrix-vector product, in place: (P, R) @ (R,)
+                total[name].view(-1).addmv_(g.reshape(n_rec, -1).float().t(), factors)
         norms_all.append(norms.detach())
         loss_sum += losses.detach().sum()  # stays on the device: no sync per pack
     norms_cat = torch.cat(norms_all)
@@ -336,13 +406,16 @@ def clipped_grad_sum(
 
 
 __all__ = [
+    "BOOKKEEPING",
     "METHODS",
     "LossFn",
     "resolve_method",
     "ClippedSum",
     "clip_factors",
     "clipped_grad_sum",
+    "make_route",
     "per_sample_gradients",
+    "per_sample_loss_fn",
     "record_norms",
     "trainable_named_parameters",
 ]

@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -55,6 +56,8 @@ _EPS_SLACK = 1e-9
 # Optuna RDB heartbeat: a trial whose worker stopped beating this long ago is failed (and retried).
 _HEARTBEAT_S = 30
 _GRACE_S = 120
+# Seconds a worker that created the study's MLflow run waits before checking for a twin.
+_STUDY_RUN_SETTLE_S = 2.0
 
 
 @dataclass
@@ -256,17 +259,29 @@ def open_storage(url: str):
         # (and one fail): they take turns, by an flock on the file (SQLite's own locks are
         # fcntl locks, which flock does not touch).
         guard = contextlib.closing(open(db, "a+b"))
-    try:
-        with warnings.catch_warnings(), guard as f:
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if f is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
-    except (ArgumentError, OperationalError, ValueError, ImportError) as exc:
-        raise ConfigError(f"cannot open Optuna storage {redact(url)}: {exc}", field="tune.storage") from exc
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings(), guard as f:
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if f is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except (IntegrityError, ProgrammingError) as exc:
+            # Workers started together on an empty server database race to create Optuna's tables
+            # (on PostgreSQL: "duplicate key ... pg_type"): the loser retries and finds them made.
+            if attempt == 4:
+                raise ConfigError(f"cannot create the Optuna tables in {redact(url)}: {exc}",
+                                  field="tune.storage") from exc
+            time.sleep(0.5 + attempt)
+            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+                guard = contextlib.closing(open(db, "a+b"))
+        except (ArgumentError, OperationalError, ValueError, ImportError) as exc:
+            raise ConfigError(f"cannot open Optuna storage {redact(url)}: {exc}", field="tune.storage") from exc
 
 
 def trial_seed(seed: int, trial_number: int) -> int:
@@ -514,10 +529,28 @@ def _study_run(cfg: Config, name: str, epsilon: float, data: TuneData, space: Se
     from mammodp import tracking
     from mammodp.config import flatten
 
-    found = tracking.find_runs(cfg.experiment, f"tags.stage = 'tune' and tags.study_name = '{name}'",
-                               order_by=["attributes.start_time ASC"])
+    query = f"tags.stage = 'tune' and tags.study_name = '{name}'"
+    found = tracking.find_runs(cfg.experiment, query, order_by=["attributes.start_time ASC"])
     if len(found):
         return str(found.iloc[0]["run_id"])
+    mine = _create_study_run(cfg, name, epsilon, data, space)
+    # Workers started together (a shared storage) may each have created one: after a pause that
+    # lets concurrent creations land, all keep the earliest (ties: smallest id), the rest delete theirs.
+    time.sleep(_STUDY_RUN_SETTLE_S)
+    found = tracking.find_runs(cfg.experiment, query)
+    winner = min(zip(found["start_time"], found["run_id"]))[1] if len(found) else mine
+    if winner != mine:
+        import mlflow
+
+        mlflow.MlflowClient().delete_run(mine)
+        log.info("study %s already had its run %s (created concurrently): using it", name, winner)
+    return str(winner)
+
+
+def _create_study_run(cfg: Config, name: str, epsilon: float, data: TuneData, space: SearchSpace) -> str:
+    from mammodp import tracking
+    from mammodp.config import flatten
+
     key = study_key(cfg, epsilon, data)
     with tracking.start_run(
         cfg.experiment, "tune", name=f"tune/eps={format_epsilon(epsilon)}",
@@ -573,8 +606,9 @@ def run(cfg: Config, epsilon: float, out: Path | None = None, report: Path | Non
     import optuna
 
     from mammodp import tracking
-    from mammodp.runtime import resolve_device
+    from mammodp.runtime import claim_gpu, resolve_device
 
+    claim_gpu()  # one GPU per concurrent worker of a DVC queue ($MAMMODP_GPU_POOL)
     if not (0 < epsilon < math.inf):
         raise ConfigError("tuning needs a finite budget: noise is what it tunes (non-private runs use train.*)",
                           field="epsilon")

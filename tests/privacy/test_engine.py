@@ -69,7 +69,7 @@ def test_no_noise_no_clipping_equals_a_plain_sgd_step(mode, method):
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert dp.summary()["epsilon"] == math.inf  # sigma = 0 gives no privacy, and says so
-    assert dp.summary()["per_sample_method"] == ("vmap" if method == "vmap" else "hooks")
+    assert dp.summary()["per_sample_method"] == ("vmap" if method == "vmap" else "mixed")
 
 
 def test_public_samples_mix_in_like_a_plain_step_on_the_union_batch():

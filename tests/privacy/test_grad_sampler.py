@@ -1,5 +1,6 @@
 """The hook-based per-sample gradients: equal to vmap on both presets, refused where they
-would be wrong, and checked at run time by the engine's `auto` mode."""
+would be wrong, and checked at run time by the engine's `auto` mode (whose route, `mixed`,
+is built on the same hooks)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ def test_supports_only_opted_in_models_of_known_layers():
     model.head.append(nn.Conv1d(2, 2, 1))  # a layer with no per-sample rule
     assert not supports(model)
     assert resolve_method(model, "auto") == "vmap"
-    with pytest.raises(ValueError):
-        resolve_method(model, "hooks")
+    for method in ("hooks", "mixed", "ghost"):  # every hook-based route refuses it
+        with pytest.raises(ValueError):
+            resolve_method(model, method)
     with pytest.raises(PrivacyError):
         make_private(model, torch.optim.SGD(trainable_parameters(model), lr=0.1), record_ids=np.arange(4),
                      expected_batch_size=2, delta=1e-4, epochs=1, max_grad_norm=1.0, noise_multiplier=1.0,
@@ -78,11 +80,11 @@ def test_auto_mode_checks_hooks_against_vmap_and_falls_back():
     fast, _ = per_sample_gradients(wrong, LOSS, x, y, method="hooks")
     ref, _ = per_sample_gradients(wrong, LOSS, x, y, method="vmap")
     assert _max_rel_err(fast, ref) > 1e-2  # the false claim really gives wrong gradients
-    for model, expected in ((wrong, "vmap"), (create_classifier("swin_micro"), "hooks")):
+    for model, expected in ((wrong, "vmap"), (create_classifier("swin_micro"), "mixed")):
         opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
         dp = make_private(model, opt, record_ids=np.arange(6), expected_batch_size=6, delta=1e-4, epochs=1,
                           max_grad_norm=1.0, noise_multiplier=0.0, accountant="rdp", sampler_seed=0)
-        assert dp.per_sample_method == "hooks"  # chosen up front ...
+        assert dp.per_sample_method == "mixed"  # chosen up front ...
         idx = dp.sample_batch()
         xs = x if expected == "vmap" else torch.rand(6, 1, 64, 64, generator=g)
         dp.step(xs[idx], y[idx], LOSS, record_idx=idx)

@@ -74,7 +74,7 @@ def test_per_record_gradients_sum_each_patients_samples(mode, method):
             _assert_close(g[r], sum(loop[i][name] for i in members), f"{name} record {key}")
 
 
-@pytest.mark.parametrize("method", ["vmap", "hooks"])
+@pytest.mark.parametrize("method", ["vmap", "hooks", "mixed", "ghost"])
 def test_clipped_sum_equals_clipping_the_loop_and_bounds_each_record(method):
     torch.manual_seed(2)
     model = create_classifier("swin_micro")
@@ -105,11 +105,12 @@ def test_clipped_sum_equals_clipping_the_loop_and_bounds_each_record(method):
             assert total == pytest.approx(C, rel=1e-3)
 
 
-def test_clipping_with_an_infinite_norm_is_the_plain_sum():
+@pytest.mark.parametrize("method", ["vmap", "mixed"])
+def test_clipping_with_an_infinite_norm_is_the_plain_sum(method):
     torch.manual_seed(3)
     model = create_classifier("swin_micro")
     x, y = _batch(4, seed=3)
-    res = clipped_grad_sum(model, LOSS, x, y, max_grad_norm=float("inf"), grad_chunk=3)
+    res = clipped_grad_sum(model, LOSS, x, y, max_grad_norm=float("inf"), grad_chunk=3, method=method)
     params = trainable_parameters(model)
     plain = torch.autograd.grad(LOSS(model(x), y) * 4, params)
     for (name, g), p in zip(res.grads.items(), plain):

@@ -1,0 +1,293 @@
+"""Clipped gradient sums without per-sample gradients: mixed ghost clipping + book-keeping.
+
+DP-SGD needs, per record r, the norm |G_r| of its gradient over ALL trainable parameters
+and then sum_r min(1, C / |G_r|) G_r. Materialising every G_r costs (records x parameters)
+memory. This route (methods `mixed` and `ghost`) gets both from ONE forward and ONE
+backward (`grad_sampler.Recorder`: output gradients only, no summed weight gradients):
+
+1. Norms, per layer, the cheaper of two exact ways (Li et al. 2022; Bu et al. 2023):
+   - ghost norm of a Linear layer with T tokens per record:
+     |sum_t g_t a_t^T|_F^2 = sum_{t,s} (a_t . a_s)(g_t . g_s), from the T x T Gram
+     matrices of a and g: cost ~T^2 (d_in + d_out), memory a and g (kept for step 2);
+   - materialisation: the (d_out x d_in) record gradient, cost ~T d_in d_out, memory
+     d_in d_out per record.
+   `mixed` picks ghost where 2 T^2 < d_in d_out (Bu et al.'s rule; T counts all tokens of
+   a record, i.e. samples per record x tokens per sample); `ghost` takes ghost for every
+   Linear / patchifier. LayerNorm, biases and the window-attention bias table are small:
+   always materialised with their per-sample rules (`grad_sampler`).
+2. The clipped sum by book-keeping (Bu et al.'s BK): with clip factors c_r known, a ghost
+   layer's sum is ONE matrix product (c . g)^T a over all tokens (the cost of a plain
+   weight gradient), a materialised one is c^T G (records x parameters), both accumulated
+   in place into the caller's fp32 buffers.
+
+What guided the choice (torch.profiler, op / call counts and per-layer timings, swin_micro,
+batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tables):
+
+- Per-sample weight products (bmm) cost about what plain training spends on weight
+  gradients (~6 ms a step either way; plain's patch-embed conv backward alone is ~4-8 ms,
+  which the unfold + bmm rule replaces), so materialisation is as fast as plain where
+  d_in d_out is small (stages 1-2: T = 256 / 64 tokens, d <= 32: a ghost Gram there is
+  10-60x dearer). Stage 3 and the head (T = 16 / 1, d = 64-256) hold most parameters:
+  there ghost norms are cheaper and keep ~3x less memory than materialised per-record
+  gradients, which the old hook route computed at the top of backward while every
+  activation was still alive (its memory peak, 1.60x plain; now ~1.1x).
+- The rest of the old route's 1.4x was not clipping arithmetic: the route was rebuilt every
+  step (model walks: ~10 ms a step under cProfile), LayerNorm inputs were re-normalised
+  (native_layer_norm 4.6x plain; now the forward's saved mean / rstd), per-sample losses
+  went through vmap (2 ms; now `F.cross_entropy(reduction="none")`), every layer output
+  was kept alive to the end of backward (+9 MiB), and ~1,400 extra small operators ran per
+  step (per-parameter zeros, norms, noise draws, divisions, casts).
+- What remains is mostly a constant ~10 ms a step (the same at batch 4 and 32): ~300 extra
+  small operators and ~2,500 extra Python calls (hooks, per-layer rules), which a loaded
+  machine inflates more than the big kernels. Hence one flat buffer for the clipped sums
+  and the noise, materialised gradients side by side for one norm / one product / one
+  foreach add, and no-op casts skipped.
+
+Records with several samples (privacy unit `patient`): a record's gradient sums its
+samples', so ghost Grams run over the concatenated tokens of each record (zero-padded to
+the largest record of the pack; padding rows contribute nothing to a Gram).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mammodp.privacy.grad_sampler import (
+    HookPerSample,
+    LayerCall,
+    Recorder,
+    bias_table_grads,
+    f32,
+    layer_norm_grads,
+    linear_io,
+)
+from mammodp.privacy.per_sample import LossFn, clip_factors
+
+ROUTES = ("mixed", "ghost")
+
+
+def use_ghost(tokens: int, d_in: int, d_out: int, route: str) -> bool:
+    """Ghost norm (T x T Grams) rather than materialisation for a Linear with `tokens` per record."""
+    if route == "ghost":
+        return True
+    return 2 * tokens * tokens < d_in * d_out
+
+
+def ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """|sum_t g_bt a_bt^T|_F^2 per row b: (B,) from a (B, T, d_in), g (B, T, d_out) (float32)."""
+    a, g = f32(a), f32(g)
+    if a.shape[1] == 1:  # one token: |g a^T| = |g| |a|
+        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+    gram_a = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
+    gram_g = torch.bmm(g, g.transpose(1, 2))
+    return gram_a.mul_(gram_g).sum((1, 2))
+
+
+def _product_operands(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g and a in the precision of the weight-gradient product: g's low-precision dtype under
+    autocast (bf16 / fp16, as autocast ran the layer's matmul), else float32."""
+    if g.dtype in (torch.bfloat16, torch.float16):
+        return g, a.to(g.dtype)
+    return f32(g), f32(a)
+
+
+class _Pack:
+    """How the samples of one forward map to records: local index and position per sample."""
+
+    def __init__(self, n: int, local: torch.Tensor | None, n_records: int, device: torch.device):
+        self.n, self.local, self.n_records, self.device = n, local, n_records, device
+        self.per_record = 1
+        self.pos = None
+        if local is not None:
+            counts = torch.bincount(local, minlength=n_records)
+            self.per_record = int(counts.max())
+            starts = torch.cumsum(counts, 0) - counts
+            self.pos = torch.arange(n, device=local.device) - starts[local]  # position inside its record
+
+    def to_records(self, v: torch.Tensor) -> torch.Tensor:
+        """(n, *shape) per-sample -> (R, *shape) per-record sums."""
+        if self.local is None:
+            return v
+        return v.new_zeros((self.n_records, *v.shape[1:])).index_add_(0, self.local, v)
+
+    def pad_tokens(self, v: torch.Tensor) -> torch.Tensor:
+        """(n, T, d) per sample -> (R, per_record * T, d): each record's tokens, zero-padded."""
+        if self.local is None:
+            return v
+        out = v.new_zeros((self.n_records, self.per_record, *v.shape[1:]))
+        out[self.local, self.pos] = v
+        return out.reshape(self.n_records, -1, v.shape[-1])
+
+
+class _SideBySide:
+    """Materialised per-record gradients side by side in one (R, P_mat) buffer, so that their
+    norms and clipped sum are one op each. The column layout is learned on the first pass
+    and reused (a pass that deviates from it is joined by one concatenation and sets the next
+    layout); a pass allocates the buffer once instead of one tensor per parameter plus a copy."""
+
+    def __init__(self, layout: dict[str, tuple[int, int]], n_records: int, device: torch.device):
+        self.layout, self.R = layout, n_records
+        total = sum(size for _, size in layout.values())
+        self.buf = torch.empty(n_records, total, device=device) if total else None
+        self.written: set[str] = set()
+        self.extra: dict[str, torch.Tensor] = {}  # parameters outside the layout: (R, P) each
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.written or name in self.extra
+
+    def keep(self, name: str, v: torch.Tensor) -> None:
+        """Store per-record gradients (R, *shape) of `name` (summed if it comes twice)."""
+        v = v.reshape(self.R, -1)
+        slot = self.layout.get(name)
+        if slot is not None and slot[1] == v.shape[1]:
+            dst = self.buf[:, slot[0] : slot[0] + slot[1]]
+            if name in self.written:
+                dst.add_(v)  # a layer called twice: its gradient sums its calls
+            else:
+                dst.copy_(v)
+                self.written.add(name)
+        else:
+            self.extra[name] = self.extra[name] + v if name in self.extra else v
+
+    def finish(self) -> tuple[torch.Tensor | None, list[str], dict[str, tuple[int, int]]]:
+        """(all gradients (R, P_mat) or None, parameter names in column order, next layout)."""
+        unwritten = [k for k in self.layout if k not in self.written]
+        for k in unwritten:  # e.g. a layer that went ghost this pass: it contributes nothing here
+            off, size = self.layout[k]
+            self.buf[:, off : off + size].zero_()
+        if not self.extra and not unwritten:
+            return self.buf, list(self.layout), self.layout
+        parts = ([self.buf] if self.buf is not None else []) + list(self.extra.values())
+        names = list(self.layout) + list(self.extra)
+        sizes = [self.layout[k][1] for k in self.layout] + [v.shape[1] for v in self.extra.values()]
+        layout, off = {}, 0
+        for k, size in zip(names, sizes):
+            if k not in unwritten:
+                layout[k] = (off, size)
+                off += size
+        flat = torch.cat(parts, 1) if parts else None
+        return flat, names, layout
+
+
+class MixedClipper:
+    """Per-record clipped gradient sums by mixed ghost clipping and book-keeping.
+
+    Args:
+        model: a model `grad_sampler.supports`.
+        loss_fn: mean loss over a batch (see `per_sample.LossFn`).
+        autocast_dtype: e.g. torch.bfloat16 for the forward under autocast; None = fp32.
+        route: `mixed` (per layer the cheaper of ghost norm and materialisation) or `ghost`.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None,
+                 route: str = "mixed"):
+        if route not in ROUTES:
+            raise ValueError(f"unknown clipping route {route!r}; known: {', '.join(ROUTES)}")
+        self.route = route
+        self.recorder = Recorder(model, loss_fn, autocast_dtype)
+        self.names = self.recorder.names
+        self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
+        self._materialiser: HookPerSample | None = None
+        self._views = None  # (the caller's buffers, flat views of them, their sizes)
+        self._layout: dict[str, tuple[int, int]] = {}  # materialised parameters' columns (last pass)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples, or frozen features computed once without autograd."""
+        return self.recorder.prepare(x)
+
+    def _flat_views(self, out: dict[str, torch.Tensor], names: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+        """Flat views of `out[name]` and their sizes; reused while the caller passes the same
+        tensors (the engine's buffers, every step)."""
+        tensors = [out[k] for k in names]
+        cached = self._views
+        if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
+            views = [t.view(-1) for t in tensors]
+            self._views = cached = (tensors, views, [v.numel() for v in views])
+        return cached[1], cached[2]
+
+    def materialiser(self) -> HookPerSample:
+        """The `hooks` route on the same recorder: for a record too large for one pass."""
+        if self._materialiser is None:
+            self._materialiser = HookPerSample(self.recorder.model, None, None, recorder=self.recorder)
+        return self._materialiser
+
+    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, local: torch.Tensor | None, n_records: int,
+                    max_grad_norm: float, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add sum_r min(1, C / |G_r|) G_r into `out` for one pack of whole records.
+
+        Args:
+            x, y: the pack's prepared samples (n, ...) and targets, grouped by record.
+            local: (n,) record index 0..n_records-1 of each sample, or None (one sample each).
+            max_grad_norm: C (`math.inf`: no clipping).
+            out: {name: float32 param-shaped tensor}, accumulated in place.
+
+        Returns:
+            Unclipped per-record norms (R,) and per-sample losses (n,).
+        """
+        n = x.shape[0]
+        pack = _Pack(n, local, n_records, x.device)
+        mats = _SideBySide(self._layout, n_records, x.device)  # materialised per-record gradients
+        ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
+        keep = mats.keep
+
+        def sink(call: LayerCall, g: torch.Tensor) -> None:
+            if call.kind == "window_attention":
+                keep(call.key + "relative_position_bias_table", pack.to_records(bias_table_grads(call, g, n)))
+                return
+            if call.kind == "layer_norm":
+                for pname, v in layer_norm_grads(call, g, n).items():
+                    keep(call.key + pname, pack.to_records(v))
+                return
+            a, g = linear_io(call, g, n)
+            if "bias" in call.own:
+                keep(call.key + "bias", pack.to_records(f32(g).sum(1)))
+            if "weight" not in call.own:
+                return
+            name = call.key + "weight"
+            d_in, d_out = a.shape[-1], g.shape[-1]
+            if name in ghosts or (name not in mats
+                                  and use_ghost(a.shape[1] * pack.per_record, d_in, d_out, self.route)):
+                ghosts.setdefault(name, []).append((a, g))  # kept for the book-keeping product
+                self.choices[call.key] = "ghost"
+            else:
+                ga, aa = _product_operands(g, a)
+                keep(name, pack.to_records(f32(torch.bmm(ga.transpose(1, 2), aa))))  # (n, d_out, d_in)
+                self.choices[call.key] = "materialise"
+
+        losses = self.recorder.run(x, y, sink)
+        with torch.no_grad():  # the stored activations belong to the graph: build nothing more
+            sq = torch.zeros(n_records, device=x.device, dtype=torch.float32)
+            # Every materialised gradient side by side, (R, P_mat): one norm and one matrix-vector
+            # product for all of them instead of a few small ops per parameter (swin_micro has 81).
+            flat, names, self._layout = mats.finish()
+            if flat is not None:
+                sq += torch.linalg.vector_norm(flat, dim=1).square_()
+            for calls in ghosts.values():
+                a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
+                g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
+                sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
+            norms = sq.sqrt_()
+            factors = clip_factors(norms, max_grad_norm)
+            if flat is not None:  # sum_r c_r G_r: (P_mat, R) @ (R,), added in place per parameter
+                targets, sizes = self._flat_views(out, names)
+                torch._foreach_add_(targets, list(torch.mv(flat.t(), factors).split(sizes)))
+            per_sample = factors if pack.local is None else factors[pack.local]  # (n,)
+            for name, calls in ghosts.items():
+                target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)
+                for a, g in calls:
+                    g2, a2 = _product_operands(g, a)
+                    c = per_sample.view(-1, 1, 1).to(g2.dtype)  # each token times its record's factor:
+                    if a2.shape[-1] < g2.shape[-1]:  # on the smaller operand
+                        a2 = a2 * c
+                    else:
+                        g2 = g2 * c
+                    g2, a2 = g2.reshape(-1, g2.shape[-1]).t(), a2.reshape(-1, a2.shape[-1])  # (d_out, nT), (nT, d_in)
+                    if g2.dtype == torch.float32:
+                        target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
+                    else:
+                        target.add_(g2 @ a2)  # in autocast's precision, summed in float32
+        return norms, losses
+
+
+__all__ = ["MixedClipper", "ROUTES", "ghost_sq_norms", "use_ghost"]
