@@ -199,13 +199,14 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     dist = distributed.setup(device or cfg.train.device)  # None outside torchrun
     try:
         return _run_cell(cfg, regime, epsilon, seeds, resume, dist.device if dist else resolve_device(device or cfg.train.device),
-                         out, metrics_out, report_out, tuned_path, dist)
+                         out, metrics_out, report_out, tuned_path, dist, resume_if_valid)
     finally:
         if dist is not None:
             distributed.shutdown()
 
 
-def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report_out, tuned_path, dist) -> dict:
+def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report_out, tuned_path, dist,
+              resume_if_valid: bool = False) -> dict:
     main = dist is None or dist.is_main
     eps_txt = format_epsilon(epsilon)
     seeds = list(seeds or cfg.train.seeds)
