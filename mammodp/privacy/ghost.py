@@ -120,6 +120,56 @@ class _Pack:
         return out.reshape(self.n_records, -1, v.shape[-1])
 
 
+class _SideBySide:
+    """Materialised per-record gradients side by side in one (R, P_mat) buffer, so that their
+    norms and clipped sum are one op each. The column layout is learned on the first pass
+    and reused (a pass that deviates from it is joined by one concatenation and sets the next
+    layout); a pass allocates the buffer once instead of one tensor per parameter plus a copy."""
+
+    def __init__(self, layout: dict[str, tuple[int, int]], n_records: int, device: torch.device):
+        self.layout, self.R = layout, n_records
+        total = sum(size for _, size in layout.values())
+        self.buf = torch.empty(n_records, total, device=device) if total else None
+        self.written: set[str] = set()
+        self.extra: dict[str, torch.Tensor] = {}  # parameters outside the layout: (R, P) each
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.written or name in self.extra
+
+    def keep(self, name: str, v: torch.Tensor) -> None:
+        """Store per-record gradients (R, *shape) of `name` (summed if it comes twice)."""
+        v = v.reshape(self.R, -1)
+        slot = self.layout.get(name)
+        if slot is not None and slot[1] == v.shape[1]:
+            dst = self.buf[:, slot[0] : slot[0] + slot[1]]
+            if name in self.written:
+                dst.add_(v)  # a layer called twice: its gradient sums its calls
+            else:
+                dst.copy_(v)
+                self.written.add(name)
+        else:
+            self.extra[name] = self.extra[name] + v if name in self.extra else v
+
+    def finish(self) -> tuple[torch.Tensor | None, list[str], dict[str, tuple[int, int]]]:
+        """(all gradients (R, P_mat) or None, parameter names in column order, next layout)."""
+        unwritten = [k for k in self.layout if k not in self.written]
+        for k in unwritten:  # e.g. a layer that went ghost this pass: it contributes nothing here
+            off, size = self.layout[k]
+            self.buf[:, off : off + size].zero_()
+        if not self.extra and not unwritten:
+            return self.buf, list(self.layout), self.layout
+        parts = ([self.buf] if self.buf is not None else []) + list(self.extra.values())
+        names = list(self.layout) + list(self.extra)
+        sizes = [self.layout[k][1] for k in self.layout] + [v.shape[1] for v in self.extra.values()]
+        layout, off = {}, 0
+        for k, size in zip(names, sizes):
+            if k not in unwritten:
+                layout[k] = (off, size)
+                off += size
+        flat = torch.cat(parts, 1) if parts else None
+        return flat, names, layout
+
+
 class MixedClipper:
     """Per-record clipped gradient sums by mixed ghost clipping and book-keeping.
 
@@ -140,6 +190,7 @@ class MixedClipper:
         self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
         self._materialiser: HookPerSample | None = None
         self._views = None  # (the caller's buffers, flat views of them, their sizes)
+        self._layout: dict[str, tuple[int, int]] = {}  # materialised parameters' columns (last pass)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Samples, or frozen features computed once without autograd."""
@@ -176,12 +227,9 @@ class MixedClipper:
         """
         n = x.shape[0]
         pack = _Pack(n, local, n_records, x.device)
-        mats: dict[str, torch.Tensor] = {}  # param name -> per-record gradients (R, P) (flattened)
+        mats = _SideBySide(self._layout, n_records, x.device)  # materialised per-record gradients
         ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
-
-        def keep(name: str, v: torch.Tensor) -> None:
-            v = v.reshape(n_records, -1)
-            mats[name] = mats[name] + v if name in mats else v  # a layer called twice: sum its calls
+        keep = mats.keep
 
         def sink(call: LayerCall, g: torch.Tensor) -> None:
             if call.kind == "window_attention":
@@ -212,8 +260,7 @@ class MixedClipper:
             sq = torch.zeros(n_records, device=x.device, dtype=torch.float32)
             # Every materialised gradient side by side, (R, P_mat): one norm and one matrix-vector
             # product for all of them instead of a few small ops per parameter (swin_micro has 81).
-            names = list(mats)
-            flat = torch.cat([mats.pop(k) for k in names], 1) if names else None
+            flat, names, self._layout = mats.finish()
             if flat is not None:
                 sq += torch.linalg.vector_norm(flat, dim=1).square_()
             for calls in ghosts.values():
