@@ -33,9 +33,10 @@ history; only rank 0 reports it.
 
 Checkpoints: the caller gathers every rank's sampler (and augmentation generator) state
 with `gather_rank_state` into rank 0's checkpoint; `load_rank_state` gives each rank its own
-back. A rank that dies makes the others' next collective fail (gloo: connection closed;
-or torchrun's SIGTERM, turned into an exception here): they raise `DistributedError`, so the
-stage's atomic outputs are never renamed into place and its MLflow run ends FAILED.
+back. A rank that dies makes the others' next collective fail (gloo: connection closed), or
+torchrun's SIGTERM reaches them first: they raise `DistributedError` (run FAILED) or
+`Interrupted` (run KILLED, `mammodp.io.raise_on_termination`); either way the stage's atomic
+outputs are never renamed into place.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -252,14 +252,6 @@ class ShardedPoissonSampler(PoissonSampler):
 # ---------------------------------------------------------------------- process group
 
 
-def _sigterm_to_exception(signum, frame):  # noqa: ARG001 - signal handler signature
-    # torchrun sends SIGTERM to the surviving ranks when one dies: unwind (atomic outputs are
-    # dropped, the MLflow run ends FAILED) instead of dying mid-write.
-    where = f"rank {_ACTIVE.rank}/{_ACTIVE.world_size}: " if _ACTIVE is not None else ""
-    raise DistributedError(f"{where}terminated by the launcher (SIGTERM): another rank failed; "
-                           "no output was written", field="distributed")
-
-
 def setup(device: str = "auto", timeout_s: float | None = None) -> DistContext | None:
     """Join the torchrun job this process belongs to; None outside torchrun (or a 1-rank job).
 
@@ -280,6 +272,7 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> DistContext |
         return _ACTIVE
     import torch.distributed as dist
 
+    from mammodp.io import raise_on_termination
     from mammodp.runtime import resolve_device
 
     rank, world, local = env
@@ -296,7 +289,9 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> DistContext |
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(f"rank {rank}/{world}: cannot join the process group ({exc})",
                                    field="distributed") from exc
-    signal.signal(signal.SIGTERM, _sigterm_to_exception)
+    # torchrun SIGTERMs the surviving ranks when one dies: unwind like Ctrl-C (atomic outputs
+    # dropped, the MLflow run ends KILLED) instead of dying mid-write (mammodp.io).
+    raise_on_termination()
     _ACTIVE = DistContext(rank=rank, world_size=world, local_rank=local, backend=backend, device=dev)
     log.info("data-parallel DP-SGD: rank %d of %d (%s on %s)", rank, world, backend, dev)
     return _ACTIVE
@@ -315,7 +310,6 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _ACTIVE = None
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 __all__ = ["DistContext", "ShardedPoissonSampler", "active", "setup", "shutdown", "torchrun_env"]

@@ -206,7 +206,7 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
 
 
 def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report_out, tuned_path, dist,
-              resume_if_valid=False) -> dict:
+              resume_if_valid: bool = False) -> dict:
     main = dist is None or dist.is_main
     eps_txt = format_epsilon(epsilon)
     seeds = list(seeds or cfg.train.seeds)

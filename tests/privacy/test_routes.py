@@ -140,25 +140,6 @@ def test_mixed_takes_ghost_norms_where_they_are_cheaper():
     assert torch.allclose(ghost_sq_norms(a, g), w.square().sum((1, 2)).float())
 
 
-def test_side_by_side_gradients_follow_a_changing_layout():
-    R = 3
-    a, b, c = torch.randn(R, 2, 2), torch.randn(R, 5), torch.randn(R, 3)
-    first = ghost._SideBySide({}, R, torch.device("cpu"))  # nothing learned yet
-    first.keep("a", a)
-    first.keep("b", b)
-    first.keep("b", b)  # a layer called twice: summed
-    flat, names, layout = first.finish()
-    assert names == ["a", "b"] and torch.equal(flat, torch.cat([a.reshape(R, -1), 2 * b], 1))
-    second = ghost._SideBySide(layout, R, torch.device("cpu"))  # "a" is not materialised this time
-    second.keep("c", c)
-    second.keep("b", b)
-    flat, names, layout = second.finish()
-    cols = dict(zip(names, flat.split([4, 5, 3], 1)))
-    assert names == ["a", "b", "c"] and not cols["a"].any()  # the unused slot adds nothing
-    assert torch.equal(cols["b"], b) and torch.equal(cols["c"], c)
-    assert list(layout) == ["b", "c"]
-
-
 def test_frozen_backbone_features_are_computed_without_autograd():
     model = create_classifier("swin_micro", mode="frozen_backbone")
     seen = []
