@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mammodp.checkpoint import Checkpoint, as_checkpoint
-from mammodp.data.datasets import PatchTable, random_flips
+from mammodp.data.datasets import PatchTable, apply_flips, flip_masks, random_flips
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,15 @@ def fit(
     def augment(x):
         return random_flips(x, aug_gen) if spec.flip else x
 
+    def augment_sampled(idx):
+        # Flips are drawn for EVERY sample at every step and indexed by the batch: a record's
+        # flip (and every later draw) never depends on which other records were sampled, so
+        # its clipped contribution stays a function of that record alone.
+        if not spec.flip:
+            return x_s[idx]
+        h, v = flip_masks(len(x_s), aug_gen)
+        return apply_flips(x_s[idx], h[idx], v[idx])
+
     # One loop for every run: Poisson batches from the engine (private records, or the public
     # set when nothing private is trained on), synthetic samples mixed into every step, the
     # engine's precision policy. eps = inf differs from DP only in clipping, noise and accounting.
@@ -237,7 +246,7 @@ def fit(
         bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
         for step in bar:
             idx = dp_engine.sample_batch()  # Poisson: sample indices of the sampled records
-            xb, yb = augment(x_s[idx]), y_s[idx]
+            xb, yb = augment_sampled(idx), y_s[idx]
             pub = None
             if n_pub:
                 j = torch.randint(0, len(x_pub), (n_pub,), generator=gen)  # public: with replacement

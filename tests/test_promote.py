@@ -48,7 +48,7 @@ def cfg(experiment: str, max_epsilon: float = 6.0):
 
 def train_run(experiment: str, eps: str, val: float, *, model_dir: Path | None = None, internal: float = 0.5,
               within: str = "true", drop_tags: tuple[str, ...] = (), regime: str = "real",
-              total: str | None = None, synthetic_privacy: str = "none") -> str:
+              total: str | None = None, synthetic_privacy: str = "none", extra_tags: dict | None = None) -> str:
     """A run tagged and logged like `mammodp train`'s (privacy tags, params, metrics, model)."""
     import mlflow
 
@@ -61,7 +61,7 @@ def train_run(experiment: str, eps: str, val: float, *, model_dir: Path | None =
     tags = {"regime": regime, "epsilon": eps, "delta": "0.0001", "seed": "0", "privacy_unit": "patch",
             "synthetic_privacy": synthetic_privacy, "within_budget": within, "epsilon_total": total,
             "epsilon_total_method": "none" if not_covered else "prv",
-            "private_data_without_dp": str(not_covered).lower()}
+            "private_data_without_dp": str(not_covered).lower(), **(extra_tags or {})}
     for t in drop_tags:
         tags.pop(t)
     with tracking.start_run(experiment, "train", name=f"train/{regime}/eps={eps}", tags=tags,
@@ -166,7 +166,8 @@ def test_a_not_covered_run_never_gets_a_budget_alias_or_champion(store, model_di
     covered = train_run(exp, "1", 0.60, model_dir=model_dir)
     legacy = train_run(exp, "6", 0.95, model_dir=model_dir, drop_tags=("epsilon_total",))  # before epsilon_total
     covered6 = train_run(exp, "6", 0.70, model_dir=model_dir, regime="real+synth", total="5.5",
-                         synthetic_privacy="dp(eps=3)")
+                         synthetic_privacy="dp(eps=3)",
+                         extra_tags={"tuning_statement": "2 trial(s) trained with DP-SGD ... (2 x 6, 2 x 0.0001)"})
     promote.run(cfg(exp, max_epsilon=60.0), out=store / "p.json", report=store / "r.json")
     client = MlflowClient()
     # Someone pointed eps-1 at the mislabelled version and left a stale eps-12: promotion repairs both.
@@ -192,6 +193,9 @@ def test_a_not_covered_run_never_gets_a_budget_alias_or_champion(store, model_di
         assert tags["within_budget"] == "true"
     reasons = {r["run_id"]: r["reason"] for r in record["not_eligible"]}
     assert "not covered end to end" in reasons[mislabel] and "no epsilon_total" in reasons[legacy]
+    v6 = client.get_model_version_by_alias(NAME, "eps-6")
+    assert v6.tags["tuning_statement"].startswith("2 trial(s)") and "Tuning: 2 trial(s)" in v6.description
+    assert "DP generator" in v6.description
     bnp = client.get_model_version_by_alias(NAME, "best-not-private")
     assert "no epsilon covers it" in bnp.description
     assert "END-TO-END" in client.get_registered_model(NAME).description

@@ -40,8 +40,9 @@ batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tab
 - What remains is mostly a constant ~10 ms a step (the same at batch 4 and 32): ~300 extra
   small operators and ~2,500 extra Python calls (hooks, per-layer rules), which a loaded
   machine inflates more than the big kernels. Hence one flat buffer for the clipped sums
-  and the noise, materialised gradients side by side for one norm / one product / one
-  foreach add, and no-op casts skipped.
+  and the noise, node pre-hooks instead of tensor hooks, and no-op casts skipped. (Putting
+  all materialised gradients side by side in one buffer saved ops and page faults but,
+  allocated before backward frees the activations, cost +0.1x peak memory: not taken.)
 
 Records with several samples (privacy unit `patient`): a record's gradient sums its
 samples', so ghost Grams run over the concatenated tokens of each record (zero-padded to
@@ -139,21 +140,20 @@ class MixedClipper:
         self.names = self.recorder.names
         self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
         self._materialiser: HookPerSample | None = None
-        self._views = None  # (the caller's buffers, flat views of them, their sizes)
+        self._views = None  # (the caller's buffers, flat views of them)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Samples, or frozen features computed once without autograd."""
         return self.recorder.prepare(x)
 
-    def _flat_views(self, out: dict[str, torch.Tensor], names: list[str]) -> tuple[list[torch.Tensor], list[int]]:
-        """Flat views of `out[name]` and their sizes; reused while the caller passes the same
-        tensors (the engine's buffers, every step)."""
+    def _flat_views(self, out: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+        """Flat views of `out[name]`; reused while the caller passes the same tensors (the
+        engine's buffers, every step)."""
         tensors = [out[k] for k in names]
         cached = self._views
         if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
-            views = [t.view(-1) for t in tensors]
-            self._views = cached = (tensors, views, [v.numel() for v in views])
-        return cached[1], cached[2]
+            self._views = cached = (tensors, [t.view(-1) for t in tensors])
+        return cached[1]
 
     def materialiser(self) -> HookPerSample:
         """The `hooks` route on the same recorder: for a record too large for one pass."""
@@ -176,12 +176,19 @@ class MixedClipper:
         """
         n = x.shape[0]
         pack = _Pack(n, local, n_records, x.device)
-        mats: dict[str, torch.Tensor] = {}  # param name -> per-record gradients (R, P) (flattened)
+        mats: dict[str, torch.Tensor] = {}  # param name -> per-record gradients (R, P), flattened
+        norms_of: dict[str, torch.Tensor] = {}  # param name -> their norms (R,), taken while hot
         ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
 
         def keep(name: str, v: torch.Tensor) -> None:
+            # Each parameter's gradients are their own tensor, made as backward reaches the layer
+            # (when the activations after it are freed): one buffer for all of them, allocated
+            # up front, would sit on top of the activation peak (+0.1x memory at swin_micro).
             v = v.reshape(n_records, -1)
-            mats[name] = mats[name] + v if name in mats else v  # a layer called twice: sum its calls
+            if name in mats:  # a layer called twice: its gradient sums its calls
+                v = mats[name] + v
+            mats[name] = v
+            norms_of[name] = torch.linalg.vector_norm(v, dim=1)  # one fused pass while the data is hot
 
         def sink(call: LayerCall, g: torch.Tensor) -> None:
             if call.kind == "window_attention":
@@ -210,21 +217,18 @@ class MixedClipper:
         losses = self.recorder.run(x, y, sink)
         with torch.no_grad():  # the stored activations belong to the graph: build nothing more
             sq = torch.zeros(n_records, device=x.device, dtype=torch.float32)
-            # Every materialised gradient side by side, (R, P_mat): one norm and one matrix-vector
-            # product for all of them instead of a few small ops per parameter (swin_micro has 81).
-            names = list(mats)
-            flat = torch.cat([mats.pop(k) for k in names], 1) if names else None
-            if flat is not None:
-                sq += torch.linalg.vector_norm(flat, dim=1).square_()
+            if norms_of:
+                sq += torch.stack(list(norms_of.values())).square_().sum(0)
             for calls in ghosts.values():
                 a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
                 g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
                 sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
             norms = sq.sqrt_()
             factors = clip_factors(norms, max_grad_norm)
-            if flat is not None:  # sum_r c_r G_r: (P_mat, R) @ (R,), added in place per parameter
-                targets, sizes = self._flat_views(out, names)
-                torch._foreach_add_(targets, list(torch.mv(flat.t(), factors).split(sizes)))
+            if mats:  # sum_r c_r G_r: (P, R) @ (R,) per parameter, in place into the caller's buffers
+                names = list(mats)
+                for target, name in zip(self._flat_views(out, names), names):
+                    target.addmv_(mats[name].t(), factors)
             per_sample = factors if pack.local is None else factors[pack.local]  # (n,)
             for name, calls in ghosts.items():
                 target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)

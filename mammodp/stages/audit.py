@@ -100,7 +100,7 @@ def train_audit_model(cfg: Config, epsilon: float, k: int, real: PatchTable, val
 
     from mammodp.models.swin import create_classifier
     from mammodp.privacy import audit as A
-    from mammodp.serving import predict_proba
+    from mammodp.inference import predict_proba
     from mammodp.training import FitSpec, fit
 
     a, t = cfg.audit, cfg.train
@@ -227,7 +227,7 @@ def run(cfg: Config, models: Path = Path("models/classifier"), promoted: Path = 
     from mammodp.io import atomic_dir, write_json
     from mammodp.privacy import audit as A
     from mammodp.runtime import resolve_device, seed_everything
-    from mammodp.serving import load_classifier, predict_proba
+    from mammodp.inference import load_classifier, predict_proba
 
     import torch
 
@@ -250,7 +250,7 @@ def _run(cfg: Config, models: Path, promoted: Path, out: Path, report: Path, plo
     from mammodp import tracking
     from mammodp.io import atomic_dir, write_json
     from mammodp.privacy import audit as A
-    from mammodp.serving import load_classifier, predict_proba
+    from mammodp.inference import load_classifier, predict_proba
 
     a = cfg.audit
     if not Path(promoted).is_file():

@@ -116,7 +116,10 @@ def load_tuned(path: Path | None) -> dict | None:
         raise DataError(f"not a tuning report ({exc})", path=p) from exc
     if not best:
         raise DataError("the study has no complete trial: no best params to train with", path=p)
-    return best
+    # The study's privacy cost travels with its params (fit_spec takes only the numeric keys),
+    # so that the run and its registered version state it.
+    statement = json.loads(p.read_text()).get("privacy_statement")
+    return {**best, "privacy_statement": str(statement)} if statement else best
 
 
 # Settings that define a grid's recipe; a grid's cells (budgets, regimes, seeds) and where it
@@ -222,7 +225,6 @@ def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report
             raise DataError(f"synthetic patches are {synth.images.shape[-2:]} but real ones "
                             f"{val.images.shape[-2:]}; regenerate the synthetic set", path=sm)
     tuned = load_tuned(tuned_path)
-    tuning = tuning_statement(tuned_path, epsilon)
 
     results = []
     parent = grid_parent_run(cfg) if main else None
@@ -236,7 +238,7 @@ def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report
         for seed in seeds:
             results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                        dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
-                                       resume, parent, manifest, resume_mode, main=main, tuning=tuning))
+                                       resume, parent, manifest, resume_mode, main=main))
     if not main:
         return {"regime": regime, "epsilon_target": epsilon, "runs": results, "rank": dist.rank}
     summary = {
@@ -261,7 +263,7 @@ def _scratch_dir():
 
 
 def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
-                resume, parent, manifest, resume_mode="refuse", main: bool = True, tuning: str = "") -> dict:
+                resume, parent, manifest, resume_mode="refuse", main: bool = True) -> dict:
     import mlflow
 
     from mammodp import tracking
@@ -309,7 +311,8 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                             params={**flatten(cfg.model, "model"),
                                     **{f"train.{k}": v for k, v in flatten(cfg.train).items()
                                        if k in REGIME_TRAIN_KEYS[regime]},
-                                    **flatten(cfg.dp, "dp"), "tuned_params": json.dumps(tuned or {})}) as run:
+                                    **flatten(cfg.dp, "dp"), "tuned_params": json.dumps({k: v for k, v in (tuned or {}).items()
+                                                               if k != "privacy_statement"})}) as run:
 
         # Lineage: the manifest rows this run read (the UI's Dataset column).
         if real is not None and main:
@@ -368,13 +371,13 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             "accountant_fallback": privacy.get("accountant_fallback", False), "threshold": thr,
         })
         mlflow.set_tag("within_budget", str(within).lower())
-        log_end_to_end(e2e, tuning)
+        log_end_to_end(e2e, tuning_statement(tuned))
         tracking.log_metrics({f"final_val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))})
         tracking.log_metrics({"best_val_auprc": res.best_val_auprc, "best_epoch": res.best_epoch})
         if math.isfinite(spent):
             mlflow.log_metric("epsilon", spent, step=len(res.history))
         mlflow.log_dict(meta, "privacy/meta.json")
-        mlflow.log_text(what_epsilon_covers(e2e, tuning), "privacy/what_epsilon_covers.txt")
+        mlflow.log_text(what_epsilon_covers(e2e, tuning_statement(tuned)), "privacy/what_epsilon_covers.txt")
         log_classifier(model_dir, val.images[0, 0])
         if not within:
             log.warning("run %s spent epsilon %.3f above its target %s", run.info.run_id, spent, eps_txt)
@@ -431,12 +434,9 @@ def end_to_end_meta(e2e) -> dict:
             "epsilon_total_statement": e2e.statement()}
 
 
-def tuning_statement(tuned_path: Path | None, epsilon: float) -> str:
-    """The privacy statement of the tuning report this run took its params from (`--tuned`), else ''."""
-    if tuned_path is None or math.isinf(epsilon):
-        return ""
-    p = Path(tuned_path)
-    return str(json.loads(p.read_text()).get("privacy_statement", "")) if p.is_file() else ""
+def tuning_statement(tuned: dict | None) -> str:
+    """The tuning study's privacy statement when this run trained with its params (`--tuned`), else ''."""
+    return str((tuned or {}).get("privacy_statement", ""))
 
 
 def log_end_to_end(e2e, tuning: str) -> None:

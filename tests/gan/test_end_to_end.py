@@ -73,3 +73,15 @@ def test_epsilon_total_composes_both_mechanisms_or_is_not_covered(gan_project, g
         assert tags["within_budget"] == "false" and tags["private_data_without_dp"] == "true"
         assert meta["epsilon_total"] == "not_covered" and math.isfinite(meta["epsilon"])
         assert _served(run.info.run_id, root) == "not_covered"
+
+
+def test_a_tuned_run_carries_the_studys_privacy_statement(tmp_path, gan_project):
+    _, cfg = gan_project
+    report = tmp_path / "eps=6.json"
+    report.write_text(json.dumps({"best_params": {"lr": 0.002, "max_grad_norm": 0.5, "noise_multiplier": 1.3,
+                                                  "epochs": 3},
+                                  "privacy_statement": "4 trial(s) trained with DP-SGD ... (4 x 6, 4 x 0.0001)"}))
+    tuned = train.load_tuned(report)
+    assert train.tuning_statement(tuned).startswith("4 trial(s)") and train.tuning_statement(None) == ""
+    spec = train.fit_spec(cfg, 6.0, 0, tuned)
+    assert (spec.lr, spec.max_grad_norm, spec.noise_multiplier, spec.epochs) == (0.002, 0.5, 1.3, 3)

@@ -22,7 +22,7 @@ try:
     m = create_classifier("swin_micro", pretrained_weights=sys.argv[1])
 except WeightsError as exc:
     print("ERROR", exc); sys.exit(3)
-ref = torch.load(sys.argv[2])
+ref = torch.load(sys.argv[2], weights_only=True)
 same = all(torch.equal(m.backbone.state_dict()[k], v) for k, v in ref.items())
 print("LOADED", same)
 """

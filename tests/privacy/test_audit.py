@@ -226,7 +226,7 @@ def test_the_stage_fails_when_a_bound_exceeds_the_claim_and_logs_claim_and_bound
     import mlflow
 
     from mammodp.models.swin import create_classifier
-    from mammodp.serving import save_classifier
+    from mammodp.inference import save_classifier
     from mammodp.stages import audit
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
