@@ -192,9 +192,11 @@ def fit(
     loss_fn = _loss_fn(spec)
     gen = torch.Generator().manual_seed(spec.seed)  # flips and public draws
     dp_engine = _engine(model, optimizer, spec, private, public, device)
-    aug_gen = gen  # flips; data-parallel ranks draw their own (their samples differ)
+    # Flips are drawn for every sample each step, so every rank draws the same: one stream for
+    # flips and public draws, equal on all ranks (and to the 1-process run's).
+    aug_gen = gen
     if dist is not None:
-        aug_gen = dist.make_data_parallel(dp_engine, spec.seed)
+        dist.make_data_parallel(dp_engine, spec.seed)
     # The table the engine samples from: real records, or (synthetic-only training) the
     # public set itself, sampled the same way so that every regime has one loop shape.
     sampled = private if private is not None else public

@@ -166,27 +166,23 @@ class DistContext:
 
     # ------------------------------------------------------------------ DP-SGD
 
-    def make_data_parallel(self, engine, seed: int) -> torch.Generator:
+    def make_data_parallel(self, engine, seed: int | None = None) -> None:
         """Turn a `DPSGD` engine (built the same way on every rank) data-parallel, in place.
 
         Its sampler becomes a `ShardedPoissonSampler` continuing rank 0's coin stream (so an
         OS-seeded stream is shared, a seeded one is the 1-process stream); its clipped sum is
-        all-reduced each step; only rank 0 adds noise.
+        all-reduced each step; only rank 0 adds noise. Augmentation draws need nothing here:
+        `fit` draws flips for every sample each step, the same stream on every rank.
 
         Args:
             engine: the engine of `mammodp.privacy.make_private`.
-            seed: the run's seed, for this rank's augmentation generator.
-
-        Returns:
-            A generator for per-sample augmentation draws of this rank (its samples differ from
-            the other ranks', so its draws must not shift the stream the ranks share).
+            seed: unused (kept for callers that pass the run's seed).
         """
         state = self.broadcast_object(engine.sampler.generator.get_state())
         engine.sampler = ShardedPoissonSampler(engine.sampler.record_of_sample, engine.sampler.sample_rate,
                                                rank=self.rank, world_size=self.world_size, generator_state=state)
         engine.reduce = self.reduce_step
         engine.adds_noise = self.is_main
-        return torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * (self.rank + 1))
 
     def gather_rank_state(self, engine, augment: torch.Generator) -> list[dict]:
         """Every rank's sampler and augmentation state (rank order), for rank 0's checkpoint."""

@@ -1,6 +1,6 @@
 """Data-parallel DP-SGD: 2 real processes on gloo train exactly what 1 process trains.
 
-Seeded sampling and noise (`reproducible_noise`): the 2-rank union of Poisson batches is the
+Seeded sampling, flips and noise (`reproducible_noise`): the 2-rank union of Poisson batches is the
 1-process batch, the noise is drawn once (rank 0) from the same stream, and the all-reduced
 clipped sum equals the single sum to float tolerance; the accountant sees the same (q, sigma,
 steps). A rank killed mid-run makes the survivor fail with `DistributedError` (no hang), the
@@ -41,7 +41,7 @@ def _table(n: int, seed: int, size: int = 32) -> PatchTable:
 
 def _spec(epsilon: float, epochs: int = 2) -> FitSpec:
     return FitSpec(epochs=epochs, lr=0.01, weight_decay=0.0, batch_size=3, physical_batch_size=3,
-                   label_smoothing=0.1, flip=False, amp=False, seed=5, epsilon=epsilon, delta=1e-3,
+                   label_smoothing=0.1, flip=True, amp=False, seed=5, epsilon=epsilon, delta=1e-3,
                    max_grad_norm=1.0, accountant="rdp", privacy_unit="patient", grad_chunk=2,
                    per_sample_method="hooks", reproducible_noise=True, synth_ratio=1.0,
                    noise_multiplier=1.0 if math.isfinite(epsilon) else None)  # fixed sigma: no calibration
