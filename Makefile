@@ -14,7 +14,7 @@ BUILD_TOOLS := 'setuptools>=70.1' 'wheel>=0.43'
 # Stage commands in dvc.yaml call `mammodp`, `mlflow` from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test install plan data clean-outputs lint-params gpu-check gpu-wheels
+.PHONY: repro test install plan data clean-outputs lint-params gpu-check gpu-wheels server postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,17 @@ repro: data
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The shared tracking server (README, "From one machine to a cluster"): PostgreSQL (Debian's
+# server, `make postgres` installs it) as MLflow's backend store, artifacts proxied into
+# .mlflow-server/artifacts. Clients: export MLFLOW_TRACKING_URI=http://HOST:5000.
+SERVER_ARGS ?=
+server: $(STAMP)
+	$(BIN)/mammodp server --root .mlflow-server $(SERVER_ARGS)
+
+postgres:
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
 
 # Every params file loads strictly: all keys present, known, well typed and in range.
 lint-params: $(STAMP)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import typer
 
-from mammodp.errors import MammoDPError
+from mammodp.errors import Interrupted, MammoDPError
 
 app = typer.Typer(
     help="Privacy-preserving mammography classifiers: one command per DVC stage.",
@@ -39,6 +39,9 @@ def _user_errors(fn: Callable) -> Callable:
         except MammoDPError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except Interrupted as exc:  # SIGTERM/SIGHUP: outputs were unwound like Ctrl-C's
+            typer.echo(f"error: {exc}; temporary outputs removed, MLflow run marked KILLED", err=True)
+            raise typer.Exit(128 + exc.signum) from None
 
     return wrapper
 
@@ -138,7 +141,8 @@ def train(
     regime: str = typer.Option(..., help="real | real+synth | synth | synth-pretrain+dp-finetune"),
     epsilon: str = typer.Option(..., help="Target budget, or inf for non-private."),
     seed: Optional[list[int]] = typer.Option(None, help="Seeds to run (default: train.seeds)."),
-    resume: bool = typer.Option(False, help="Resume from the last epoch checkpoint."),
+    resume: bool = typer.Option(False, help="Resume from OUT's last epoch checkpoint; refuse one made with other settings."),
+    resume_if_valid: bool = typer.Option(False, help="Resume from a checkpoint of identical settings, else train afresh (the pipeline's choice)."),
     device: Optional[str] = typer.Option(None, help="Override train.device."),
     out: Optional[Path] = typer.Option(None, help="Model folder (default models/classifier/REGIME-EPS)."),
     metrics: Optional[Path] = typer.Option(None, help="Numbers-only metrics JSON (default metrics/train/REGIME-EPS.json)."),
@@ -162,6 +166,7 @@ def train(
         metrics_out=metrics,
         report_out=report,
         tuned_path=tuned,
+        resume_if_valid=resume_if_valid,
     )
 
 
@@ -199,13 +204,66 @@ def tune(
 @app.command()
 @_user_errors
 def promote(
-    out: Path = typer.Option(Path("metrics/promote.json"), help="Record of what was promoted."),
+    out: Path = typer.Option(Path("metrics/promote.json"), help="Numbers of what was promoted (DVC metric)."),
+    report: Path = typer.Option(Path("reports/promote.json"), help="Full record: aliases, why, what epsilon covers."),
     params: Path = ParamsOpt,
 ):
-    """Register the best validation run per budget and set registry aliases."""
+    """Register the best covered validation run per budget and set registry aliases."""
     from mammodp.stages import promote as stage
 
-    stage.run(_cfg(params), out=out)
+    stage.run(_cfg(params), out=out, report=report)
+
+
+@app.command()
+@_user_errors
+def audit(
+    models: Path = typer.Option(Path("models/classifier"), help="Folder of trained grid cells."),
+    promoted: Path = typer.Option(Path("reports/promote.json"), help="Promotion record (from `mammodp promote`)."),
+    out: Path = typer.Option(Path("metrics/audit.json"), help="Numbers (DVC metric)."),
+    report: Path = typer.Option(Path("reports/audit.json"), help="Full audit report."),
+    plots: Path = typer.Option(Path("plots/audit"), help="Folder for the claim-vs-bound plot."),
+    device: Optional[str] = typer.Option(None, help="Override train.device for the audit models."),
+    params: Path = ParamsOpt,
+):
+    """Empirical privacy audit: membership inference and a one-run epsilon lower bound (fails if above the claim)."""
+    from mammodp.stages import audit as stage
+
+    stage.run(_cfg(params), models=models, promoted=promoted, out=out, report=report, plots=plots, device=device)
+
+
+@app.command()
+@_user_errors
+def server(
+    root: Path = typer.Option(Path(".mlflow-server"), help="Folder for the PostgreSQL cluster, logs and artifacts."),
+    host: str = typer.Option("127.0.0.1", help="Interface the MLflow server listens on (0.0.0.0: other machines)."),
+    port: int = typer.Option(5000, help="MLflow server port."),
+    pg_port: int = typer.Option(5432, help="Port of the local PostgreSQL cluster (127.0.0.1 only)."),
+    backend_store_uri: Optional[str] = typer.Option(None, help="Use this database instead of a local cluster "
+                                                                "(postgresql://USER:PASS@HOST:PORT/DB)."),
+    artifacts_destination: Optional[str] = typer.Option(None, help="Artifact folder or object-store URI "
+                                                                    "(default ROOT/artifacts)."),
+):
+    """Run the shared tracking server (PostgreSQL backend, proxied artifacts) until Ctrl-C."""
+    import signal
+    import time
+
+    from mammodp.server import tracking_server
+
+    def stop(signum, frame):  # noqa: ARG001 - `kill`, `timeout` and service managers send SIGTERM
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+    with tracking_server(root, host=host, port=port, pg_port=pg_port, backend_store_uri=backend_store_uri,
+                         artifacts_destination=artifacts_destination) as uris:
+        typer.echo(f"MLflow server: export MLFLOW_TRACKING_URI={uris['tracking_uri']}")
+        if uris["optuna_storage"]:
+            typer.echo(f"Optuna storage for this machine's workers: tune.storage: {uris['optuna_storage']}")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
 
 
 @app.command("lint-params")

@@ -193,6 +193,9 @@ class SynthQualityConfig:
     memorisation_size: int = 32  # px, side images are downsampled to for nearest neighbours
     memorisation_percentile: float = 1.0  # percentile of the held-out baseline = threshold
     closest_pairs: int = 8  # synthetic/training pairs shown in the closest-pairs grid
+    # Show the real training patches in the closest-pairs grid (MLflow + dvc plots): a release of
+    # private data without DP; false withholds them (the synthetic row and distances stay).
+    show_real_pairs: bool = False
     seed: int = 0
 
 
@@ -215,11 +218,39 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """Limits of the served model (`mlflow models serve`), saved in its meta.json at training time."""
+
+    max_image_pixels: int = 40_000_000  # rows x columns (x frames) of one image or `pixels` patch
+    max_roi_side: int = 4096  # px, the larger side of a request's `roi` box
+    max_rows: int = 64  # patches per request
+
+
+@dataclass(frozen=True)
 class PromoteConfig:
     """MLflow registry promotion (`mammodp promote`)."""
 
     model_name: str = "mammodp-classifier"
     max_epsilon: float = 6.0  # champion = best validation AUPRC with epsilon <= this
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Empirical privacy audit (`mammodp audit`): membership inference, one-run epsilon bound."""
+
+    epsilons: tuple[float, ...] = (6.0,)  # finite budgets audited with canary models (+ the inf power model)
+    models: int = 3  # audit models per budget: 1 canary target + (models - 1) LiRA shadows
+    epochs: int = 15  # training epochs of each audit model
+    real_records: int = 128  # real CBIS train+test patches an audit model may train on (each in w.p. 1/2)
+    canaries: int = 64  # canaries of EACH kind per model: white-box (gradient) and black-box (noise patches)
+    significance: float = 0.05  # 1 - confidence of the empirical lower bound (split over the two kinds)
+    fprs: tuple[float, ...] = (0.001, 0.01)  # false-positive rates at which membership TPR is reported
+    min_power_epsilon: float = 0.5  # the non-private power model's bound must exceed this (else: no power)
+    # Accountant of the audit models' claims: rdp_int = RDP at integer orders (fast; a valid,
+    # slightly looser upper bound), rdp, or prv.
+    accountant: Literal["rdp_int", "rdp", "prv"] = "rdp_int"
+    cpu_threads: int = 1  # torch intra-op threads on CPU (small models: more threads mostly wait); 0 = default
+    seed: int = 0  # canaries, inclusion coins, real-set draw
 
 
 @dataclass(frozen=True)
@@ -242,6 +273,8 @@ class Config:
     synth_quality: SynthQualityConfig = field(default_factory=SynthQualityConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -330,91 +363,193 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     return obj
 
 
+_SEED_MAX = 2**32 - 1  # numpy's limit; torch takes more
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_INF_WORDS = ("inf", "+inf", ".inf", "+.inf", "infinity", "+infinity")  # budgets on the command line
+
+
 def _check(obj: Any, prefix: str) -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express: every field of every section, by its name."""
 
     def bad(name: str, msg: str) -> None:
         raise ConfigError(msg, field=f"{prefix}.{name}" if prefix else name)
 
+    def at_least(lowest: int | float, *names: str) -> None:
+        for name in names:
+            if not getattr(obj, name) >= lowest:
+                bad(name, f"must be >= {lowest}, got {getattr(obj, name)}")
+
+    def within(name: str, lo: float, hi: float, *, closed: str = "[]") -> None:
+        v = getattr(obj, name)
+        ok = (v >= lo if closed[0] == "[" else v > lo) and (v <= hi if closed[1] == "]" else v < hi)
+        if not ok:
+            bad(name, f"must be in {closed[0]}{lo:g}, {hi:g}{closed[1]}, got {v}")
+
+    def seed(*names: str) -> None:
+        for name in names:
+            if not 0 <= getattr(obj, name) <= _SEED_MAX:
+                bad(name, f"a seed must be in [0, {_SEED_MAX}], got {getattr(obj, name)}")
+
+    def text(*names: str) -> None:
+        for name in names:
+            if not str(getattr(obj, name)).strip():
+                bad(name, "must not be empty")
+
+    def finite(*names: str) -> None:
+        for name in names:
+            values = getattr(obj, name)
+            for v in values if isinstance(values, tuple) else (values,):
+                if isinstance(v, float) and math.isinf(v):
+                    bad(name, f"must be finite, got {v}")
+
+    def log_range(name: str) -> None:
+        lo, hi = getattr(obj, name)
+        if not 0 < lo <= hi < INF:
+            bad(name, f"range must satisfy 0 < low <= high < inf, got [{lo}, {hi}]")
+
+    if isinstance(obj, Config):
+        seed("seed")
+        text("plan", "experiment")
+    if isinstance(obj, PhantomConfig):
+        seed("seed")
+        at_least(2, "cbis_train_patients")
+        at_least(1, "cbis_test_patients", "bcdr_patients")
+        at_least(64, "image_height", "image_width")
+        finite("bcdr_scale", "mass_radius")
+        within("bcdr_scale", 0, 4, closed="(]")
+        lo, hi = obj.mass_radius
+        if not 0 < lo <= hi:
+            bad("mass_radius", f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
+        within("difficulty", 0, 1)
+    if isinstance(obj, DataConfig):
+        text("raw_dir", "cbis_dir", "bcdr_dir", "prepared_dir", "synthetic_dir")
     if isinstance(obj, PrepareConfig):
-        if obj.patch_size < 16:
-            bad("patch_size", "must be at least 16")
-        if not 0 < obj.val_fraction < 1:
-            bad("val_fraction", "must be in (0, 1)")
-        if obj.margin < 0 or obj.min_size < 1:
-            bad("margin", "margin must be >= 0 and min_size >= 1")
+        at_least(16, "patch_size")
+        at_least(0, "margin")
+        at_least(1, "min_size", "workers")
+        within("val_fraction", 0, 1, closed="()")
+        text("stratify")
+        seed("seed")
     if isinstance(obj, ValidateConfig):
-        if not 0 <= obj.min_class_fraction < 0.5:
-            bad("min_class_fraction", "must be in [0, 0.5): both classes need room in a split")
+        within("min_class_fraction", 0, 0.5, closed="[)")
         lo, hi = obj.intensity_mean
         if not 0 <= lo < hi <= 1:
             bad("intensity_mean", f"must be [low, high] with 0 <= low < high <= 1, got [{lo}, {hi}]")
-        if obj.intensity_std_min < 0:
-            bad("intensity_std_min", "must be >= 0")
+        within("intensity_std_min", 0, 1)
+    if isinstance(obj, ModelConfig):
+        text("preset")
+        if obj.pretrained_weights is not None:
+            text("pretrained_weights")
     if isinstance(obj, DPConfig):
-        if not 0 < obj.delta < 1:
-            bad("delta", "must be in (0, 1)")
-        if obj.max_grad_norm <= 0:
-            bad("max_grad_norm", "must be > 0")
-        if obj.grad_chunk < 1:
-            bad("grad_chunk", "must be >= 1")
+        within("delta", 0, 1, closed="()")
+        finite("max_grad_norm")
+        if not obj.max_grad_norm > 0:
+            bad("max_grad_norm", f"must be > 0, got {obj.max_grad_norm}")
+        at_least(1, "grad_chunk")
     if isinstance(obj, TrainConfig):
         known = {"real+synth", "synth", "synth-pretrain+dp-finetune"}
         for r in obj.synthetic_regimes:
             if r not in known:
                 bad("synthetic_regimes", f"unknown regime {r!r}; known: {sorted(known)} (real is always trained)")
+        if len(set(obj.synthetic_regimes)) != len(obj.synthetic_regimes):
+            bad("synthetic_regimes", "lists a regime twice")
+        if not obj.epsilons:
+            bad("epsilons", "needs at least one budget (inf = non-private)")
         for e in obj.epsilons:
             if not e > 0:
                 bad("epsilons", f"a budget must be > 0 (inf = non-private), got {e}")
-        if obj.batch_size < 1 or obj.physical_batch_size < 1:
-            bad("batch_size", "batch sizes must be >= 1")
-        if obj.lr <= 0:
-            bad("lr", "must be > 0")
-        if not 0 <= obj.label_smoothing < 1:
-            bad("label_smoothing", "must be in [0, 1)")
+        if len(set(obj.epsilons)) != len(obj.epsilons):
+            bad("epsilons", "lists a budget twice")
+        if not obj.seeds:
+            bad("seeds", "needs at least one seed")
+        if len(set(obj.seeds)) != len(obj.seeds):
+            bad("seeds", "lists a seed twice")
+        for s in obj.seeds:
+            if not 0 <= s <= _SEED_MAX:
+                bad("seeds", f"a seed must be in [0, {_SEED_MAX}], got {s}")
+        at_least(1, "epochs", "pretrain_epochs", "batch_size", "physical_batch_size")
+        at_least(0, "num_workers")
+        finite("lr", "weight_decay", "synth_ratio")
+        if not obj.lr > 0:
+            bad("lr", f"must be > 0, got {obj.lr}")
+        at_least(0, "weight_decay", "synth_ratio")
+        within("label_smoothing", 0, 1, closed="[)")
+        if not _DEVICE.match(obj.device):
+            bad("device", f"must be auto, cpu, cuda, cuda:N or mps, got {obj.device!r}")
+    if isinstance(obj, EvaluateConfig):
+        at_least(0, "bootstrap")
+        within("ci", 0, 1, closed="()")
+        bins = obj.age_bins
+        finite("age_bins")
+        if len(bins) < 2 or any(nxt <= prev for prev, nxt in zip(bins[:-1], bins[1:])):
+            bad("age_bins", f"must be at least 2 strictly increasing edges, got {list(bins)}")
+        if not obj.subgroups or any(not g.strip() for g in obj.subgroups):
+            bad("subgroups", "must name at least one column, none empty")
+        within("fixed_threshold", 0, 1)
     if isinstance(obj, GanConfig):
-        for name in ("width", "latent_dim", "epochs", "batch_size", "checkpoint_every", "sample_every"):
-            if getattr(obj, name) < 1:
-                bad(name, "must be >= 1")
-        if obj.lr <= 0:
-            bad("lr", "must be > 0")
+        at_least(1, "width", "latent_dim", "epochs", "batch_size", "checkpoint_every", "sample_every")
+        at_least(0, "cpu_threads")
+        finite("lr", "collapse_threshold", "diverge_loss")
+        if not obj.lr > 0:
+            bad("lr", f"must be > 0, got {obj.lr}")
+        b1, b2 = obj.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            bad("betas", f"Adam betas must each be in [0, 1), got [{b1}, {b2}]")
         lo, hi = obj.real_label_range
-        if not 0 < lo <= hi:
+        if not 0 < lo <= hi < INF:
             bad("real_label_range", f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
-        if obj.cpu_threads < 0:
-            bad("cpu_threads", "must be >= 0 (0 = torch's default)")
+        at_least(0, "collapse_threshold")
+        if not obj.diverge_loss > 0:
+            bad("diverge_loss", f"must be > 0, got {obj.diverge_loss}")
+        if not _DEVICE.match(obj.device):
+            bad("device", f"must be auto, cpu, cuda, cuda:N or mps, got {obj.device!r}")
     if isinstance(obj, GanDPConfig):
+        finite("epsilon", "max_grad_norm")
         if not obj.epsilon > 0:
-            bad("epsilon", "must be > 0")
-        if not 0 < obj.delta < 1:
-            bad("delta", "must be in (0, 1)")
-        if obj.max_grad_norm <= 0:
-            bad("max_grad_norm", "must be > 0")
-    if isinstance(obj, SynthesizeConfig) and obj.n_per_class < 1:
-        bad("n_per_class", "must be >= 1")
+            bad("epsilon", f"must be > 0, got {obj.epsilon}")
+        within("delta", 0, 1, closed="()")
+        if not obj.max_grad_norm > 0:
+            bad("max_grad_norm", f"must be > 0, got {obj.max_grad_norm}")
+    if isinstance(obj, SynthesizeConfig):
+        at_least(1, "n_per_class")
+        seed("seed")
     if isinstance(obj, SynthQualityConfig):
-        if obj.subsets < 1:
-            bad("subsets", "must be >= 1")
+        at_least(1, "subsets", "closest_pairs")
         if obj.subset_size < 2:
             bad("subset_size", "must be >= 2 (a covariance needs two images)")
-        if not 0 < obj.memorisation_percentile < 100:
-            bad("memorisation_percentile", "must be in (0, 100)")
-        if obj.memorisation_size < 4 or obj.closest_pairs < 1:
-            bad("memorisation_size", "memorisation_size must be >= 4 and closest_pairs >= 1")
+        at_least(4, "memorisation_size")
+        within("memorisation_percentile", 0, 100, closed="()")
+        if obj.inception_weights is not None:
+            text("inception_weights")
+        seed("seed")
+    if isinstance(obj, AuditConfig):
+        for e in obj.epsilons:
+            if not (0 < e < INF):
+                bad("epsilons", f"audited budgets must be finite and > 0 (the inf power model is always run), got {e}")
+        at_least(1, "models", "epochs")
+        at_least(2, "canaries", "real_records")
+        within("significance", 0, 1, closed="()")
+        at_least(0, "cpu_threads")
+        for f in obj.fprs:
+            if not 0 < f < 1:
+                bad("fprs", f"false-positive rates must be in (0, 1), got {f}")
     if isinstance(obj, TuneConfig):
         for name in ("max_grad_norm", "noise_multiplier", "lr"):
-            lo, hi = getattr(obj, name)
-            if not 0 < lo <= hi:
-                bad(name, f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
+            log_range(name)
+        if not obj.epsilons:
+            bad("epsilons", "needs at least one finite budget")
         for e in obj.epsilons:
             if not (0 < e < INF):
                 bad("epsilons", f"tuning needs finite budgets > 0 (noise is what it tunes), got {e}")
-        for name in ("n_trials", "max_epochs"):
-            if getattr(obj, name) < 1:
-                bad(name, "must be >= 1")
-        for name in ("synthetic_val_size", "startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
-            if getattr(obj, name) < 0:
-                bad(name, "must be >= 0")
+        at_least(1, "n_trials", "max_epochs")
+        at_least(0, "synthetic_val_size", "startup_trials", "pruner_startup_trials", "pruner_warmup_epochs")
+        text("storage")
+    if isinstance(obj, PromoteConfig):
+        text("model_name")
+        if not obj.max_epsilon > 0:
+            bad("max_epsilon", f"must be > 0 (inf = any budget), got {obj.max_epsilon}")
+    if isinstance(obj, ServeConfig):
+        at_least(1, "max_image_pixels", "max_roi_side", "max_rows")
 
 
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -529,17 +664,25 @@ def format_epsilon(eps: float) -> str:
 
 
 def parse_epsilon(text: str | float) -> float:
-    """Inverse of `format_epsilon`; accepts numbers too."""
+    """Inverse of `format_epsilon`; accepts numbers too.
+
+    Only the literal `inf` (or `infinity`) means non-private: a number too large for a float
+    (`1e400`) is refused, not silently read as infinity.
+    """
     if isinstance(text, (int, float)):
-        return float(text)
-    t = text.strip().lower()
-    if t in ("inf", "infinity", "+inf"):
-        return INF
-    try:
-        value = float(t)
-    except ValueError as exc:
-        raise ConfigError(f"not a privacy budget: {text!r}", field="epsilon") from exc
-    if not value > 0:
+        value = float(text)
+    else:
+        t = text.strip().lower()
+        if t in _INF_WORDS:
+            return INF
+        try:
+            value = float(t)
+        except ValueError as exc:
+            raise ConfigError(f"not a privacy budget: {text!r}", field="epsilon") from exc
+        if math.isinf(value):
+            raise ConfigError(f"{text!r} is too large for a number; write inf for a non-private run",
+                              field="epsilon")
+    if math.isnan(value) or not value > 0:
         raise ConfigError(f"a budget must be > 0, got {text!r}", field="epsilon")
     return value
 

@@ -48,3 +48,16 @@ class WeightsError(MammoDPError):
 
 class ServingError(MammoDPError):
     """A serving request is malformed."""
+
+
+class DistributedError(MammoDPError):
+    """A data-parallel job lost a rank, or its torchrun environment is unusable."""
+class Interrupted(KeyboardInterrupt):
+    """The process got SIGTERM (or SIGHUP): raised like Ctrl-C's KeyboardInterrupt, so every
+    `with` block unwinds (temporary outputs removed, the MLflow run marked KILLED)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

@@ -1,6 +1,10 @@
 """Atomic file output: write to a temp path beside the target, then rename.
 
-A stage that fails half-way leaves its previous outputs untouched and no partial files.
+A stage that fails half-way leaves its previous outputs untouched and no partial files. That
+holds for SIGTERM and SIGHUP too: `raise_on_termination` (installed by `atomic_dir`,
+`atomic_path` and `mammodp.tracking.start_run`) turns them into `mammodp.errors.Interrupted`,
+a KeyboardInterrupt, so the temp paths are removed as for Ctrl-C. Only kill -9 leaves
+`.<name>.tmp-*` behind; `mammodp.checkpoint.remove_stale_temps` clears them on the next start.
 """
 
 from __future__ import annotations
@@ -11,14 +15,36 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    from mammodp.errors import Interrupted
+
+    raise Interrupted(signum)
+
+
+def raise_on_termination() -> None:
+    """Make SIGTERM and SIGHUP raise `Interrupted` (a KeyboardInterrupt) in the main thread.
+
+    Only signals still at their default action are taken (a host's own handler is kept), and
+    only from the main thread (Python delivers signals there). Idempotent.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _terminate)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder; on success it replaces `target` whole, on error it is removed."""
+    raise_on_termination()
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -41,6 +67,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temp file path beside `target`; renamed onto it on success."""
+    raise_on_termination()
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=target.parent)

@@ -1,7 +1,10 @@
-"""The MLflow pyfunc wrapper around a saved classifier (imported only where MLflow is present).
+"""Logging a saved classifier as an MLflow pyfunc model (imported only where MLflow is present).
 
-`mlflow models serve -m models:/mammodp-classifier@champion --env-manager local` loads this
-class from the installed package; the weights and meta travel as the `model_dir` artifact.
+The model is logged "from code": the file `mammodp/served_model.py` (the pyfunc class and
+request parsing) travels with it and runs at serve time; the weights and meta travel as the
+`model_dir` artifact. `mlflow models serve -m models:/mammodp-classifier@champion
+--env-manager local` serves it from the project's venv. Logging imports neither that file nor
+`mammodp.serving`, so the training stages do not depend on request parsing.
 
 Request format (JSON body of `POST /invocations`), one patch per row:
 - `{"dataframe_records": [{"image": "<base64 PNG or DICOM>"}]}`: a patch;
@@ -13,7 +16,9 @@ The signature declares the three columns as optional, so that any one route vali
 request with neither `image` nor `pixels`, an undecodable image, a bad box or a wrong shape
 is answered 400 with a message (MLflow's scoring server maps `INVALID_PARAMETER_VALUE` to 400).
 Response per row: `p_malignant`, `label` (1 = malignant, at the threshold chosen on the
-validation split) and `epsilon` (the model's spent epsilon as text, `inf` if non-private).
+validation split) and `epsilon` (the model's END-TO-END epsilon as text: its own DP-SGD composed
+with its synthetic data's generator; `inf` if non-private, `not_covered` when no finite epsilon
+covers its training data, e.g. synthetic data from a generator trained without DP).
 """
 
 from __future__ import annotations
@@ -24,15 +29,9 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from mammodp.serving import (
-    IMAGE_COL,
-    PIXELS_COL,
-    ROI_COL,
-    epsilon_text,
-    load_classifier,
-    predict_proba,
-    request_to_patches,
-)
+from mammodp.inference import IMAGE_COL, PIXELS_COL, ROI_COL
+
+SERVED_MODEL = Path(__file__).with_name("served_model.py")  # the model-from-code script
 
 # Libraries the model needs at load time, pinned to what logged it. Given explicitly so that
 # logging does not spawn a subprocess to infer them; mammodp itself is not on PyPI, hence
@@ -40,52 +39,18 @@ from mammodp.serving import (
 _REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydicom", "scipy")
 
 
-class MammoClassifier(mlflow.pyfunc.PythonModel):
-    """decode -> crop/resize -> model -> `p_malignant`, `label`, `epsilon` per row."""
-
-    def load_context(self, context):
-        """Rebuild the classifier from the `model_dir` artifact."""
-        self.model, self.meta = load_classifier(context.artifacts["model_dir"])
-
-    def predict(self, context, model_input, params=None):
-        """Score a request; client faults become `INVALID_PARAMETER_VALUE` (HTTP 400).
-
-        Args:
-            context: MLflow's context (unused after loading).
-            model_input: DataFrame with `image` [+ `roi`] or `pixels`, or a patch array.
-            params: unused.
-
-        Returns:
-            DataFrame with `p_malignant` (float), `label` (int), `epsilon` (text).
-        """
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from mammodp.errors import MammoDPError
-
-        try:
-            patches = request_to_patches(model_input, self.meta)
-        except MammoDPError as exc:
-            raise MlflowException(f"bad request: {exc}", error_code=INVALID_PARAMETER_VALUE) from exc
-        p = predict_proba(self.model, patches)
-        thr = float(self.meta.get("threshold", 0.5))
-        return pd.DataFrame({
-            "p_malignant": p.astype(np.float64),
-            "label": (p >= thr).astype(np.int64),
-            "epsilon": [epsilon_text(self.meta.get("epsilon"))] * len(p),
-        })
-
-
 def signature():
     """The model signature: three optional input columns, three output columns."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 
     inputs = Schema([
         ColSpec(DataType.string, IMAGE_COL, required=False),
         # A box is a list or JSON text, and absent for patches: `any` lets rows differ.
         ColSpec(AnyType(), ROI_COL, required=False),
-        ColSpec(Array(Array(DataType.double)), PIXELS_COL, required=False),
+        # `any`, not Array(Array(double)): a wrongly typed patch then gets our 400 naming the
+        # row and field, instead of MLflow's schema error.
+        ColSpec(AnyType(), PIXELS_COL, required=False),
     ])
     outputs = Schema([
         ColSpec(DataType.double, "p_malignant"),
@@ -114,7 +79,7 @@ def log_classifier(model_dir: str | Path, example_patch: np.ndarray, name: str =
     the `image` column (the batch dimension is dynamic: any number of rows).
 
     Args:
-        model_dir: folder written by `mammodp.serving.save_classifier`.
+        model_dir: folder written by `mammodp.inference.save_classifier`.
         example_patch: (H, W) float patch in [0, 1] for the input example.
         name: the logged model's name within the run (`runs:/<id>/<name>`).
 
@@ -133,7 +98,7 @@ def log_classifier(model_dir: str | Path, example_patch: np.ndarray, name: str =
     example = pd.DataFrame({IMAGE_COL: [base64.b64encode(buf.getvalue()).decode("ascii")]})
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=MammoClassifier(),
+        python_model=str(SERVED_MODEL),
         artifacts={"model_dir": str(model_dir)},
         signature=signature(),
         input_example=example,

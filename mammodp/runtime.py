@@ -30,3 +30,43 @@ def resolve_device(name: str = "auto"):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("CUDA was requested but is not available on this machine", field="device")
     return dev
+
+
+GPU_POOL_ENV = "MAMMODP_GPU_POOL"
+_GPU_LOCK = None  # the lock file held for this process's lifetime
+
+
+def claim_gpu(lock_dir: str | None = None) -> str | None:
+    """Give this process one GPU of the pool in `$MAMMODP_GPU_POOL` (e.g. `0,1,2,3`).
+
+    Concurrent jobs of one machine (a DVC queue's workers) each hold a different GPU: the
+    first free id is locked (`flock` on `<lock_dir>/mammodp-gpu-<id>.lock`, released when
+    the process ends, also when it dies) and exported as `CUDA_VISIBLE_DEVICES`, before CUDA
+    starts. Does nothing when the pool is unset, under torchrun (its ranks pick
+    `cuda:LOCAL_RANK`) or when `CUDA_VISIBLE_DEVICES` names one device already.
+
+    Returns:
+        The GPU id claimed, or None. Waits for a free one if all are held.
+    """
+    import fcntl
+    import tempfile
+    import time
+
+    global _GPU_LOCK
+    pool = [g.strip() for g in os.environ.get(GPU_POOL_ENV, "").split(",") if g.strip()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not pool or "LOCAL_RANK" in os.environ or (visible and "," not in visible) or _GPU_LOCK is not None:
+        return None
+    folder = lock_dir or tempfile.gettempdir()
+    while True:
+        for gpu in pool:
+            f = open(os.path.join(folder, f"mammodp-gpu-{gpu}.lock"), "w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            _GPU_LOCK = f
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            return gpu
+        time.sleep(1.0)

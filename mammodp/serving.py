@@ -1,17 +1,18 @@
-"""Saved classifiers and the one inference path: training, evaluation, tuning and serving.
+"""HTTP request parsing for the served classifier: columns, base64, boxes, limits, 4xx messages.
 
-A saved classifier is a folder with `weights.pt` (state dict) and `meta.json` (preset, mode,
-patch geometry, threshold, epsilon...). `predict_proba` is the only function that runs the
-model on patches. Serving requests are turned into patches here, with the same pieces that
-`mammodp prepare` uses, so that a served image meets exactly the preprocessing of training:
+A request (the DataFrame MLflow's scoring server hands the pyfunc, or an array in-process)
+becomes model-size patches here; decoding, cropping and prediction are the one inference
+path of `mammodp.inference`. Every client fault is a `ServingError` naming the row, the field
+and, for sizes, the limit; no reply echoes the payload (not even a few bytes of it).
 
-- decoding: `mammodp.data.dicom.read_dicom` for DICOM (min-max of the whole image), the
-  BCDR reader `mammodp.data.bcdr.read_image` for a full non-DICOM mammogram (min-max of the
-  whole image) and `mammodp.data.imageio.load_patch` for a stored-style PNG patch;
-- cropping: `mammodp.data.patches.crop_square` (square around the box, margin, min size,
-  zero padding off the image), with the geometry saved in `meta.json` at training time;
-- resizing: `mammodp.data.patches.resize_patch`;
-- normalisation: inside the model (`mammodp.models.swin`), fed patches in [0, 1].
+Limits (`ServeLimits`, from the `serve` entry of the model's `meta.json`, written at training
+time from params `serve.*`) are checked BEFORE anything is decoded, from the base64 length
+and the image's own header (PNG IHDR, DICOM Rows/Columns/NumberOfFrames, or PIL's lazy open
+for other formats), so a small compressed bomb never reaches the decoder:
+- `max_rows`: patches per request;
+- `max_image_pixels`: rows x columns (x frames) of one image, and of one `pixels` patch;
+  the encoded bytes are bounded by 4 bytes per allowed pixel (+1 MiB of header);
+- `max_roi_side`: the larger side of an `roi` box, in pixels (the crop square grows with it).
 
 Nothing here imports MLflow: `mammodp.pyfunc_model` wraps this for `mlflow models serve`.
 """
@@ -20,244 +21,139 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import math
-import tempfile
-from pathlib import Path
+import re
+import struct
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
-MODEL_META = "meta.json"
-MODEL_WEIGHTS = "weights.pt"
+from mammodp.config import ServeConfig as ServeLimits  # one definition of the limits and their defaults
+from mammodp.errors import DataError, MammoDPError, ServingError
+from mammodp.inference import (
+    IMAGE_COL,
+    INPUT_COLUMNS,
+    PIXELS_COL,
+    ROI_COL,
+    decode_image_bytes,
+    image_to_patch,
+    is_dicom,
+)
 
-# Request columns (see `request_to_patches`).
-IMAGE_COL = "image"  # base64 PNG or DICOM bytes: a patch, or a full mammogram with `roi`
-ROI_COL = "roi"  # [x0, y0, x1, y1] lesion box in the full image's pixels (list or JSON text)
-PIXELS_COL = "pixels"  # a patch as a 2-D float array in [0, 1]: the tensor route
-
-# DICOM Part 10 files carry "DICM" after a 128-byte preamble.
-_DICOM_MAGIC_OFFSET = 128
-
-
-def save_classifier(model, meta: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write a classifier's weights and metadata (preset, mode, patch size, epsilon...) to a folder.
-
-    Args:
-        model: the trained classifier (its state dict is saved).
-        meta: JSON-serialisable facts needed to rebuild and describe it; must hold `preset`,
-            `mode` and `patch_size` (and `margin`, `min_size` for serving full mammograms).
-        out_dir: folder to write `weights.pt` and `meta.json` into.
-
-    Returns:
-        The folder.
-    """
-    import torch
-
-    from mammodp.io import write_json
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, out / MODEL_WEIGHTS)
-    write_json(out / MODEL_META, meta)
-    return out
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HEADER_SLACK_BYTES = 1 << 20  # DICOM headers and PNG ancillary chunks on top of the pixels
+_BYTES_PER_PIXEL = 4  # the most an uncompressed greyscale image needs (32-bit); 16-bit needs 2
 
 
-def load_classifier(model_dir: str | Path):
-    """Rebuild a classifier saved by `save_classifier`.
-
-    Args:
-        model_dir: folder holding `meta.json` and `weights.pt`.
-
-    Returns:
-        (model in eval mode on the CPU, meta dict).
-
-    Raises:
-        DataError: the folder is not a saved classifier.
-    """
-    import torch
-
-    from mammodp.errors import DataError
-    from mammodp.models.swin import create_classifier
-
-    d = Path(model_dir)
-    if not (d / MODEL_META).is_file() or not (d / MODEL_WEIGHTS).is_file():
-        raise DataError("not a saved mammodp classifier (needs meta.json and weights.pt)", path=d)
-    meta = json.loads((d / MODEL_META).read_text())
-    model = create_classifier(meta["preset"], pretrained_weights=None, mode=meta["mode"])
-    model.load_state_dict(torch.load(d / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
-    model.eval()
-    return model, meta
+def limits_of(meta: dict) -> ServeLimits:
+    """The limits a saved classifier was trained with (`meta["serve"]`; params' defaults if absent)."""
+    saved = meta.get("serve") or {}
+    known = {f.name: int(saved[f.name]) for f in fields(ServeLimits) if f.name in saved}
+    return ServeLimits(**known)
 
 
-def predict_proba(model, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
-    """P(malignant) for patches (N, 1, H, W) float32 in [0, 1]: the one inference path.
-
-    Args:
-        model: a classifier from `mammodp.models.swin.create_classifier`.
-        images: (N, 1, H, W) float32 in [0, 1].
-        batch_size: patches per forward pass.
-        device: torch device the model lives on.
-
-    Returns:
-        (N,) float32 probabilities of the malignant class.
-    """
-    import torch
-
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32, device=device)
-            out.append(torch.softmax(model(x).float(), dim=1)[:, 1].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+def max_image_bytes(limits: ServeLimits) -> int:
+    """Largest decoded byte string one `image` cell may carry."""
+    return _BYTES_PER_PIXEL * limits.max_image_pixels + _HEADER_SLACK_BYTES
 
 
-def epsilon_text(eps: float | str | None) -> str:
-    """Epsilon as served: a number, or `inf` for a non-private model (`unknown` if absent)."""
-    if eps is None:
-        return "unknown"
-    if isinstance(eps, str):
-        return eps
-    return "inf" if math.isinf(eps) else f"{eps:.4g}"
+def _scrub(text: str, limit: int = 160) -> str:
+    """A decoder's reason without anything it quoted from the payload (bytes, strings, reprs)."""
+    text = re.sub(r"b?'[^']*'|b?\"[^\"]*\"|<[^>]*>", "...", str(text))
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# --------------------------------------------------------------------------- decoding
+# --------------------------------------------------------------------------- cells
 
 
-def _bare(exc: Exception) -> str:
-    """A domain error's message without its (temporary) file prefix."""
-    text = str(exc)
-    path = getattr(exc, "path", None)
-    return text.removeprefix(f"{path}: ") if path else text
-
-
-def is_dicom(data: bytes) -> bool:
-    """True for DICOM Part 10 bytes (`DICM` after the 128-byte preamble)."""
-    return data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM"
-
-
-def decode_image_bytes(data: bytes, *, full_image: bool = False) -> np.ndarray:
-    """Decode PNG (8/16-bit; any greyscale format PIL reads) or DICOM bytes to float32 [0, 1] (H, W).
-
-    The project's own readers do the work (they take paths, so the bytes go through a
-    temporary file): DICOM through `read_dicom`, which min-max scales the whole image as
-    `prepare` does; a full non-DICOM mammogram (`full_image`) through the BCDR reader, also
-    min-max of the whole image; a non-DICOM patch through `load_patch`, the reader training
-    used for the stored patches (bit-depth scaling, no min-max, so a stored patch comes back
-    bit-identical).
-
-    Args:
-        data: the raw file bytes.
-        full_image: the bytes are a whole mammogram that will be cropped with an ROI.
-
-    Returns:
-        float32 (H, W) in [0, 1].
-
-    Raises:
-        ServingError: the bytes are not a readable greyscale PNG or DICOM.
-    """
-    from mammodp.errors import MammoDPError, ServingError
-
-    if not data:
-        raise ServingError("is empty", field=IMAGE_COL)
-    dicom = is_dicom(data)
-    with tempfile.TemporaryDirectory(prefix="mammodp-serve-") as tmp:
-        path = Path(tmp) / ("image.dcm" if dicom else "image.png")
-        path.write_bytes(data)
-        try:
-            if dicom:
-                from mammodp.data.dicom import read_dicom
-
-                img = read_dicom(path)
-            elif full_image:
-                from mammodp.data.bcdr import read_image
-
-                img = read_image(path)
-            else:
-                from mammodp.data.imageio import load_patch
-
-                img = load_patch(path)
-        except MammoDPError as exc:
-            kind = "DICOM" if dicom else "PNG"
-            reason = _bare(exc).replace(str(path), "the image")  # the temp path means nothing to a client
-            raise ServingError(f"is not a readable {kind} ({reason}); send base64 PNG or DICOM bytes",
-                               field=IMAGE_COL) from exc
-    if img.ndim != 2:
-        raise ServingError(f"must be a 2-D greyscale image, got shape {img.shape}", field=IMAGE_COL)
-    return img
-
-
-def decode_base64(text: Any) -> bytes:
+def decode_base64(text: Any, limits: ServeLimits | None = None) -> bytes:
     """Base64 text (whitespace and a `data:...;base64,` prefix tolerated) to bytes.
 
     Raises:
-        ServingError: not a string or not valid base64.
+        ServingError: not a string, not valid base64, or more bytes than the limits allow
+            (checked from the text's length, before decoding).
     """
-    from mammodp.errors import ServingError
-
     if not isinstance(text, str):
         raise ServingError(f"must be a base64 string, got {type(text).__name__}", field=IMAGE_COL)
     s = text.strip()
     if s.startswith("data:") and "," in s:
         s = s.split(",", 1)[1]
+    if limits is not None:
+        n_bytes = len(s) * 3 // 4  # an upper bound: whitespace only shrinks it
+        if n_bytes > max_image_bytes(limits):
+            raise ServingError(
+                f"carries about {n_bytes:,} bytes, above this model's limit of {max_image_bytes(limits):,} bytes "
+                f"({_BYTES_PER_PIXEL} per pixel of serve.max_image_pixels = {limits.max_image_pixels:,})",
+                field=IMAGE_COL)
     s = "".join(s.split())  # `base64` wraps lines at 76 characters by default
     try:
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ServingError(f"is not valid base64 ({exc})", field=IMAGE_COL) from exc
+        raise ServingError(f"is not valid base64 ({_scrub(exc)})", field=IMAGE_COL) from exc
 
 
-def parse_roi(value: Any):
+def parse_roi(value: Any, limits: ServeLimits | None = None):
     """An `roi` cell to a `BBox`, or None when the cell is empty (a patch, not a full image).
 
     Accepts a list/tuple/array of 4 integers `[x0, y0, x1, y1]` (half-open pixel box, x =
     column) or the same as JSON text.
 
     Raises:
-        ServingError: anything else.
+        ServingError: anything else, or a box side above `limits.max_roi_side`.
     """
     from mammodp.data.patches import BBox
-    from mammodp.errors import ServingError
 
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, str):
         if not value.strip():
             return None
+        if len(value) > 200:
+            raise ServingError("is not a box [x0, y0, x1, y1] (too long)", field=ROI_COL)
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ServingError(f"is not JSON [x0, y0, x1, y1]: {value[:60]!r}", field=ROI_COL) from exc
+            raise ServingError("is not JSON [x0, y0, x1, y1]", field=ROI_COL) from exc
     try:
-        box = [float(v) for v in np.asarray(value, dtype=object).reshape(-1)]
-    except (TypeError, ValueError) as exc:
+        flat = np.asarray(value, dtype=object).reshape(-1)
+        if flat.size != 4:
+            raise ServingError(f"must be 4 integers [x0, y0, x1, y1], got {flat.size} values", field=ROI_COL)
+        box = [float(v) for v in flat]
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ServingError("must be 4 numbers [x0, y0, x1, y1]", field=ROI_COL) from exc
-    if len(box) != 4 or not all(math.isfinite(v) and v == int(v) for v in box):
+    if not all(math.isfinite(v) and v == int(v) for v in box):
         raise ServingError(f"must be 4 integers [x0, y0, x1, y1], got {box}", field=ROI_COL)
     x0, y0, x1, y1 = (int(v) for v in box)
     if x1 <= x0 or y1 <= y0:
         raise ServingError(f"must satisfy x0 < x1 and y0 < y1, got {[x0, y0, x1, y1]}", field=ROI_COL)
+    if limits is not None and max(x1 - x0, y1 - y0) > limits.max_roi_side:
+        raise ServingError(f"box of {x1 - x0}x{y1 - y0} px has a side above this model's limit of "
+                           f"{limits.max_roi_side} px (serve.max_roi_side)", field=ROI_COL)
     return BBox(x0, y0, x1, y1)
 
 
-def check_patch_array(value: Any, what: str = PIXELS_COL) -> np.ndarray:
+def check_patch_array(value: Any, what: str = PIXELS_COL, limits: ServeLimits | None = None) -> np.ndarray:
     """A patch given as numbers to float32 (H, W) in [0, 1]; (1, H, W) is squeezed.
 
     Raises:
-        ServingError: ragged, not numeric, not 2-D, not finite or outside [0, 1].
+        ServingError: ragged, not numeric, not 2-D, too large, not finite or outside [0, 1].
     """
-    from mammodp.errors import ServingError
-
     try:
         arr = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ServingError("must be a rectangular 2-D array of numbers", field=what) from exc
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise ServingError(f"must be a 2-D patch (H, W) or (1, H, W), got shape {arr.shape}", field=what)
+    if limits is not None and arr.size > limits.max_image_pixels:
+        raise ServingError(f"{arr.shape[0]}x{arr.shape[1]} = {arr.size:,} pixels is above this model's limit of "
+                           f"{limits.max_image_pixels:,} pixels (serve.max_image_pixels)", field=what)
     if not np.isfinite(arr).all():
         raise ServingError("holds non-finite values", field=what)
     if arr.min() < 0.0 or arr.max() > 1.0:
@@ -265,35 +161,91 @@ def check_patch_array(value: Any, what: str = PIXELS_COL) -> np.ndarray:
     return arr
 
 
-def image_to_patch(image: np.ndarray, meta: dict, roi=None) -> np.ndarray:
-    """The shared crop/resize: a decoded image (+ optional lesion box) to a model-size patch.
+# --------------------------------------------------------------------------- image sizes
 
-    With `roi`, the image is a full mammogram and the patch is cut exactly as `prepare` cuts
-    it (`crop_square` with the margin and minimum size the model was trained with). Without
-    it, the image is already a patch and is only resized (antialiased) to the patch size.
 
-    Args:
-        image: float32 (H, W) in [0, 1].
-        meta: the saved classifier's meta (`patch_size`, `margin`, `min_size`).
-        roi: a `BBox` in the image's pixels, or None.
-
-    Returns:
-        float32 (patch_size, patch_size) in [0, 1].
+def image_size(data: bytes) -> tuple[int, int, int]:
+    """(rows, columns, frames) of PNG, DICOM or other PIL-readable bytes, from the header only.
 
     Raises:
-        ServingError: the box lies outside the image.
+        ServingError: the header is unreadable (not PNG, DICOM or an image format PIL knows).
     """
-    from mammodp.data.patches import crop_square, resize_patch
-    from mammodp.errors import DataError, ServingError
+    if is_dicom(data):
+        from mammodp.data.dicom import read_header
 
-    size = int(meta["patch_size"])
-    if roi is None:
-        return resize_patch(image, size)
+        try:
+            h = read_header(io.BytesIO(data))
+        except MammoDPError as exc:
+            raise ServingError(f"is not a readable DICOM ({_scrub(_reason(exc))})", field=IMAGE_COL) from exc
+        return h.rows, h.columns, h.frames * h.samples_per_pixel
+    if data[:8] == _PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return height, width, 1
+    from PIL import Image
+
     try:
-        return crop_square(image, roi, margin=int(meta.get("margin", 0)), min_size=int(meta.get("min_size", 1)),
-                           patch_size=size)
+        with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header, decodes nothing
+            width, height = im.size
+            frames = int(getattr(im, "n_frames", 1) or 1)
+    except Image.DecompressionBombError as exc:
+        raise ServingError(f"is a decompression bomb ({_scrub(exc)})", field=IMAGE_COL) from exc
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise ServingError("is not a readable PNG (PIL cannot identify the image); send base64 PNG or DICOM bytes",
+                           field=IMAGE_COL) from exc
+    return height, width, frames
+
+
+def _reason(exc: MammoDPError) -> str:
+    text = str(exc)
+    for prefix in (exc.path, exc.field):
+        if prefix is not None and text.startswith(f"{prefix}: "):
+            return text[len(prefix) + 2 :]
+    return text
+
+
+def check_image_size(data: bytes, limits: ServeLimits, box=None) -> tuple[int, int]:
+    """Refuse an image (and its box) over the limits before it is decoded; returns (rows, columns).
+
+    Raises:
+        ServingError: more pixels than `limits.max_image_pixels`, or a box outside the image.
+    """
+    rows, cols, frames = image_size(data)
+    pixels = rows * cols * max(frames, 1)
+    if pixels > limits.max_image_pixels:
+        more = f" x {frames} frames" if frames > 1 else ""
+        raise ServingError(f"{rows}x{cols}{more} = {pixels:,} pixels is above this model's limit of "
+                           f"{limits.max_image_pixels:,} pixels (serve.max_image_pixels)", field=IMAGE_COL)
+    if box is not None and (box.x1 <= 0 or box.y1 <= 0 or box.x0 >= cols or box.y0 >= rows):
+        raise ServingError(f"bounding box {tuple(box)} (x0, y0, x1, y1) lies outside the {rows}x{cols} image",
+                           field=ROI_COL)
+    return rows, cols
+
+
+def decode_image(data: bytes, limits: ServeLimits, box=None) -> np.ndarray:
+    """Checked decode of an `image` cell's bytes: sizes first, then the one decoder.
+
+    Raises:
+        ServingError: empty, over a limit, or undecodable (without echoing the bytes).
+    """
+    from PIL import Image
+
+    if not data:
+        raise ServingError("is empty", field=IMAGE_COL)
+    check_image_size(data, limits, box)
+    try:
+        img = decode_image_bytes(data, full_image=box is not None)
+    except Image.DecompressionBombError as exc:
+        raise ServingError(f"decodes to more pixels than allowed ({_scrub(exc)}; serve.max_image_pixels = "
+                           f"{limits.max_image_pixels:,})", field=IMAGE_COL) from exc
     except DataError as exc:
-        raise ServingError(str(exc), field=ROI_COL) from exc
+        raise ServingError(f"{_scrub(str(exc), 300)}; send base64 PNG or DICOM bytes", field=IMAGE_COL) from exc
+    if img.size > limits.max_image_pixels:  # the header lied: refuse what slipped through
+        raise ServingError(f"decoded to {img.shape[0]}x{img.shape[1]} pixels, above this model's limit of "
+                           f"{limits.max_image_pixels:,} pixels (serve.max_image_pixels)", field=IMAGE_COL)
+    return img
+
+
+# --------------------------------------------------------------------------- requests
 
 
 def _present(value: Any) -> bool:
@@ -305,6 +257,13 @@ def _present(value: Any) -> bool:
     return True
 
 
+def _to_patch(img: np.ndarray, meta: dict, box=None) -> np.ndarray:
+    try:
+        return image_to_patch(img, meta, box)
+    except DataError as exc:
+        raise ServingError(str(exc), field=ROI_COL) from exc
+
+
 def request_to_patches(model_input: Any, meta: dict) -> np.ndarray:
     """Turn a request into model-size patches (N, 1, P, P) float32 in [0, 1].
 
@@ -314,7 +273,8 @@ def request_to_patches(model_input: Any, meta: dict) -> np.ndarray:
         `roi` = [x0, y0, x1, y1] (list or JSON text), which is cropped like `prepare` does; or
       - `pixels`: the patch itself as a 2-D float array in [0, 1] (the tensor route);
     - an array (N, 1, H, W) or (N, H, W) of floats in [0, 1] (in-process callers).
-    Patches of another size are resized to the model's patch size.
+    Patches of another size are resized to the model's patch size. The model's limits
+    (`limits_of(meta)`) are checked before anything is decoded.
 
     Args:
         model_input: the request.
@@ -324,30 +284,36 @@ def request_to_patches(model_input: Any, meta: dict) -> np.ndarray:
         float32 (N, 1, P, P).
 
     Raises:
-        ServingError: a missing column, undecodable image, bad box or wrong shape, with the
-            row number.
+        ServingError: too many rows, a missing column, an image or box over a limit, an
+            undecodable image, a bad box or a wrong shape, naming the row and field.
     """
     import pandas as pd
 
-    from mammodp.errors import ServingError
-
     size = int(meta["patch_size"])
+    limits = limits_of(meta)
+    n_rows = len(model_input) if hasattr(model_input, "__len__") else 0
+    if n_rows > limits.max_rows:
+        raise ServingError(f"request has {n_rows} rows, above this model's limit of {limits.max_rows} rows per "
+                           "request (serve.max_rows); send them in several requests", field="rows")
     if isinstance(model_input, pd.DataFrame):
-        cols = set(model_input.columns)
+        cols = [str(c) for c in model_input.columns]
         if IMAGE_COL not in cols and PIXELS_COL not in cols:
-            got = ", ".join(map(str, model_input.columns)) or "none"
-            raise ServingError(f"request needs an `{IMAGE_COL}` column (base64 PNG or DICOM) or a `{PIXELS_COL}` "
-                               f"column (2-D float patch in [0, 1]); got columns: {got}", field=IMAGE_COL)
+            got = ", ".join(cols) or "none that this model reads"
+            raise ServingError(
+                f"request needs an `{IMAGE_COL}` column (base64 PNG or DICOM) or a `{PIXELS_COL}` column "
+                f"(2-D float patch in [0, 1]); the model's columns are {', '.join(INPUT_COLUMNS)} and a column "
+                f"with any other name is dropped by MLflow's schema before the model sees it (got: {got})",
+                field=IMAGE_COL)
         out = []
         for i, row in enumerate(model_input.to_dict(orient="records")):
             image, pixels, roi = row.get(IMAGE_COL), row.get(PIXELS_COL), row.get(ROI_COL)
             try:
                 if _present(image):
-                    box = parse_roi(roi)
-                    img = decode_image_bytes(decode_base64(image), full_image=box is not None)
-                    patch = image_to_patch(img, meta, box)
+                    box = parse_roi(roi, limits)
+                    img = decode_image(decode_base64(image, limits), limits, box)
+                    patch = _to_patch(img, meta, box)
                 elif _present(pixels):
-                    patch = image_to_patch(check_patch_array(pixels), meta)
+                    patch = _to_patch(check_patch_array(pixels, limits=limits), meta)
                 else:
                     raise ServingError(f"holds neither `{IMAGE_COL}` nor `{PIXELS_COL}`")
             except ServingError as exc:
@@ -363,25 +329,22 @@ def request_to_patches(model_input: Any, meta: dict) -> np.ndarray:
         arr = arr[:, None]
     if arr.ndim != 4 or arr.shape[1] != 1:
         raise ServingError(f"a tensor of patches must be (N, 1, H, W) or (N, H, W), got {arr.shape}", field="inputs")
-    patches = [image_to_patch(check_patch_array(a[0], "inputs"), meta)[None] for a in arr]
+    if len(arr) > limits.max_rows:
+        raise ServingError(f"request has {len(arr)} patches, above this model's limit of {limits.max_rows} "
+                           "(serve.max_rows)", field="inputs")
+    patches = [_to_patch(check_patch_array(a[0], "inputs", limits), meta)[None] for a in arr]
     return np.stack(patches).astype(np.float32) if patches else np.zeros((0, 1, size, size), np.float32)
 
 
 __all__ = [
-    "MODEL_META",
-    "MODEL_WEIGHTS",
-    "IMAGE_COL",
-    "ROI_COL",
-    "PIXELS_COL",
-    "save_classifier",
-    "load_classifier",
-    "predict_proba",
-    "epsilon_text",
-    "is_dicom",
-    "decode_image_bytes",
+    "ServeLimits",
+    "limits_of",
+    "max_image_bytes",
     "decode_base64",
     "parse_roi",
     "check_patch_array",
-    "image_to_patch",
+    "image_size",
+    "check_image_size",
+    "decode_image",
     "request_to_patches",
 ]

@@ -107,14 +107,22 @@ def start_run(
         parent_run_id: nest under this run even if it is not active (e.g. a grid parent).
         run_id: resume an existing run instead of creating one.
         description: run description (`mlflow.note.content`).
+
+    A run left by Ctrl-C, SIGTERM or SIGHUP ends KILLED (an error ends it FAILED).
     """
     import mlflow
 
+    from mammodp.io import raise_on_termination
+
+    raise_on_termination()  # SIGTERM unwinds this block like Ctrl-C: the run is marked KILLED
+    _ensure_experiment(experiment)
     exp = mlflow.set_experiment(experiment)
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         # MLflow 3 opens an experiment in the GenAI or the model-training view by this tag.
         mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    all_tags = {"stage": stage, "git_commit": git_commit(), "data_version": data_version()}
+    all_tags = {"stage": stage, "git_commit": git_commit(), "data_version": data_version(),
+                # MLflow would record the script's absolute path (a local path in a shared store).
+                "mlflow.source.name": f"mammodp {stage}"}
     all_tags.update(tags or {})
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -130,7 +138,39 @@ def start_run(
             mlflow.set_tags({k: _clean(v) for k, v in tags.items()})
         if params:
             log_params(params)
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP via raise_on_termination
+            mlflow.end_run("KILLED")  # MLflow's own exit would say FAILED (or leave it RUNNING)
+            raise
+
+
+def is_local_store(uri: str) -> bool:
+    """A tracking URI of a store on this machine's disk (SQLite or a folder), not a server."""
+    return not uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql", "mssql"))
+
+
+def _ensure_experiment(experiment: str) -> None:
+    """Create a missing experiment; in a local store, with a project-relative artifact root.
+
+    MLflow would record `file:///<absolute clone path>/mlruns/<id>` (see `mammodp.mlflow_plugin`).
+    A server (MLFLOW_TRACKING_URI=http://...) chooses its own (`mlflow-artifacts:/`).
+    """
+    import re
+
+    import mlflow
+
+    from mammodp import mlflow_plugin
+
+    mlflow_plugin.register()
+    if not is_local_store(mlflow.get_tracking_uri()) or mlflow.get_experiment_by_name(experiment) is not None:
+        return
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment)
+    try:
+        mlflow.create_experiment(experiment, artifact_location=f"{mlflow_plugin.SCHEME}:mlruns/{slug}")
+    except mlflow.exceptions.MlflowException:
+        if mlflow.get_experiment_by_name(experiment) is None:  # not a concurrent creation: a real error
+            raise
 
 
 def log_params(params: dict[str, Any]) -> None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from mammodp.data.datasets import PatchTable, random_flips
+from mammodp.checkpoint import Checkpoint, as_checkpoint
+from mammodp.data.datasets import PatchTable, apply_flips, flip_masks, random_flips
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +83,10 @@ def _loss_fn(spec: FitSpec):
 def _score(model, table: PatchTable, device) -> tuple[np.ndarray, float]:
     """P(malignant) on a table and its AUPRC (NaN with one class)."""
     from mammodp.metrics.classification import classification_metrics
-    from mammodp.serving import predict_proba
+    from mammodp.inference import predict_proba
 
     probs = predict_proba(model, table.images, device=str(device))
     return probs, float(classification_metrics(table.labels, probs)["auprc"])
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    import torch
-
-    from mammodp.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _engine(model, optimizer, spec: FitSpec, private: PatchTable | None, public: PatchTable | None, device):
@@ -151,12 +143,13 @@ def fit(
     public: PatchTable | None,
     val: PatchTable,
     device,
-    checkpoint: Path | None = None,
+    checkpoint: Checkpoint | Path | None = None,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
     desc: str = "train",
     optimizer_factory: Callable[[list], Any] | None = None,
+    dist=None,
 ) -> FitResult:
     """Train `model` in place and return the best-by-validation state.
 
@@ -168,20 +161,30 @@ def fit(
         public: synthetic patches mixed into each step (never counted as private records).
         val: validation patches: the only data used for model selection.
         device: torch device.
-        checkpoint: file for the per-epoch checkpoint (model, optimiser, accountant, RNGs).
-        resume: continue from `checkpoint` if it exists.
+        checkpoint: the per-epoch checkpoint (model, optimiser, accountant, RNGs): a
+            `mammodp.checkpoint.Checkpoint` (file + the settings it must match) or a bare path.
+        resume: continue from `checkpoint` if it exists and was made with the same settings.
         on_epoch: called after every epoch with that epoch's record.
         progress: show a progress bar per epoch.
         desc: progress-bar label.
         optimizer_factory: builds the optimiser from the trainable parameters; default
             AdamW(lr, weight_decay) from `spec`. Its update is post-processing of the
             (private) gradient, so any optimiser keeps the guarantee.
+        dist: a `mammodp.privacy.distributed.DistContext` to train data-parallel (records
+            sharded over the ranks, clipped sums all-reduced, noise once); default: the one
+            `distributed.setup()` joined in this process (torchrun), else single-process.
+            Every rank calls `fit` alike; only rank 0 writes the checkpoint.
     """
     import torch
     from tqdm.auto import tqdm
 
     if private is None and public is None:
         raise ValueError("nothing to train on: give private and/or public data")
+    if dist is None:
+        from mammodp.privacy.distributed import active
+
+        dist = active()
+    progress = progress and (dist is None or dist.is_main)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (optimizer_factory(params) if optimizer_factory is not None
@@ -189,6 +192,9 @@ def fit(
     loss_fn = _loss_fn(spec)
     gen = torch.Generator().manual_seed(spec.seed)  # flips and public draws
     dp_engine = _engine(model, optimizer, spec, private, public, device)
+    aug_gen = gen  # flips; data-parallel ranks draw their own (their samples differ)
+    if dist is not None:
+        aug_gen = dist.make_data_parallel(dp_engine, spec.seed)
     # The table the engine samples from: real records, or (synthetic-only training) the
     # public set itself, sampled the same way so that every regime has one loop shape.
     sampled = private if private is not None else public
@@ -196,21 +202,39 @@ def fit(
 
     start_epoch, history = 0, []
     best = {"state": copy.deepcopy(model.state_dict()), "epoch": -1, "auprc": -math.inf, "probs": None}
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = as_checkpoint(checkpoint)  # plain data, settings-checked (mammodp.checkpoint)
+    ck = None
+    if resume and checkpoint is not None and (dist is None or dist.is_main):
+        ck = checkpoint.load(spec)
+    if dist is not None and resume and checkpoint is not None:
+        ck = dist.broadcast_object(ck)  # rank 0's file: no shared file system needed
+    if ck is not None:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         dp_engine.load_state_dict(ck["dp"])
         start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck["best"]
-        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+        if dist is not None:
+            dist.load_rank_state(ck.get("ranks"), dp_engine, aug_gen)
+        log.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
+    if dist is not None:
+        dist.broadcast_module(model)  # replicas start equal; equal updates keep them so
 
     x_s, y_s = sampled.tensors()
     x_pub, y_pub = mixed.tensors() if mixed is not None else (None, None)
     n_pub = max(1, round(spec.synth_ratio * spec.batch_size)) if x_pub is not None and spec.synth_ratio > 0 else 0
 
     def augment(x):
-        return random_flips(x, gen) if spec.flip else x
+        return random_flips(x, aug_gen) if spec.flip else x
+
+    def augment_sampled(idx):
+        # Flips are drawn for EVERY sample at every step and indexed by the batch: a record's
+        # flip (and every later draw) never depends on which other records were sampled, so
+        # its clipped contribution stays a function of that record alone.
+        if not spec.flip:
+            return x_s[idx]
+        h, v = flip_masks(len(x_s), aug_gen)
+        return apply_flips(x_s[idx], h[idx], v[idx])
 
     # One loop for every run: Poisson batches from the engine (private records, or the public
     # set when nothing private is trained on), synthetic samples mixed into every step, the
@@ -222,7 +246,7 @@ def fit(
         bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
         for step in bar:
             idx = dp_engine.sample_batch()  # Poisson: sample indices of the sampled records
-            xb, yb = augment(x_s[idx]), y_s[idx]
+            xb, yb = augment_sampled(idx), y_s[idx]
             pub = None
             if n_pub:
                 j = torch.randint(0, len(x_pub), (n_pub,), generator=gen)  # public: with replacement
@@ -248,11 +272,14 @@ def fit(
         if np.isfinite(val_auprc) and val_auprc > best["auprc"]:
             best = {"state": copy.deepcopy(model.state_dict()), "epoch": epoch, "auprc": val_auprc, "probs": val_probs}
         if checkpoint is not None:
-            _save_checkpoint(Path(checkpoint), {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(), "dp": dp_engine.state_dict(),
-                "epoch": epoch, "history": history, "best": best, "spec": asdict(spec),
-            })
+            ranks = dist.gather_rank_state(dp_engine, aug_gen) if dist is not None else None
+            if dist is None or dist.is_main:
+                checkpoint.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(), "dp": dp_engine.state_dict(),
+                    "epoch": epoch, "history": history, "best": best,
+                    **({"ranks": ranks} if ranks is not None else {}),
+                }, spec)
         if on_epoch is not None:
             on_epoch(record)
 

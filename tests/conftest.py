@@ -70,3 +70,38 @@ def _private_mlflow_store(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def make_tiny_project(tmp_path_factory):
+    """Factory: a project folder with a tiny prepared CBIS-style phantom (32 px patches).
+
+    `make_tiny_project(name, train={...}, dp={...}, ...)` updates those params sections of
+    the repo's params.yaml and writes them into the folder. Data paths stay relative
+    (`data/prepared`), so commands run from inside the folder, as DVC runs them.
+    """
+    import yaml
+
+    from mammodp.config import load_config
+    from mammodp.stages import phantom, prepare
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def make(name: str, **sections) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        p = yaml.safe_load((repo / "params.yaml").read_text())
+        p["phantom"].update(cbis_train_patients=24, cbis_test_patients=4, bcdr_patients=4, image_height=256,
+                            image_width=160, mass_radius=[7.0, 14.0], difficulty=0.0)
+        p["prepare"].update(patch_size=32, margin=8, min_size=24, workers=1)
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                p[key].update(value)
+            else:
+                p[key] = value
+        (root / "params.yaml").write_text(yaml.safe_dump(p))
+        cfg = load_config(root / "params.yaml")
+        phantom.run(cfg, out=root / "data/raw")
+        prepare.run(cfg, source="cbis-ddsm", root=root / "data/raw/cbis-ddsm", out=root / "data/prepared/cbis")
+        return root
+
+    return make

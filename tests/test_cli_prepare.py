@@ -26,11 +26,14 @@ CBIS_COLUMNS = [
 
 
 def write_params(tmp_path: Path, **prepare) -> Path:
-    settings = {"patch_size": 16, "margin": 4, "min_size": 16, "val_fraction": 0.25, "workers": 1}
-    settings.update(prepare)
-    lines = ["prepare:"] + [f"  {k}: {v}" for k, v in settings.items()]
+    """The repo's (complete) params with small-patch prepare settings."""
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["prepare"].update({"patch_size": 16, "margin": 4, "min_size": 16, "val_fraction": 0.25, "workers": 1})
+    raw["prepare"].update(prepare)
     path = tmp_path / "params.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(yaml.safe_dump(raw))
     return path
 
 

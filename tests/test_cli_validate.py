@@ -107,7 +107,8 @@ def test_broken_manifest_exits_1_naming_the_expectation(workdir: Path):
     result = invoke("--report-dir", "reports")
     assert result.exit_code == 1
     assert error_lines(result) == [
-        "error: cbis: expect_column_values_to_be_unique(sample_id) (reports in reports)"]
+        "error: cbis: expect_column_values_to_be_unique(sample_id) (first: patient_id 'P-cbis-train-0', "
+        "sample_id 'cbis-train-0') (reports in reports)"]
     assert "Traceback" not in result.output
 
     bcdr = json.loads((workdir / "reports" / "bcdr.json").read_text())

@@ -88,6 +88,90 @@ def test_missing_params_file_names_it(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+# --------------------------------------------------------------------------- ranges of every field
+
+
+@pytest.mark.parametrize(("section", "key", "value", "named"), [
+    ("train", "epochs", 0, r"train\.epochs: must be >= 1"),
+    ("train", "physical_batch_size", 0, r"train\.physical_batch_size: must be >= 1"),
+    ("train", "batch_size", 0, r"train\.batch_size: must be >= 1"),
+    ("train", "pretrain_epochs", 0, r"train\.pretrain_epochs"),
+    ("train", "weight_decay", -0.1, r"train\.weight_decay"),
+    ("train", "synth_ratio", -1.0, r"train\.synth_ratio"),
+    ("train", "seeds", [], r"train\.seeds"),
+    ("train", "seeds", [0, 0], r"train\.seeds"),
+    ("train", "epsilons", [1, 1], r"train\.epsilons"),
+    ("train", "device", "gpu", r"train\.device"),
+    ("train", "num_workers", -1, r"train\.num_workers"),
+    ("prepare", "min_size", 0, r"prepare\.min_size"),
+    ("prepare", "workers", 0, r"prepare\.workers"),
+    ("prepare", "seed", -1, r"prepare\.seed"),
+    ("phantom", "difficulty", 1.5, r"phantom\.difficulty"),
+    ("evaluate", "ci", 1.0, r"evaluate\.ci"),
+    ("evaluate", "age_bins", [0, 60, 30], r"evaluate\.age_bins"),
+    ("evaluate", "fixed_threshold", 2.0, r"evaluate\.fixed_threshold"),
+    ("gan", "betas", [0.5, 1.0], r"gan\.betas"),
+    ("promote", "max_epsilon", 0, r"promote\.max_epsilon"),
+    ("serve", "max_rows", 0, r"serve\.max_rows"),
+    ("serve", "max_image_pixels", 0, r"serve\.max_image_pixels"),
+    ("tune", "lr", [1e-3, "inf"], r"tune\.lr"),
+])
+def test_every_range_is_checked_at_load_naming_the_field(tmp_path, section, key, value, named):
+    data = _params()
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=named):
+        load_config(_write(tmp_path, data))
+
+
+def test_top_level_seed_is_checked(tmp_path):
+    data = _params()
+    data["seed"] = -3
+    with pytest.raises(ConfigError, match=r"^seed: a seed must be"):
+        load_config(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("text", ["1e400", "1.0e+400", "-1.0e+400"])
+def test_a_number_that_overflows_is_not_inf_in_yaml(tmp_path, text):
+    p = tmp_path / "params.yaml"
+    raw = (ROOT / "params.yaml").read_text().replace("epsilons: [1, 6, inf]", f"epsilons: [1, {text}]")
+    assert text in raw
+    p.write_text(raw)
+    with pytest.raises(ConfigError, match=r"overflows to infinity.*write inf"):
+        load_config(p)
+
+
+def test_literal_inf_still_means_non_private(tmp_path):
+    from mammodp.config import parse_epsilon
+
+    for literal in ("inf", ".inf", "Infinity"):
+        p = tmp_path / "params.yaml"
+        p.write_text((ROOT / "params.yaml").read_text().replace("epsilons: [1, 6, inf]", f"epsilons: [1, {literal}]"))
+        assert load_config(p).train.epsilons[-1] == float("inf")
+    assert parse_epsilon("inf") == float("inf") and parse_epsilon("2.5") == 2.5
+
+
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "nan", "0", "-1"])
+def test_cli_epsilon_that_is_not_a_finite_positive_number_or_inf_is_refused(text):
+    from mammodp.config import parse_epsilon
+
+    with pytest.raises(ConfigError, match="epsilon"):
+        parse_epsilon(text)
+
+
+def test_cli_refuses_epsilon_1e400_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mammodp.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = CliRunner().invoke(app, ["train", "--regime", "real", "--epsilon", "1e400"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "too large" in lines[0] and "inf" in lines[0], result.output
+    assert not (tmp_path / "models").exists()
+
+
 def test_missing_key_is_rejected_by_name(tmp_path):
     data = _params()
     del data["train"]["epochs"]

@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory) -> Path:
     import torch
 
     from mammodp.models.swin import create_classifier
-    from mammodp.serving import save_classifier
+    from mammodp.inference import save_classifier
 
     torch.manual_seed(0)
     model = create_classifier("swin_micro", pretrained_weights=None, mode="full")
@@ -47,15 +47,21 @@ def cfg(experiment: str, max_epsilon: float = 6.0):
 
 
 def train_run(experiment: str, eps: str, val: float, *, model_dir: Path | None = None, internal: float = 0.5,
-              within: str = "true", drop_tags: tuple[str, ...] = (), regime: str = "real") -> str:
+              within: str = "true", drop_tags: tuple[str, ...] = (), regime: str = "real",
+              total: str | None = None, synthetic_privacy: str = "none", extra_tags: dict | None = None) -> str:
     """A run tagged and logged like `mammodp train`'s (privacy tags, params, metrics, model)."""
     import mlflow
 
     from mammodp import tracking
     from mammodp.pyfunc_model import log_classifier
 
+    if total is None:
+        total = "inf" if eps == "inf" else f"{float(eps) * 0.97:g}"
+    not_covered = total == "not_covered" or eps == "inf"
     tags = {"regime": regime, "epsilon": eps, "delta": "0.0001", "seed": "0", "privacy_unit": "patch",
-            "synthetic_privacy": "none", "within_budget": within}
+            "synthetic_privacy": synthetic_privacy, "within_budget": within, "epsilon_total": total,
+            "epsilon_total_method": "none" if not_covered else "prv",
+            "private_data_without_dp": str(not_covered).lower(), **(extra_tags or {})}
     for t in drop_tags:
         tags.pop(t)
     with tracking.start_run(experiment, "train", name=f"train/{regime}/eps={eps}", tags=tags,
@@ -91,10 +97,11 @@ def test_aliases_follow_validation_and_second_promotion_changes_nothing(store, m
     train_run(exp, "1", 0.60, internal=0.95)
     best1 = train_run(exp, "1", 0.70, internal=0.40, model_dir=model_dir)
     best6 = train_run(exp, "6", 0.80, model_dir=model_dir, regime="real+synth")
-    train_run(exp, "6", 0.99, within="false")  # overspent its budget: never promoted
     best_inf = train_run(exp, "inf", 0.95, model_dir=model_dir)
+    overspent = train_run(exp, "6", 0.99, within="false", total="7.2", model_dir=model_dir)
 
-    record = promote.run(cfg(exp), out=store / "metrics" / "promote.json")
+    report = store / "reports" / "promote.json"
+    record = promote.run(cfg(exp), out=store / "metrics" / "promote.json", report=report)
 
     client = mlflow.MlflowClient()
     by_alias = {a: client.get_model_version_by_alias(NAME, a) for a in ("eps-1", "eps-6", "eps-inf", "champion")}
@@ -110,16 +117,22 @@ def test_aliases_follow_validation_and_second_promotion_changes_nothing(store, m
     assert tags["val_auprc"] == "0.8" and tags["internal_auprc"] == "0.5" and tags["external_auprc"] == "0.4"
     assert float(tags["epsilon_spent"]) == pytest.approx(5.82)
     assert record["champion"]["run_id"] == best6
-    assert [s["reason"] for s in record["skipped"]] == ["spent epsilon exceeded its target (within_budget=false)"]
-    assert json.loads((store / "metrics" / "promote.json").read_text()) == json.loads(json.dumps(record))
+    # Over its budget end to end: never a budget's alias, but the best outside every budget.
+    assert client.get_model_version_by_alias(NAME, "best-not-private").run_id == overspent
+    assert [r["reason"] for r in record["not_eligible"]] == ["epsilon_total 7.2 exceeds the budget 6"]
+    assert json.loads(report.read_text()) == json.loads(json.dumps(record))
+    numbers = json.loads((store / "metrics" / "promote.json").read_text())
+    assert all(isinstance(v, (int, float)) for v in numbers.values())  # a DVC metric: numbers only
+    assert numbers["eps-6/epsilon_total"] == pytest.approx(5.82) and numbers["champion/version"] > 0
+    assert "epsilon_total 5.82" in by_alias["eps-6"].description and "DP-SGD" in by_alias["eps-6"].description
 
     before = registry_state()
     n_runs = len(mlflow.search_runs(experiment_names=[exp]))
-    again = promote.run(cfg(exp), out=store / "metrics" / "promote.json")
+    again = promote.run(cfg(exp), out=store / "metrics" / "promote.json", report=report)
     assert registry_state() == before
     assert len(mlflow.search_runs(experiment_names=[exp])) == n_runs  # no audit run for a no-op
     assert again == record
-    assert len(before["versions"]) == 3
+    assert len(before["versions"]) == 4
 
 
 def test_run_without_privacy_record_is_refused(store):
@@ -141,6 +154,51 @@ def test_run_without_privacy_record_is_refused(store):
     assert result.exit_code == 1
     assert bad in result.output and "lacks its privacy record" in result.output
     assert not (store / "promote.json").exists()
+
+
+def test_a_not_covered_run_never_gets_a_budget_alias_or_champion(store, model_dir):
+    """The mislabel of issue 10: a synthetic run from a non-DP generator had the best AUPRC."""
+    from mlflow import MlflowClient
+
+    exp = "test-promote-coverage"
+    mislabel = train_run(exp, "1", 0.99, model_dir=model_dir, regime="synth-pretrain+dp-finetune",
+                         total="not_covered", synthetic_privacy="not_covered")
+    covered = train_run(exp, "1", 0.60, model_dir=model_dir)
+    legacy = train_run(exp, "6", 0.95, model_dir=model_dir, drop_tags=("epsilon_total",))  # before epsilon_total
+    covered6 = train_run(exp, "6", 0.70, model_dir=model_dir, regime="real+synth", total="5.5",
+                         synthetic_privacy="dp(eps=3)",
+                         extra_tags={"tuning_statement": "2 trial(s) trained with DP-SGD ... (2 x 6, 2 x 0.0001)"})
+    promote.run(cfg(exp, max_epsilon=60.0), out=store / "p.json", report=store / "r.json")
+    client = MlflowClient()
+    # Someone pointed eps-1 at the mislabelled version and left a stale eps-12: promotion repairs both.
+    bad = client.search_model_versions(f"name = '{NAME}' and run_id = '{mislabel}'")[0].version
+    client.set_registered_model_alias(NAME, "eps-1", bad)
+    client.set_registered_model_alias(NAME, "eps-12", bad)
+    record = promote.run(cfg(exp, max_epsilon=60.0), out=store / "p.json", report=store / "r.json")
+
+    aliases = client.get_registered_model(NAME).aliases
+    assert "eps-12" not in aliases
+    assert client.get_model_version_by_alias(NAME, "eps-1").run_id == covered
+    assert client.get_model_version_by_alias(NAME, "eps-6").run_id == covered6
+    assert client.get_model_version_by_alias(NAME, "champion").run_id == covered6
+    assert client.get_model_version_by_alias(NAME, "best-not-private").run_id == mislabel
+    for alias in aliases:
+        tags = client.get_model_version_by_alias(NAME, alias).tags
+        if alias in ("best-not-private", "eps-inf"):
+            continue
+        # Every finite-budget alias: covered end to end, within its budget.
+        budget = 60.0 if alias == "champion" else float(alias.removeprefix("eps-").replace("_", "."))
+        assert float(tags["epsilon_total"]) <= min(budget, float(tags["epsilon"])) + 1e-9
+        assert tags["synthetic_privacy"] != "not_covered" and tags["private_data_without_dp"] == "false"
+        assert tags["within_budget"] == "true"
+    reasons = {r["run_id"]: r["reason"] for r in record["not_eligible"]}
+    assert "not covered end to end" in reasons[mislabel] and "no epsilon_total" in reasons[legacy]
+    v6 = client.get_model_version_by_alias(NAME, "eps-6")
+    assert v6.tags["tuning_statement"].startswith("2 trial(s)") and "Tuning: 2 trial(s)" in v6.description
+    assert "DP generator" in v6.description
+    bnp = client.get_model_version_by_alias(NAME, "best-not-private")
+    assert "no epsilon covers it" in bnp.description
+    assert "END-TO-END" in client.get_registered_model(NAME).description
 
 
 def test_alias_names_are_valid_registry_aliases():

@@ -103,7 +103,7 @@ def test_nonprivate_and_private_runs_track_the_stable_names(env, project):
     assert "val_auprc" in run_inf.data.metrics and "train_loss" in run_inf.data.metrics
 
     # The saved model scores the internal test set well above chance (non-private smoke run).
-    from mammodp.serving import load_classifier, predict_proba
+    from mammodp.inference import load_classifier, predict_proba
 
     model, meta = load_classifier(project / "m/real-inf/seed=0")
     test = PatchTable.load(project / "prepared/cbis/manifest.parquet", ["test"])

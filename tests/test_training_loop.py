@@ -65,3 +65,16 @@ def test_every_run_has_one_privacy_record_schema():
     assert r_inf.privacy["epsilon"] == math.inf and not r_inf.privacy["private"]
     assert 0 < r_dp.privacy["epsilon"] <= 8.0 + 1e-9 and r_dp.privacy["private"]
     assert r_syn.privacy["epsilon"] == 0.0 and not r_syn.privacy["trained_on_private"]
+
+
+def test_a_records_flip_does_not_depend_on_the_other_records_sampled():
+    """The augmentation stream advances by the same amount whatever the Poisson batch holds."""
+    from mammodp.data.datasets import flip_masks
+
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    n = 20
+    small, large = torch.tensor([3]), torch.tensor([1, 3, 7, 11, 19])
+    for _ in range(3):  # several steps: the stream position must not drift with batch sizes
+        h1, v1 = flip_masks(n, g1)
+        h2, v2 = flip_masks(n, g2)
+        assert bool(h1[small][0]) == bool(h2[large][1]) and bool(v1[small][0]) == bool(v2[large][1])

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from mammodp.data.dicom import normalise_minmax
 from mammodp.data.imageio import to_uint16
+from mammodp.data.manifest import is_inside, normalise_id
 from mammodp.data.patches import ImagePatches, PatchGeometry, extract_patch
 from mammodp.errors import DataError, MammoDPError
 
@@ -139,7 +140,9 @@ def read_outline_csv(path: str | Path) -> list[tuple[Path, Outline]]:
                 path=p,
             )
         pathology = CLASSIFICATION[cls]
-        patient, study, lesion = (str(r[k]).strip() for k in ("patient_id", "study_id", "lesion_id"))
+        patient, study, lesion = (normalise_id(r[k]) for k in ("patient_id", "study_id", "lesion_id"))
+        if not patient:
+            raise DataError(f"row {i + 2}: empty patient_id", path=p)
         code = _number(r["image_view"])
         unknown_view = (f"v{str(r['image_view']).strip()}", None, None)  # kept apart, attributes null
         view_name, view, laterality = VIEWS.get(int(code) if code is not None else -1, unknown_view)
@@ -192,6 +195,9 @@ def plan(root: str | Path, *, skip_missing: bool = False) -> tuple[list[ImageTas
     skipped: list[dict] = []
     for csv in find_outline_csvs(root):
         for image, outline in read_outline_csv(csv):
+            if not is_inside(image, root):  # `../..` or an absolute path: never opened
+                raise DataError(f"image_filename of {outline.sample_id} points outside the data root {root}: "
+                                f"{image}", path=csv)
             sid = outline.row["sample_id"]
             seen[sid] = seen.get(sid, 0) + 1
             if seen[sid] > 1:  # the same lesion and view outlined twice: keep both, apart

@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from mammodp.data.dicom import DicomHeader, read_dicom, read_header
-from mammodp.data.manifest import PATHOLOGY_LABEL
+from mammodp.data.manifest import PATHOLOGY_LABEL, is_inside, normalise_id
 from mammodp.data.patches import ImagePatches, PatchGeometry, extract_patch
 from mammodp.errors import DataError, MammoDPError
 
@@ -164,7 +164,10 @@ def read_case_csv(path: str | Path, official_split: str) -> pd.DataFrame:
     if missing:
         raise DataError(f"missing columns {missing}; found {list(df.columns)}", path=p)
     rows = []
-    for _, r in df.iterrows():
+    for i, (_, r) in enumerate(df.iterrows()):
+        patient = normalise_id(r["patient_id"])
+        if not patient:
+            raise DataError(f"row {i + 2}: empty patient_id", path=p)
         pathology = str(r["pathology"]).strip().upper()
         if pathology not in PATHOLOGY_LABEL:
             raise DataError(
@@ -183,7 +186,7 @@ def read_case_csv(path: str | Path, official_split: str) -> pd.DataFrame:
         rows.append(
             {
                 "sample_id": f"cbis-{roi_folder}",
-                "patient_id": str(r["patient_id"]).strip(),
+                "patient_id": patient,
                 "label": PATHOLOGY_LABEL[pathology],
                 "pathology": pathology,
                 "source": SOURCE,
@@ -205,7 +208,12 @@ def read_case_csv(path: str | Path, official_split: str) -> pd.DataFrame:
 def load_cases(root: str | Path, abnormality: str = "mass") -> pd.DataFrame:
     """Read the train and test CSVs below `root`; duplicate abnormalities keep their first row."""
     csvs = find_case_csvs(root, abnormality)
-    df = pd.concat([read_case_csv(csvs[s], s) for s in ("train", "test")], ignore_index=True)
+    parts = {s: read_case_csv(csvs[s], s) for s in ("train", "test")}
+    if parts["train"].empty:
+        raise DataError("has a header but no rows: no training case to import", path=csvs["train"])
+    if parts["test"].empty:
+        log.warning("%s has a header but no rows: the test split will be empty", csvs["test"])
+    df = pd.concat([p for p in parts.values() if not p.empty], ignore_index=True)
     dup = df["sample_id"].duplicated()
     if dup.any():
         log.warning("CBIS-DDSM: %d duplicate abnormality rows dropped (e.g. %s)", int(dup.sum()),
@@ -244,6 +252,9 @@ def _file_ref(root: Path, csv_file: Path, cells: tuple[str, ...], index: dict[st
     for cell in cells:
         for base in (root, csv_file.parent, root / "CBIS-DDSM"):
             cand = base / cell
+            if not is_inside(cand, root):  # `../..` or an absolute path: never opened
+                raise DataError(f"path cell {cell!r} points outside the data root {root} (row of {csv_file})",
+                                path=csv_file)
             if cand.is_file():
                 if cand not in literal:
                     literal.append(cand)

@@ -100,9 +100,22 @@ def random_flips(x, generator=None):
     """
     import torch
 
-    b = x.shape[0]
-    h = torch.rand(b, generator=generator, device="cpu") < 0.5
-    v = torch.rand(b, generator=generator, device="cpu") < 0.5
+    h, v = flip_masks(x.shape[0], generator)
+    return apply_flips(x, h, v)
+
+
+def flip_masks(n: int, generator=None):
+    """(horizontal, vertical) coin flips for n samples: bool tensors (n,)."""
+    import torch
+
+    h = torch.rand(n, generator=generator, device="cpu") < 0.5
+    v = torch.rand(n, generator=generator, device="cpu") < 0.5
+    return h, v
+
+
+def apply_flips(x, h, v):
+    """Flip each sample of x (B, C, H, W) where its h / v mask (B,) is set."""
+    import torch
+
     x = torch.where(h.to(x.device)[:, None, None, None], x.flip(-1), x)
-    x = torch.where(v.to(x.device)[:, None, None, None], x.flip(-2), x)
-    return x
+    return torch.where(v.to(x.device)[:, None, None, None], x.flip(-2), x)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -71,6 +72,8 @@ class DicomHeader:
     photometric: str
     transfer_syntax: str
     series_description: str
+    frames: int = 1  # NumberOfFrames (1 when absent)
+    samples_per_pixel: int = 1  # 1 for greyscale
 
 
 @contextlib.contextmanager
@@ -87,8 +90,27 @@ def _pydicom_warnings_to_debug(path: Path) -> Iterator[None]:
                 log.debug("%s: %s", path, w.message)
 
 
-def _check_exists(path: Path) -> None:
-    if not path.is_file():
+@contextlib.contextmanager
+def _quiet_pydicom_log() -> Iterator[None]:
+    """pydicom logs a decoder's failure with a full traceback before raising it; our error
+    names the file and the reason on one line, so its log is held back while decoding."""
+    logger = logging.getLogger("pydicom")
+    old = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line, without object reprs such as `<_io.BytesIO ... at 0x7f..>`."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(exc))
+    return " ".join(text.split())
+
+
+def _check_exists(path) -> None:
+    if isinstance(path, Path) and not path.is_file():
         raise DataError("DICOM file not found", path=path)
 
 
@@ -99,16 +121,17 @@ def _dcmread(path: Path, *, stop_before_pixels: bool):
     try:
         return dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as exc:
-        raise DicomError(f"not a DICOM file ({exc})", path=path) from exc
+        raise DicomError(f"not a DICOM file ({_one_line(exc)})", path=path) from exc
     except _PARSE_ERRORS as exc:
-        raise DicomError(f"corrupt or truncated DICOM ({type(exc).__name__}: {exc})", path=path) from exc
+        raise DicomError(f"corrupt or truncated DICOM ({type(exc).__name__}: {_one_line(exc)})", path=path) from exc
 
 
-def read_header(path: str | Path) -> DicomHeader:
+def read_header(path: str | Path | BinaryIO) -> DicomHeader:
     """Read a DICOM file's identifying tags without touching its pixel data.
 
     Args:
-        path: the .dcm file.
+        path: the .dcm file, or a binary file object (e.g. `io.BytesIO` of a request's bytes:
+            the sizes can be checked before anything is decoded).
 
     Returns:
         The study/series/instance UIDs, image size, photometric interpretation, transfer
@@ -118,7 +141,7 @@ def read_header(path: str | Path) -> DicomHeader:
         DataError: the file does not exist.
         DicomError: the file is not DICOM or its header is corrupt.
     """
-    p = Path(path)
+    p = path if hasattr(path, "read") else Path(path)
     _check_exists(p)
     with _pydicom_warnings_to_debug(p):
         ds = _dcmread(p, stop_before_pixels=True)
@@ -134,9 +157,11 @@ def read_header(path: str | Path) -> DicomHeader:
                 photometric=str(ds.get("PhotometricInterpretation", "")).strip().upper(),
                 transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
                 series_description=str(ds.get("SeriesDescription", "")),
+                frames=int(ds.get("NumberOfFrames", 1) or 1),
+                samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
             )
         except _PARSE_ERRORS as exc:
-            raise DicomError(f"corrupt DICOM header ({type(exc).__name__}: {exc})", path=p) from exc
+            raise DicomError(f"corrupt DICOM header ({type(exc).__name__}: {_one_line(exc)})", path=p) from exc
 
 
 def _require_decoder(ds, path: Path) -> None:
@@ -191,7 +216,7 @@ def read_dicom(path: str | Path) -> np.ndarray:
     """
     p = Path(path)
     _check_exists(p)
-    with _pydicom_warnings_to_debug(p):
+    with _pydicom_warnings_to_debug(p), _quiet_pydicom_log():
         arr, photometric = _decode(p)
     try:
         out = normalise_minmax(arr)
@@ -225,7 +250,7 @@ def _decode(p: Path) -> tuple[np.ndarray, str]:
         meta = getattr(ds, "file_meta", None)
         uid = str(meta.get("TransferSyntaxUID", "?")) if meta is not None else "?"
         raise DicomError(
-            f"cannot decode pixel data (transfer syntax {uid}; {type(exc).__name__}: {exc})", path=p
+            f"cannot decode pixel data (transfer syntax {uid}; {type(exc).__name__}: {_one_line(exc)})", path=p
         ) from exc
 
 

@@ -60,6 +60,38 @@ LATERALITIES: tuple[str, ...] = ("LEFT", "RIGHT")
 ABS_PATH_COLUMN = "abs_path"
 
 
+def normalise_id(value: object) -> str:
+    """An identifier as every manifest stores it: surrounding whitespace stripped, inner runs of
+    whitespace made one space (`' P_00002 '` -> `'P_00002'`). Applied once, by the importers;
+    validation rejects ids that are empty or not in this form."""
+    return " ".join(str(value).split()) if value is not None and not pd.isna(value) else ""
+
+
+def is_inside(path: str | Path, root: str | Path) -> bool:
+    """True when `path`, made absolute and normalised (`..` resolved, symlinks not followed),
+    lies in or below `root`: a CSV cell cannot lead an import outside its data root."""
+    import os
+
+    p = os.path.normpath(os.path.abspath(path))
+    r = os.path.normpath(os.path.abspath(root))
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def manifest_path(data_dir: str | Path, source: str | None = None) -> Path:
+    """Where a data set's manifest lives: the one place this path is built.
+
+    Args:
+        data_dir: `data.prepared_dir` (with `source`) or a data set's own folder such as
+            `data.synthetic_dir` (without).
+        source: prepared set's folder name under `data_dir` (`cbis`, `bcdr`), or None.
+
+    Returns:
+        `<data_dir>/<source>/manifest.parquet`, or `<data_dir>/manifest.parquet`.
+    """
+    folder = Path(data_dir) if source is None else Path(data_dir) / source
+    return folder / MANIFEST_NAME
+
+
 def coerce_manifest(df: pd.DataFrame) -> pd.DataFrame:
     """Return a copy with the manifest's columns in order and dtypes fixed.
 
@@ -106,7 +138,7 @@ def write_manifest(df: pd.DataFrame, out_dir: str | Path) -> Path:
     out = out.sort_values("sample_id", kind="stable").reset_index(drop=True)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / MANIFEST_NAME
+    target = manifest_path(folder)
     with atomic_path(target) as tmp:
         out.to_parquet(tmp, index=False)
     with atomic_path(folder / CSV_NAME) as tmp:
@@ -129,7 +161,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     """
     p = Path(path)
     if p.is_dir():
-        p = p / MANIFEST_NAME
+        p = manifest_path(p)
     if not p.is_file():
         raise DataError("manifest not found", path=p)
     try:
@@ -164,6 +196,9 @@ __all__ = [
     "VIEWS",
     "LATERALITIES",
     "ABS_PATH_COLUMN",
+    "normalise_id",
+    "is_inside",
+    "manifest_path",
     "coerce_manifest",
     "write_manifest",
     "read_manifest",

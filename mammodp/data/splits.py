@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from mammodp.data.manifest import normalise_id
 from mammodp.errors import DataError
 
 
@@ -30,7 +31,9 @@ def check_patient_disjoint(df: pd.DataFrame) -> None:
     for col in ("patient_id", "split"):
         if col not in df.columns:
             raise DataError(f"cannot check patient disjointness: no {col!r} column", field=col)
-    per_patient = df.groupby("patient_id", sort=True)["split"].unique()
+    # Ids as normalised at import: 'P_00002 ' and 'P_00002' are one patient here.
+    keys = df["patient_id"].map(normalise_id)
+    per_patient = df.groupby(keys, sort=True)["split"].unique()
     for patient, splits in per_patient.items():
         if len(splits) > 1:
             names = ", ".join(sorted(map(str, splits)))
@@ -80,6 +83,10 @@ def split_train_val(
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val fraction must be in (0, 1), got {val_fraction}", field="prepare.val_fraction")
+    n_patients = df["patient_id"].nunique() if "patient_id" in df.columns else 0
+    if n_patients < 2:
+        raise DataError(f"need at least 2 training patients to split train/val, got {n_patients}",
+                        field="patient_id")
     if stratify is not None and stratify not in df.columns:
         raise DataError(
             f"stratify column {stratify!r} not in the data; columns: {sorted(df.columns)}",

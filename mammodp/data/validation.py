@@ -13,10 +13,12 @@ verdict, count and example in the report comes from GX itself:
 | expect_column_values_to_be_in_set(c)    |                           | label, pathology, split   |
 | label_matches_pathology                 | label_matches_pathology   | in set {True}             |
 | expect_column_values_to_be_unique(...)  |                           | sample_id                 |
+| ids_well_formed(sample_id, patient_id)  | <id>_well_formed          | in set {True}             |
 | images_exist                            | exists                    | in set {True}             |
 | images_decode                           | decodes                   | in set {True}             |
 | images_have_expected_shape              | shape ("HxW")             | in set {"HxW"}            |
-| patients_disjoint_across_splits         | patient_split_count       | in set {1}                |
+| patients_disjoint_across_splits         | patient_split_count       | in set {1} (ids compared  |
+|                                         |                           | as normalised at import)  |
 | class_balance_per_split                 | split_malignant_fraction  | between [f, 1 - f]        |
 | intensity_mean_in_bounds                | mean                      | between bounds            |
 | intensity_std_above_min                 | std                       | >= bound                  |
@@ -27,6 +29,9 @@ column-map expectations, so one defect fails exactly the expectation about its r
 instead of cascading through every check downstream of it. A required column that is
 missing entirely fails `required_columns_present`, and the expectations that need it
 fail too (GX reports them as errors): the suite fails closed, never vacuously passes.
+
+Each result keeps a few offending rows as examples (`unexpected_examples`, ids and value) and
+the full list (`unexpected_all`); `mammodp validate`'s one-line error names the first one.
 
 GX runs in an ephemeral context with progress bars off; it writes no files, no data
 docs, and sends no usage statistics (`GX_ANALYTICS_ENABLED=false`).
@@ -47,7 +52,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from mammodp.data.imageio import load_patch
-from mammodp.data.manifest import PATHOLOGIES, REQUIRED_COLUMNS, SPLITS  # one vocabulary
+from mammodp.data.manifest import PATHOLOGIES, REQUIRED_COLUMNS, SPLITS, normalise_id  # one vocabulary
 from mammodp.errors import DataError
 
 LABELS: tuple[int, ...] = (0, 1)  # 1 = malignant, the positive class
@@ -71,6 +76,7 @@ class ExpectationResult:
         observed: GX's summary numbers (element/unexpected/missing counts, observed value).
         unexpected_examples: up to `MAX_EXAMPLES` offending rows (id columns + value) or values.
         error: GX's exception message when the expectation could not be evaluated.
+        unexpected_all: every offending row (id columns + value) or value.
     """
 
     name: str
@@ -81,6 +87,7 @@ class ExpectationResult:
     observed: dict[str, Any] = field(default_factory=dict)
     unexpected_examples: list[Any] = field(default_factory=list)
     error: str | None = None
+    unexpected_all: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (plain Python types)."""
@@ -92,6 +99,7 @@ class ExpectationResult:
             "description": self.description,
             "observed": self.observed,
             "unexpected_examples": self.unexpected_examples,
+            "unexpected_all": self.unexpected_all,
             "error": self.error,
         }
 
@@ -214,9 +222,17 @@ def derive_columns(
         known = out["label"].notna() & out["pathology"].notna()
         consistent = (out["pathology"] == "MALIGNANT") == (out["label"] == 1)
         out["label_matches_pathology"] = consistent.astype("boolean").where(known)
+    for col in ("sample_id", "patient_id"):
+        if col in cols:
+            # Empty, or not as normalised at import (' P_00002 '): such ids break joins and the
+            # disjointness check downstream. Null stays null (the not-null check's finding).
+            text = out[col].astype("string")
+            well_formed = text.map(lambda v: bool(normalise_id(v)) and normalise_id(v) == v, na_action="ignore")
+            out[f"{col}_well_formed"] = well_formed.astype("boolean")
     if {"patient_id", "split"} <= cols:
-        per_patient = out.groupby("patient_id", dropna=True)["split"].nunique()
-        count = out["patient_id"].map(per_patient)
+        key = out["patient_id"].astype("string").map(normalise_id, na_action="ignore")
+        per_patient = out.groupby(key, dropna=True)["split"].nunique()
+        count = key.map(per_patient)
         # 0 distinct splits means every split of that patient is null: that is the
         # not-null check's finding, not a leak between splits.
         out["patient_split_count"] = count.where(count > 0).astype("Int64")
@@ -267,6 +283,12 @@ def _checks(
             description="label is 1 exactly where pathology is MALIGNANT")),
         ("expect_column_values_to_be_unique(sample_id)", gxe.ExpectColumnValuesToBeUnique(
             column="sample_id", description="every sample_id occurs once")),
+        ("ids_well_formed(sample_id)", gxe.ExpectColumnValuesToBeInSet(
+            column="sample_id_well_formed", value_set=[True],
+            description="every sample_id is non-empty, without surrounding or repeated whitespace")),
+        ("ids_well_formed(patient_id)", gxe.ExpectColumnValuesToBeInSet(
+            column="patient_id_well_formed", value_set=[True],
+            description="every patient_id is non-empty, without surrounding or repeated whitespace")),
         ("images_exist", gxe.ExpectColumnValuesToBeInSet(
             column="exists", value_set=[True],
             description="every image_path names a file beside the manifest")),
@@ -278,7 +300,7 @@ def _checks(
             description=f"every decoded patch is {shape} (height x width) px")),
         ("patients_disjoint_across_splits", gxe.ExpectColumnValuesToBeInSet(
             column="patient_split_count", value_set=[1],
-            description="each patient_id occurs in exactly one split")),
+            description="each patient_id (as normalised) occurs in exactly one split")),
         ("class_balance_per_split", gxe.ExpectColumnValuesToBeBetween(
             column="split_malignant_fraction", min_value=min_class_fraction,
             max_value=1.0 - min_class_fraction,
@@ -329,6 +351,7 @@ def _to_result(name: str, description: str, gx_result: Any) -> ExpectationResult
     cfg = gx_result.expectation_config
     res = gx_result.result or {}
     examples = res.get("partial_unexpected_index_list") or res.get("partial_unexpected_list") or []
+    everything = res.get("unexpected_index_list") or res.get("unexpected_list") or []
     error = _error_message(gx_result.exception_info)
     observed = {k: res[k] for k in _OBSERVED_KEYS if k in res}
     if cfg.type == "expect_table_columns_to_match_set":
@@ -346,6 +369,7 @@ def _to_result(name: str, description: str, gx_result: Any) -> ExpectationResult
         observed=_plain(observed),
         unexpected_examples=_plain(list(examples)[:MAX_EXAMPLES]),
         error=error,
+        unexpected_all=_plain(list(everything)),
     )
 
 
@@ -408,7 +432,8 @@ def validate_manifest(
         expectation.meta = {"name": name}
         suite.add_expectation(expectation)
     gx_results = batch.validate(suite, result_format={
-        "result_format": "SUMMARY",
+        "result_format": "COMPLETE",  # examples, and the full list of offending rows
+        "return_unexpected_index_query": False,
         "partial_unexpected_count": MAX_EXAMPLES,
         "unexpected_index_column_names": [c for c in _ID_COLUMNS if c in data.columns],
     })

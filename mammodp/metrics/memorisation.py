@@ -139,9 +139,14 @@ def memorisation_check(synthetic: np.ndarray, train: np.ndarray, heldout: np.nda
     )
 
 
-def closest_pairs_figure(synthetic: np.ndarray, train: np.ndarray, result: MemorisationResult, k: int = 8):
+def closest_pairs_figure(synthetic: np.ndarray, train: np.ndarray, result: MemorisationResult, k: int = 8,
+                         *, show_train: bool = True):
     """Figure (matplotlib, no pyplot): the k synthetic images closest to a training image,
-    each above its nearest training image, titled with the distance (red = flagged)."""
+    each above its nearest training image, titled with the distance (red = flagged).
+
+    With `show_train=False` the training images are withheld (their panels say so): the
+    figure then shows no private patch and can be shared.
+    """
     from matplotlib.figure import Figure
 
     syn = np.asarray(synthetic, dtype=np.float32).reshape(len(synthetic), *np.shape(synthetic)[-2:])
@@ -152,14 +157,17 @@ def closest_pairs_figure(synthetic: np.ndarray, train: np.ndarray, result: Memor
     for col, i in enumerate(order):
         top, bottom = axes[0, col], axes[1, col]
         top.imshow(syn[i], cmap="gray", vmin=0, vmax=1)
-        bottom.imshow(tr[result.synthetic_nearest[i]], cmap="gray", vmin=0, vmax=1)
+        if show_train:
+            bottom.imshow(tr[result.synthetic_nearest[i]], cmap="gray", vmin=0, vmax=1)
+        else:
+            bottom.text(0.5, 0.5, "withheld", ha="center", va="center", fontsize=7, transform=bottom.transAxes)
         top.set_title(f"d={result.synthetic_distance[i]:.3f}", fontsize=8,
                       color="red" if result.flagged[i] else "black")
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0, 0].set_ylabel("synthetic")
-    axes[1, 0].set_ylabel("nearest train")
+    axes[1, 0].set_ylabel("nearest train" if show_train else "train (withheld)")
     fig.suptitle(f"Closest synthetic/training pairs (threshold {result.threshold:.3f} = "
                  f"p{result.percentile:g} of held-out real)", fontsize=9)
     return fig

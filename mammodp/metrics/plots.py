@@ -125,7 +125,10 @@ def plot_privacy_utility(df: pd.DataFrame, metric: str = "auprc") -> Figure:
             "external", any other split gets a panel after them), ``metric`` and its CI
             ``ci_low``, ``ci_high`` (NaN allowed: no band). Rows are normally already
             means over seeds; duplicates per (split, regime, epsilon) are averaged. An
-            optional ``prevalence`` column draws the chance level of AUPRC per panel.
+            optional ``prevalence`` column draws the chance level of AUPRC per panel. An
+            optional boolean ``covered`` column marks points whose end-to-end epsilon is
+            not covered (for example synthetic data from a non-DP generator) with hollow
+            markers: their x position is a target, not a guarantee.
         metric: The utility column to plot.
 
     Returns:
@@ -148,7 +151,9 @@ def plot_privacy_utility(df: pd.DataFrame, metric: str = "auprc") -> Figure:
         raise ValueError(f"plot_privacy_utility: epsilon must be numbers or 'inf': {exc}") from exc
     if (data["epsilon"] <= 0).any() or data["epsilon"].isna().any():
         raise ValueError("plot_privacy_utility: epsilon must be positive (inf = non-private)")
-    value_cols = [metric, "ci_low", "ci_high"] + (["prevalence"] if "prevalence" in data else [])
+    if "covered" in data:
+        data["covered"] = data["covered"].astype(float)
+    value_cols = [metric, "ci_low", "ci_high"] + [c for c in ("prevalence", "covered") if c in data]
     data = (data.groupby(["split", "regime", "epsilon"], sort=True)[value_cols]
             .mean().reset_index())
 
@@ -182,6 +187,12 @@ def plot_privacy_utility(df: pd.DataFrame, metric: str = "auprc") -> Figure:
                 ax.errorbar([x_inf], [v[metric]],
                             yerr=None if np.isnan(yerr).any() else yerr,
                             fmt="s", color=colors[regime], capsize=4, label=label)
+            if "covered" in rows:
+                bad = rows[rows["covered"] < 1]
+                if not bad.empty:
+                    xs = [e if math.isfinite(e) else x_inf for e in bad["epsilon"]]
+                    ax.scatter(xs, bad[metric], s=70, facecolors="white", edgecolors=colors[regime], linewidths=1.5,
+                               zorder=4, label="not covered end to end (hollow)")
         if "prevalence" in part and part["prevalence"].notna().any():
             ax.axhline(float(part["prevalence"].mean()), color="grey", linestyle="--",
                        linewidth=1, label="chance (prevalence)")

@@ -17,19 +17,33 @@ The discriminator returns logits; the paper's final Sigmoid is folded into
 `BCEWithLogitsLoss`, which is the same loss, numerically stable, and safe under autocast.
 Every activation is out-of-place (Opacus >= 1.5.4 rejects in-place ops on hooked layers).
 
-DP training of the discriminator (`discriminator_step` with an Opacus `DPOptimizer`): each
-step draws one fake sample per real record (fake labels uniform, never copied from the real
-batch, so they carry no private information) and pairs them: record i's loss is
-BCE(D(x_i), t_i) + BCE(D(G(z_i)), 0). Opacus' `GradSampleModule` computes per-row
-gradients for the 2B-row batch [real; fake]; the two rows of each pair are summed, and
-`DPOptimizer` clips each pair to norm C, sums, adds Gaussian noise sigma * C and divides by
-the expected batch size (Poisson sampling; the accountant advances on each step). One real
-record changes exactly one pair, so the sensitivity is C. Clipping the fake term together
-with its real partner keeps the two terms balanced: clipping only the real term and adding an
-unclipped fake gradient lets the fake term dominate (tried: the discriminator learns to call
-everything fake). The fake samples themselves depend only on the generator, which sees real
-data only through the discriminator's private weights (post-processing), and on public
-noise. The generator step uses no real data and runs with the per-sample hooks off.
+DP training of the discriminator goes through the project's one DP seam,
+`mammodp.privacy.make_private`, with `PairedDiscriminator` as the private model. What one
+record's gradient is (the choice, and why):
+
+- a record is a real patch (privacy unit `patch`) or all patches of one patient (`patient`);
+- each real sample x_i of a record is PAIRED with one fake: the sample's loss is
+  BCE(D(x_i, y_i), t_i) + BCE(D(G(z_i, c_i)), 0), with t_i its smoothed real target and
+  (z_i, c_i) fresh public noise and a uniform fake label (never the real label);
+- the record's gradient is the sum of its samples' pair gradients, clipped to norm C as a
+  whole; noise N(0, sigma^2 C^2) is added once to the sum over records.
+
+Why the fake term rides with its real partner instead of being a separate public gradient:
+the fake term is post-processing (it depends only on the generator, which sees real data
+only through the discriminator's private weights, and on public noise), so adding it
+unclipped would be private too; but then clipping shrinks only the real term and the fake
+term dominates (tried: the discriminator learns to call everything fake). Pairing keeps the
+two terms balanced under one clip.
+
+Why a record's clipped gradient cannot depend on which other records were sampled:
+- fakes are made with the generator in EVAL mode (`fakes`): BatchNorm uses its running
+  statistics, so each fake depends only on its own (z_i, c_i), not on the batch;
+- the discriminator has no BatchNorm under DP (GroupNorm: per-sample statistics);
+- the per-sample noise (z, fake label, real target, flips) is drawn for EVERY sample of the
+  training set at every step (`draw_per_sample`) and then indexed by the Poisson batch, so a
+  record's draws depend only on (step, record), never on its position in the batch or on
+  earlier batch sizes. The generator's own step draws from a separate stream.
+The generator step uses no real data (post-processing of the private discriminator).
 """
 
 from __future__ import annotations
@@ -217,30 +231,23 @@ def discriminator_step(
     autocast: bool = False,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One discriminator update; private when `optimizer` is an Opacus `DPOptimizer`.
-
-    One fake sample is drawn per real sample. In the private case each real record is
-    paired with its fake (see the module docstring): the per-sample gradients of the
-    2B-row batch are summed pairwise into B rows before the DP optimizer clips and noises
-    them, so a record's whole contribution (real term + its fake term) has norm <= C.
+    """One NON-private discriminator update (the paper's DCGAN step; DP: `PairedDiscriminator`).
 
     Args:
-        D: the discriminator, or its Opacus `GradSampleModule` for DP training.
-        G: the generator (only sampled here).
-        optimizer: Adam, or the `DPOptimizer` wrapping it.
-        real: (B, 1, S, S) real images in [-1, 1] (B may be 0 under Poisson sampling).
+        D: the discriminator.
+        G: the generator (only sampled here, in its current mode, as DCGAN does).
+        optimizer: the discriminator's optimiser.
+        real: (B, 1, S, S) real images in [-1, 1].
         labels: (B,) their labels.
         label_range: one-sided smoothing range of the real targets.
-        scaler: AMP grad scaler (non-private CUDA runs), or None.
-        autocast: run forward passes under CUDA autocast (non-private only).
+        scaler: AMP grad scaler (CUDA), or None.
+        autocast: run forward passes under CUDA autocast.
         generator: CPU torch.Generator for z, fake labels and targets.
 
     Returns:
         `loss_d` (mean real term + mean fake term), `loss_d_real`, `loss_d_fake`, `d_real`,
         `d_fake` (mean sigmoid outputs; NaN for an empty batch).
     """
-    from opacus.optimizers import DPOptimizer
-
     device = real.device
     n = real.shape[0]
     z = torch.randn(n, G.spec.latent_dim, generator=generator).to(device)
@@ -249,25 +256,18 @@ def discriminator_step(
     with torch.no_grad():
         fake = G(z, fake_labels)
     optimizer.zero_grad(set_to_none=True)
-    if isinstance(optimizer, DPOptimizer):
-        out, rows = paired_per_sample_gradients(D, real, labels, fake, fake_labels, targets)
-        # Clip per record, sum, add N(0, (sigma C)^2), divide by the expected batch size,
-        # advance the accountant, then the inner optimizer.
-        optimizer.step()
-        loss_real, loss_fake = rows[:n].mean(), rows[n:].mean()
+    with torch.autocast(device.type, enabled=autocast):
+        # Separate real and fake batches, as DCGAN's BatchNorm expects.
+        out = torch.cat([D(real, labels), D(fake, fake_labels)]).float()
+        rows = F.binary_cross_entropy_with_logits(out, targets, reduction="none")  # (2B,)
+    loss_real, loss_fake = rows[:n].mean(), rows[n:].mean()
+    loss = loss_real + loss_fake
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
     else:
-        with torch.autocast(device.type, enabled=autocast):
-            # Separate real and fake batches, as DCGAN's BatchNorm expects.
-            out = torch.cat([D(real, labels), D(fake, fake_labels)]).float()
-            rows = F.binary_cross_entropy_with_logits(out, targets, reduction="none")  # (2B,)
-        loss_real, loss_fake = rows[:n].mean(), rows[n:].mean()
-        loss = loss_real + loss_fake
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-        else:
-            loss.backward()
-            optimizer.step()
+        loss.backward()
+        optimizer.step()
     probs = torch.sigmoid(out.detach())
     nan = float("nan")
     return {
@@ -279,38 +279,114 @@ def discriminator_step(
     }
 
 
-def paired_per_sample_gradients(
-    D: nn.Module,
-    real: torch.Tensor,
-    labels: torch.Tensor,
-    fake: torch.Tensor,
-    fake_labels: torch.Tensor,
-    targets: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-record gradients of the paired discriminator loss, left in `p.grad_sample`.
+# --------------------------------------------------------------------------- DP discriminator
+
+
+class PairedDiscriminator(nn.Module):
+    """The DP discriminator as the engine sees it: one sample = one (real, fake) pair.
+
+    A sample is a (4, S, S) tensor: channel 0 the real image, 1 its label (constant plane),
+    2 the paired fake image, 3 the fake's label (`pack_pairs` builds them). The forward
+    returns (N, 2) logits: D(real) and D(fake). The parameters are exactly the wrapped
+    discriminator's, so an optimiser over `D.parameters()` is the engine's optimiser.
+    """
+
+    def __init__(self, discriminator: Discriminator):
+        super().__init__()
+        if not discriminator.spec.dp:
+            raise ConfigError("the DP discriminator needs GroupNorm (create_gan(..., dp=True)); BatchNorm "
+                              "mixes the samples of a batch", field="gan.dp.enabled")
+        self.d = discriminator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 4, S, S) packed pairs -> logits (N, 2) = [D(real), D(fake)]."""
+        real_labels = x[:, 1, 0, 0].round().long()
+        fake_labels = x[:, 3, 0, 0].round().long()
+        return torch.stack([self.d(x[:, 0:1], real_labels), self.d(x[:, 2:3], fake_labels)], dim=1)
+
+
+def pack_pairs(real: torch.Tensor, labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor) -> torch.Tensor:
+    """(N, 1, S, S) real + (N,) labels + (N, 1, S, S) fakes + (N,) fake labels -> (N, 4, S, S)."""
+    n, _, s, _ = real.shape
+    plane = lambda lab: lab.to(real.dtype).view(n, 1, 1, 1).expand(n, 1, s, s)  # noqa: E731
+    return torch.cat([real, plane(labels), fake.to(real.dtype), plane(fake_labels)], dim=1)
+
+
+def paired_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of BCE(real logit, t) + BCE(fake logit, 0): (N, 2) logits and targets."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1).mean()
+
+
+@torch.no_grad()
+def fakes(G: Generator, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fakes in EVAL mode: BatchNorm running statistics, so fake i depends on (z_i, label_i) only."""
+    was_training = G.training
+    G.eval()
+    try:
+        return G(z, labels)
+    finally:
+        G.train(was_training)
+
+
+@dataclass
+class SampleDraws:
+    """The per-sample randomness of one DP step, drawn for every training sample.
+
+    Attributes (all CPU tensors with one row per training sample):
+        z: (N, latent) noise of each sample's paired fake; fake_labels: (N,) int64 its label;
+        targets: (N,) smoothed real targets; flip_h, flip_v: (N,) bool flips of the real image.
+    """
+
+    z: torch.Tensor
+    fake_labels: torch.Tensor
+    targets: torch.Tensor
+    flip_h: torch.Tensor
+    flip_v: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> "SampleDraws":
+        """The rows of the samples in a batch."""
+        return SampleDraws(self.z[idx], self.fake_labels[idx], self.targets[idx], self.flip_h[idx], self.flip_v[idx])
+
+
+def draw_per_sample(n: int, latent_dim: int, label_range: tuple[float, float], *, flips: bool,
+                    generator: torch.Generator) -> SampleDraws:
+    """Draw one step's noise for ALL n training samples (a fixed amount per step).
+
+    Indexing these by the Poisson batch gives each record draws that depend only on the
+    step and the record: not on which other records were sampled, nor on earlier batch sizes.
+    """
+    lo, hi = label_range
+    z = torch.randn(n, latent_dim, generator=generator)
+    fake_labels = torch.randint(0, N_CLASSES, (n,), generator=generator)
+    targets = lo + (hi - lo) * torch.rand(n, generator=generator)
+    if flips:
+        flip_h = torch.rand(n, generator=generator) < 0.5
+        flip_v = torch.rand(n, generator=generator) < 0.5
+    else:
+        flip_h = flip_v = torch.zeros(n, dtype=torch.bool)
+    return SampleDraws(z, fake_labels, targets, flip_h, flip_v)
+
+
+def dp_batch(G: Generator, real: torch.Tensor, labels: torch.Tensor, draws: SampleDraws,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's inputs for one Poisson batch: packed (real, fake) pairs and their targets.
 
     Args:
-        D: the discriminator wrapped in Opacus' `GradSampleModule` (GroupNorm, no BatchNorm).
-        real, labels: (B, 1, S, S) real images and (B,) labels.
-        fake, fake_labels: (B, 1, S, S) fake images (one per real record) and their labels.
-        targets: (2B,) BCE targets, real rows first.
+        G: the generator (its fakes are made in eval mode).
+        real: (B, 1, S, S) real images in [-1, 1] of the batch (B may be 0).
+        labels: (B,) their labels.
+        draws: `SampleDraws.select(batch)`: the batch's per-sample noise.
+        device: where the pairs go.
 
     Returns:
-        (logits (2B,), per-row BCE losses (2B,)). Afterwards every trainable parameter's
-        `grad_sample` has B rows: row i is the gradient of
-        BCE(D(real_i), t_i) + BCE(D(fake_i), t_{B+i}).
+        (inputs (B, 4, S, S), targets (B, 2) = [t_real, 0]).
     """
-    n = real.shape[0]
-    # One forward over [real; fake]: with GroupNorm, rows do not interact.
-    out = D(torch.cat([real, fake]), torch.cat([labels, fake_labels])).float()
-    rows = F.binary_cross_entropy_with_logits(out, targets, reduction="none")
-    # Opacus' "mean" reduction multiplies by the 2B rows it sees, so each grad_sample row is
-    # that row's own gradient; max(., 1) keeps an empty Poisson batch well-defined.
-    (rows.sum() / max(2 * n, 1)).backward()
-    for p in D.parameters():
-        if p.requires_grad:
-            p.grad_sample = p.grad_sample[:n] + p.grad_sample[n:]  # row i: real_i + fake_i
-    return out, rows
+    real = torch.where(draws.flip_h.to(real.device)[:, None, None, None], real.flip(-1), real)
+    real = torch.where(draws.flip_v.to(real.device)[:, None, None, None], real.flip(-2), real)
+    fake = fakes(G, draws.z.to(device), draws.fake_labels.to(device))
+    inputs = pack_pairs(real.to(device), labels.to(device), fake, draws.fake_labels.to(device))
+    targets = torch.stack([draws.targets, torch.zeros_like(draws.targets)], dim=1).to(device)
+    return inputs, targets
 
 
 def generator_step(
@@ -326,29 +402,22 @@ def generator_step(
 ) -> dict[str, float]:
     """One generator update (non-saturating loss: fakes labelled real).
 
-    With a DP discriminator (`GradSampleModule`) its per-sample hooks are switched off: the
-    generator's loss involves no real data, and the discriminator's gradients from this pass
-    are discarded at the next discriminator step.
+    Uses no real data: under DP it is post-processing of the private discriminator. The
+    gradients it leaves on the discriminator's parameters are cleared.
     """
-    hooks = hasattr(D, "disable_hooks")
-    if hooks:
-        D.disable_hooks()
-    try:
-        optimizer.zero_grad(set_to_none=True)
-        z = torch.randn(batch, G.spec.latent_dim, generator=generator).to(device)
-        fake_labels = random_labels(batch, device, generator)
-        with torch.autocast(device.type, enabled=autocast):
-            out = D(G(z, fake_labels), fake_labels).float()
-            loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-        else:
-            loss.backward()
-            optimizer.step()
-    finally:
-        if hooks:
-            D.enable_hooks()
+    optimizer.zero_grad(set_to_none=True)
+    z = torch.randn(batch, G.spec.latent_dim, generator=generator).to(device)
+    fake_labels = random_labels(batch, device, generator)
+    with torch.autocast(device.type, enabled=autocast):
+        out = D(G(z, fake_labels), fake_labels).float()
+        loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+    else:
+        loss.backward()
+        optimizer.step()
+    D.zero_grad(set_to_none=True)
     return {"loss_g": float(loss.detach())}
 
 

@@ -141,6 +141,10 @@ class DPSGD:
         else:
             self.noise_generator.manual_seed(int(noise_seed))
         self._pending: np.ndarray | None = None  # sample indices handed out by sample_batch()
+        # Data-parallel seam (mammodp.privacy.distributed): `reduce(grads, stats)` sums the ranks'
+        # gradient sums and batch counts after the noise; only the rank with `adds_noise` adds it.
+        self.reduce = None
+        self.adds_noise = True
 
     # ------------------------------------------------------------------ properties
 
@@ -209,7 +213,14 @@ class DPSGD:
 
         if self.private:
             priv, n_samples, n_records, loss_sum, clipped = self._private_sum(inputs, targets, loss_fn, records, device)
-            grads = self._noisy_mean(priv, self.expected_batch_size)
+            stats = (n_samples, n_records, loss_sum, clipped)
+            if self.reduce is None:
+                grads = self._noisy_mean(priv, self.expected_batch_size)
+            else:  # data-parallel: (S_r + z on the noising rank), summed over ranks, then divided
+                noisy = self._noisy_mean(priv, 1.0, add_noise=self.adds_noise)
+                noisy, stats = self.reduce(noisy, stats)
+                grads = {n: g / self.expected_batch_size for n, g in noisy.items()}
+            n_samples, n_records, loss_sum, clipped = stats
             divisor = self.expected_batch_size
         else:
             priv, n_samples, loss_sum = self._plain_sum(inputs, targets, loss_fn, device, self.physical_batch_size)
@@ -217,6 +228,9 @@ class DPSGD:
             # The same estimator as the private mode (sum / expected batch size), so that a
             # private step with zero noise and no clipping equals this one exactly.
             divisor = self.expected_batch_size
+            if self.reduce is not None:  # data-parallel: the ranks' plain sums, summed
+                priv, (n_samples, n_records, loss_sum, clipped) = self.reduce(
+                    priv, (n_samples, n_records, loss_sum, clipped))
             grads = {n: g / divisor for n, g in priv.items()}
 
         pub_loss = math.nan
@@ -243,11 +257,12 @@ class DPSGD:
             return loss_sum / n_samples
         return pub_loss
 
-    def _noisy_mean(self, sums: dict[str, torch.Tensor], divisor: float) -> dict[str, torch.Tensor]:
+    def _noisy_mean(self, sums: dict[str, torch.Tensor], divisor: float,
+                    add_noise: bool = True) -> dict[str, torch.Tensor]:
         """(clipped sum + N(0, sigma^2 C^2)) / divisor for every parameter, in ONE fresh flat
         tensor whose views become `.grad`: the noise is drawn straight into it (one draw per
         coordinate per step), then the sum is added and the result divided, in place."""
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self.noise_multiplier * self.max_grad_norm if add_noise else 0.0
         gen = self.noise_generator
         flat = self._flat
         if std > 0 and flat.device == gen.device:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from mammodp.config import Config, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 from mammodp.io import atomic_dir, write_json
 
@@ -30,10 +31,8 @@ SPLITS = {"val": "validation", "internal": "CBIS test", "external": "BCDR"}
 
 def _tables(cfg: Config) -> tuple[dict[str, PatchTable], dict[str, Path]]:
     """The evaluation tables by split key, and the manifest each one came from."""
-    root = Path(cfg.data.prepared_dir)
-    sources = {"val": (root / "cbis" / "manifest.parquet", "val"),
-               "internal": (root / "cbis" / "manifest.parquet", "test"),
-               "external": (root / "bcdr" / "manifest.parquet", "external")}
+    cbis, bcdr = manifest_path(cfg.data.prepared_dir, "cbis"), manifest_path(cfg.data.prepared_dir, "bcdr")
+    sources = {"val": (cbis, "val"), "internal": (cbis, "test"), "external": (bcdr, "external")}
     frames = {p: read_manifest_table(p) for p in {m for m, _ in sources.values()}}
     tables = {k: PatchTable.from_frame(frames[m][frames[m]["split"] == split]) for k, (m, split) in sources.items()}
     return tables, {k: m for k, (m, _) in sources.items()}
@@ -97,7 +96,8 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     from mammodp.metrics.classification import evaluate_predictions
     from mammodp.metrics.fairness import epsilon_spd_correlation
     from mammodp.metrics.plots import plot_fairness, plot_pr_roc, plot_privacy_utility
-    from mammodp.serving import load_classifier, predict_proba
+    from mammodp.inference import load_classifier, predict_proba
+    from mammodp.privacy.compose import NOT_COVERED, served_epsilon
 
     tables, manifests = _tables(cfg)
     cells = [(r, e) for r in cfg.train.regimes for e in cfg.train.epsilons]
@@ -116,6 +116,7 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
             model, meta = load_classifier(d)
             thr = float(meta["threshold"])
             per_run = {"regime": regime, "epsilon_target": eps, "epsilon": meta["epsilon"], "seed": seed,
+                       "epsilon_total": served_epsilon(meta),  # end to end, or not_covered
                        "run_id": meta["run_id"], "threshold": thr, "splits": {}, "fairness": {}}
             curves = {}
             for split, table in tables.items():
@@ -155,12 +156,14 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
                 rows.append({"regime": r["regime"], "epsilon": r["epsilon_target"], "split": split,
                              "auprc": m["auprc"], "auroc": m["auroc"], "auprc_benign": m["auprc_benign"],
                              "ci_low": m.get("auprc_ci_low", np.nan), "ci_high": m.get("auprc_ci_high", np.nan),
-                             "prevalence": m["prevalence"], "epsilon_spent": r["epsilon"]})
+                             "prevalence": m["prevalence"], "epsilon_spent": r["epsilon"],
+                             "covered": r["epsilon_total"] != NOT_COVERED})
         pu = pd.DataFrame(rows)
         pu_mean = (pu.groupby(["regime", "epsilon", "split"], as_index=False)
                    .agg(auprc=("auprc", "mean"), auroc=("auroc", "mean"), auprc_benign=("auprc_benign", "mean"),
                         ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"), prevalence=("prevalence", "mean"),
-                        epsilon_spent=("epsilon_spent", "max"), n_seeds=("auprc", "size")))
+                        epsilon_spent=("epsilon_spent", "max"), n_seeds=("auprc", "size"),
+                        covered=("covered", "min")))
         finite = pu_mean["epsilon"][np.isfinite(pu_mean["epsilon"])]
         inf_x = float(finite.max() * 4) if len(finite) else 1.0
         pu_mean["epsilon_plot"] = [e if math.isfinite(e) else inf_x for e in pu_mean["epsilon"]]

@@ -27,7 +27,7 @@ from mammodp import errors
 from mammodp.config import Config
 from mammodp.data import bcdr, cbis
 from mammodp.data.imageio import save_patch
-from mammodp.data.manifest import SPLITS, write_manifest
+from mammodp.data.manifest import SPLITS, manifest_path, write_manifest
 from mammodp.data.patches import ImagePatches, PatchGeometry
 from mammodp.data.splits import assign_splits, check_patient_disjoint
 from mammodp.errors import ConfigError, DataError, MammoDPError
@@ -222,7 +222,7 @@ def _log_run(cfg: Config, source: str, root: Path, out: Path, df: pd.DataFrame, 
 
     counts = df.groupby(["split", "label"]).size()
     with tracking.start_run(cfg.experiment, "prepare", name=f"prepare/{source}",
-                            tags={"source": source, "manifest_hash": tracking.manifest_hash(out / "manifest.parquet")},
+                            tags={"source": source, "manifest_hash": tracking.manifest_hash(manifest_path(out))},
                             params={**{k: v for k, v in flatten(cfg.prepare, "prepare").items()
                                        if source == "cbis-ddsm" or k.split(".")[1] not in CBIS_ONLY_KEYS},
                                     "source": source, "root": str(root)}):

@@ -4,21 +4,34 @@ Selection reads only validation metrics (`best_val_auprc`, the value the trainin
 selected its checkpoint on, else `final_val_auprc`); the internal and external test metrics
 that `evaluate` adds to the runs are copied into version tags for the reader, never compared.
 
+The registry cannot mislabel: a budget's alias goes only to a run whose END-TO-END guarantee
+(`epsilon_total`: its own DP-SGD composed with its synthetic data's generator) is within that
+budget. For a finite budget E a run qualifies only if
+- its `epsilon_total` tag is a number <= E (not `not_covered`, not missing, not `inf`),
+- its `within_budget` tag is `true` (set by `mammodp train` from the total),
+- it used no not-covered synthetic data (`synthetic_privacy != not_covered`) and touched no
+  private data without DP (`private_data_without_dp = false`) beyond what every run declares
+  (the validation split; tuning, stated on the version).
+Any run is within the budget inf (non-private).
+
 For every target budget E found among the finished train runs of `cfg.experiment`:
-- the run with the highest validation AUPRC is registered as a version of
+- the qualifying run with the highest validation AUPRC is registered as a version of
   `promote.model_name` (or its existing version is reused: one version per run);
-- the version gets the privacy record as tags (epsilon, delta, accountant, privacy unit,
-  noise, sample rate, steps, regime, generator privacy) plus its metrics and source run;
+- the version gets the privacy record as tags (epsilon, epsilon_total and its method, delta,
+  accountant, privacy unit, noise, sample rate, steps, regime, generator privacy, tuning
+  statement) plus its metrics and source run, and a description stating its guarantee;
 - alias `eps-<E>` points at it. MLflow aliases allow only letters, digits, `_` and `-`, so
   the budget's text (`format_epsilon`) has every other character replaced by `_`:
   `eps-1`, `eps-0_5`, `eps-inf`.
 Alias `champion` points at the best of those versions among budgets <= `promote.max_epsilon`
 (ties: the smaller budget). If no budget qualifies, `champion` is removed rather than left on
-a model outside the allowed budget.
+a model outside the allowed budget. Alias `best-not-private` points at the best run that is
+within no finite budget (not covered, non-private, or over its budget): registered under a
+name that says so, never under a budget's alias. `promote` prints, per alias, which version
+won, why, and what its epsilon covers.
 
 A candidate run without its privacy record is refused (PrivacyError naming the run and what
-is missing): a model whose epsilon cannot be stated must not be served. A run whose spent
-epsilon exceeded its target (`within_budget=false`) is skipped and listed.
+is missing): a model whose epsilon cannot be stated must not be served.
 
 Idempotent: a second promotion registers nothing, rewrites no tag and moves no alias, and
 logs no MLflow run (a `promote` run is logged only when the registry changed, as its audit
@@ -40,6 +53,7 @@ from mammodp.io import write_json
 log = logging.getLogger(__name__)
 
 REQUIRED_TAGS = ("epsilon", "delta", "privacy_unit", "within_budget")
+E2E_TAGS = ("epsilon_total", "epsilon_total_method", "epsilon_total_status", "tuning_statement")
 REQUIRED_PARAMS = ("accountant",)
 VALIDATION_METRICS = ("best_val_auprc", "final_val_auprc")  # in order of preference
 # Copied into version tags for the reader; never used to choose.
@@ -50,13 +64,17 @@ PROVENANCE_TAGS = ("regime", "seed", "synthetic_privacy", "generator_epsilon", "
 SELECTION = ("highest validation AUPRC among finished train runs at this target epsilon; "
              "test sets are not used for selection")
 CHAMPION = "champion"
+BEST_NOT_PRIVATE = "best-not-private"
 
 MODEL_DESCRIPTION = (
-    "Mammography mass classifier (mammodp): P(malignant) per patch. Each version carries its "
-    "privacy record as tags (epsilon, delta, accountant, privacy_unit, noise_multiplier, "
-    "sample_rate, steps) and what epsilon does not cover (validation split, tuning, synthetic "
-    "data from a non-DP generator: see `synthetic_privacy`). Aliases: eps-<E> = best validation "
-    "run at target budget E; champion = best among budgets <= promote.max_epsilon."
+    "Mammography mass classifier (mammodp): P(malignant) per patch. Guarantee: an alias eps-<E> "
+    "(and champion) points only at a version whose END-TO-END epsilon (tag epsilon_total: its own "
+    "DP-SGD composed with the DP generator of any synthetic data it used, at its delta) is <= E, "
+    "for the real CBIS training records at the tagged privacy unit. Not covered by any epsilon: the "
+    "validation split (model selection, threshold) and tuning on private data (tag tuning_statement). "
+    "eps-inf = best non-private run; best-not-private = best run within no finite budget (for "
+    "example trained on synthetic data from a generator without DP): it carries NO privacy guarantee. "
+    "Each version carries its privacy record as tags and states its guarantee in its description."
 )
 
 
@@ -82,6 +100,34 @@ class Candidate:
     def rank(self) -> tuple:
         """Sort key: best validation AUPRC first, then the earlier run (deterministic)."""
         return (-self.val_auprc, self.start_time, self.run_id)
+
+    @property
+    def total_text(self) -> str:
+        """The run's `epsilon_total` tag (`missing` for runs trained before it existed)."""
+        return str(self.tags.get("epsilon_total", "missing"))
+
+    def covered_within(self, budget: float) -> tuple[bool, str]:
+        """(qualifies for the alias of `budget`, why not). See the module docstring."""
+        if math.isinf(budget):
+            return True, ""
+        total = self.total_text
+        if total == "missing":
+            return False, "no epsilon_total recorded (trained before end-to-end accounting; retrain it)"
+        if total == "not_covered":
+            return False, "not covered end to end (epsilon_total=not_covered)"
+        if self.tags.get("synthetic_privacy") == "not_covered":
+            return False, "uses synthetic data from a generator trained without DP"
+        if str(self.tags.get("private_data_without_dp", "")).lower() != "false":
+            return False, "touched private data without DP (private_data_without_dp is not false)"
+        try:
+            value = float(total)
+        except ValueError:
+            return False, f"epsilon_total {total!r} is not a number"
+        if not value <= budget * (1 + 1e-6):
+            return False, f"epsilon_total {value:.4g} exceeds the budget {format_epsilon(budget)}"
+        if str(self.tags.get("within_budget", "")).lower() != "true":
+            return False, "within_budget is not true"
+        return True, ""
 
 
 def privacy_gaps(run) -> tuple[list[str], list[str]]:
@@ -134,9 +180,6 @@ def collect_candidates(experiment: str) -> tuple[list[Candidate], list[dict]]:
         check_privacy_record(run)
         tags, metrics = run.data.tags, run.data.metrics
         rid = run.info.run_id
-        if tags["within_budget"].lower() != "true":
-            skipped.append({"run_id": rid, "reason": "spent epsilon exceeded its target (within_budget=false)"})
-            continue
         name = next((m for m in VALIDATION_METRICS if m in metrics and math.isfinite(metrics[m])), None)
         if name is None:
             skipped.append({"run_id": rid, "reason": "no finite validation AUPRC (" + ", ".join(VALIDATION_METRICS) + ")"})
@@ -150,11 +193,45 @@ def collect_candidates(experiment: str) -> tuple[list[Candidate], list[dict]]:
 
 
 def best_per_budget(candidates: list[Candidate]) -> dict[float, Candidate]:
-    """The best-validation candidate per target budget, budgets ascending (inf last)."""
+    """The best-validation candidate per target budget among those covered end to end within
+    it, budgets ascending (inf last)."""
     best: dict[float, Candidate] = {}
     for c in sorted(candidates, key=Candidate.rank):
-        best.setdefault(c.epsilon, c)
+        if c.covered_within(c.epsilon)[0]:
+            best.setdefault(c.epsilon, c)
     return dict(sorted(best.items()))
+
+
+def not_within_any_budget(candidates: list[Candidate]) -> list[Candidate]:
+    """Candidates that no finite budget's alias may hold (best first)."""
+    return sorted((c for c in candidates if math.isinf(c.epsilon) or not c.covered_within(c.epsilon)[0]),
+                  key=Candidate.rank)
+
+
+def coverage_text(c: Candidate) -> str:
+    """What the version's epsilon covers, in one sentence."""
+    unit = c.tags.get("privacy_unit", "?")
+    total = c.total_text
+    if total in ("not_covered", "missing"):
+        return (f"no epsilon covers it end to end (epsilon_total={total}; synthetic_privacy="
+                f"{c.tags.get('synthetic_privacy', 'none')})")
+    if total == "inf":
+        return "no epsilon: trained on private data without DP"
+    method = c.tags.get("epsilon_total_method", "?")
+    return (f"epsilon_total {total} at delta {c.tags.get('delta')} ({method}) covers the real CBIS training "
+            f"records ({unit} unit) through DP-SGD" + (" and its synthetic data's DP generator"
+                                                        if c.tags.get("synthetic_privacy", "none") != "none" else "")
+            + "; not covered: the validation split" + ("; tuning (tuning_statement)" if c.tags.get("tuning_statement")
+                                                       else ""))
+
+
+def guarantee_text(c: Candidate) -> str:
+    """The registered version's description: its privacy guarantee in plain words."""
+    head = (f"{c.tags.get('regime', '?')} classifier at target epsilon {format_epsilon(c.epsilon)} "
+            f"(run {c.run_name}, {c.run_id}). ")
+    body = coverage_text(c)
+    tail = "" if not c.tags.get("tuning_statement") else " Tuning: " + str(c.tags["tuning_statement"])
+    return head + "Guarantee: " + body + "." + tail
 
 
 def choose_champion(best: dict[float, Candidate], max_epsilon: float) -> Candidate | None:
@@ -177,6 +254,9 @@ def version_tags(c: Candidate) -> dict[str, str]:
     tags = {
         "epsilon": format_epsilon(c.epsilon),
         "epsilon_spent": _fmt(float(spent)) if spent is not None else ("inf" if math.isinf(c.epsilon) else "unknown"),
+        **{k: c.tags[k] for k in E2E_TAGS if k in c.tags},
+        "epsilon_total": c.total_text,
+        "covers": coverage_text(c),
         "delta": c.tags["delta"],
         "within_budget": c.tags["within_budget"],
         **{k: c.params[k] for k in PRIVACY_PARAMS if k in c.params},
@@ -249,12 +329,15 @@ class _Registry:
         self.changes.append(f"registered run {c.run_id} as version {mv.version}")
         return str(mv.version)
 
-    def set_tags(self, version: str, tags: dict[str, str]) -> None:
-        current = self.client.get_model_version(self.name, version).tags
+    def set_tags(self, version: str, tags: dict[str, str], description: str | None = None) -> None:
+        mv = self.client.get_model_version(self.name, version)
         for k, v in tags.items():
-            if current.get(k) != v:
+            if mv.tags.get(k) != v:
                 self.client.set_model_version_tag(self.name, version, k, v)
                 self.changes.append(f"version {version}: tag {k}={v}")
+        if description is not None and (mv.description or "") != description:
+            self.client.update_model_version(self.name, version, description=description)
+            self.changes.append(f"version {version}: description")
 
     def aliases(self) -> dict[str, str]:
         return {a: str(v) for a, v in self.client.get_registered_model(self.name).aliases.items()}
@@ -270,11 +353,26 @@ class _Registry:
             self.changes.append(f"removed alias {alias}")
 
 
-def run(cfg: Config, out: Path = Path("metrics/promote.json")) -> dict:
-    """Promote the best validation run per budget; write what was promoted to `out`.
+def _why(alias: str, c: Candidate, pool: list[Candidate]) -> str:
+    """Why `c` won `alias`: the rule and the field it won in."""
+    if alias == BEST_NOT_PRIVATE:
+        return f"highest validation AUPRC among {len(pool)} run(s) within no finite budget"
+    if alias == CHAMPION:
+        return "highest validation AUPRC among the budget winners <= promote.max_epsilon"
+    if math.isinf(c.epsilon):
+        return f"highest validation AUPRC among {len(pool)} non-private run(s) (target inf)"
+    return (f"highest validation AUPRC among {len(pool)} run(s) at target {format_epsilon(c.epsilon)} "
+            f"covered end to end within it")
+
+
+def run(cfg: Config, out: Path = Path("metrics/promote.json"), report: Path = Path("reports/promote.json")) -> dict:
+    """Promote the best covered validation run per budget; write what was promoted.
+
+    Writes `out` (numbers only: a DVC metric) and `report` (the full record: aliases, versions,
+    why each won, what its epsilon covers, runs that qualified for no budget).
 
     Returns:
-        The record written to `out`.
+        The full record (as written to `report`).
 
     Raises:
         DataError: no finished train runs, or a chosen run has no logged model.
@@ -289,52 +387,78 @@ def run(cfg: Config, out: Path = Path("metrics/promote.json")) -> dict:
         raise ConfigError(f"must be > 0 (inf allows non-private champions), got {p.max_epsilon}",
                           field="promote.max_epsilon")
     candidates, skipped = collect_candidates(cfg.experiment)
-    best = best_per_budget(candidates)
-    if not best:
+    if not candidates:
         raise DataError("no train run can be promoted: " + "; ".join(f"{s['run_id']}: {s['reason']}" for s in skipped),
                         field="experiment")
+    best = best_per_budget(candidates)
     champion = choose_champion(best, p.max_epsilon)
+    outside = not_within_any_budget(candidates)
+    not_eligible = sorted(({"run_id": c.run_id, "run_name": c.run_name, "epsilon": format_epsilon(c.epsilon),
+                            "reason": c.covered_within(c.epsilon)[1]}
+                           for c in candidates if not c.covered_within(c.epsilon)[0]), key=lambda r: r["run_id"])
 
     reg = _Registry(p.model_name)
     reg.ensure_model()
-    promoted = {}
+    winners: dict[str, tuple[Candidate, list[Candidate]]] = {}
     for eps, c in best.items():
+        winners[alias_for(eps)] = (c, [x for x in candidates if x.epsilon == eps and x.covered_within(eps)[0]])
+    if champion is not None:
+        winners[CHAMPION] = (champion, list(best.values()))
+    if outside:
+        winners[BEST_NOT_PRIVATE] = (outside[0], outside)
+
+    promoted: dict[str, dict] = {}
+    for alias, (c, pool) in winners.items():
         version = reg.version_for(c)
-        reg.set_tags(version, version_tags(c))
-        alias = alias_for(eps)
+        reg.set_tags(version, version_tags(c), description=guarantee_text(c))
         reg.set_alias(alias, version)
         promoted[alias] = {"version": version, "run_id": c.run_id, "run_name": c.run_name,
-                           "epsilon": format_epsilon(eps), "regime": c.tags.get("regime", "unknown"),
-                           "val_auprc": c.val_auprc, "val_metric": c.val_metric,
-                           "synthetic_privacy": c.tags.get("synthetic_privacy", "none")}
-    if champion is not None:
-        reg.set_alias(CHAMPION, promoted[alias_for(champion.epsilon)]["version"])
-    else:
-        log.warning("no promoted budget is <= promote.max_epsilon=%s: alias %s removed",
-                    format_epsilon(p.max_epsilon), CHAMPION)
-        reg.delete_alias(CHAMPION)
+                           "epsilon": format_epsilon(c.epsilon), "epsilon_total": c.total_text,
+                           "regime": c.tags.get("regime", "unknown"), "val_auprc": c.val_auprc,
+                           "val_metric": c.val_metric, "synthetic_privacy": c.tags.get("synthetic_privacy", "none"),
+                           "why": _why(alias, c, pool), "covers": coverage_text(c)}
+    # A budget alias (or champion) left from an earlier promotion that no qualifying run holds now
+    # would mislabel its version: remove it.
+    for alias in sorted(reg.aliases()):
+        if (alias.startswith("eps-") or alias in (CHAMPION, BEST_NOT_PRIVATE)) and alias not in promoted:
+            log.warning("alias %s: no run qualifies any more; removed", alias)
+            reg.delete_alias(alias)
+    if champion is None:
+        log.warning("no covered budget winner is <= promote.max_epsilon=%s: no %s", format_epsilon(p.max_epsilon),
+                    CHAMPION)
 
     record = {
         "model_name": p.model_name,
         "selection": SELECTION,
+        "rule": "eps-<E> and champion: end-to-end epsilon (epsilon_total) within E; best-not-private: "
+                "within no finite budget",
         "max_epsilon": format_epsilon(p.max_epsilon),
         "aliases": promoted,
-        "champion": ({"alias": alias_for(champion.epsilon), **promoted[alias_for(champion.epsilon)]}
-                     if champion is not None else None),
+        "champion": ({"alias": CHAMPION, **promoted[CHAMPION]} if CHAMPION in promoted else None),
         "candidates": len(candidates),
+        "not_eligible": not_eligible,
         "skipped": skipped,
         "uri": f"models:/{p.model_name}@{CHAMPION}",
     }
+    numbers: dict[str, float] = {"candidates": len(candidates), "not_eligible": len(not_eligible),
+                                 "skipped": len(skipped)}
+    for alias, r in promoted.items():
+        numbers[f"{alias}/version"] = int(r["version"])
+        numbers[f"{alias}/val_auprc"] = float(r["val_auprc"])
+        if r["epsilon_total"] not in ("not_covered", "missing", "inf"):
+            numbers[f"{alias}/epsilon_total"] = float(r["epsilon_total"])
     if reg.changes:
         with tracking.start_run(cfg.experiment, "promote", name="promote",
                                 params={"model_name": p.model_name, "max_epsilon": format_epsilon(p.max_epsilon)},
                                 description="Registry changes made by `mammodp promote`."):
             mlflow.log_dict(record, "promote.json")
             mlflow.log_text("\n".join(reg.changes), "changes.txt")
-    write_json(out, record)
+    write_json(report, record)
+    write_json(out, numbers)
     for alias, r in promoted.items():
-        star = " (champion)" if champion is not None and record["champion"]["alias"] == alias else ""
-        print(f"{p.model_name}@{alias} -> version {r['version']}: {r['regime']} run {r['run_id']}, "
-              f"val AUPRC {r['val_auprc']:.3f}{star}")
+        print(f"{p.model_name}@{alias} -> version {r['version']}: {r['regime']} run {r['run_name']} ({r['run_id']}), "
+              f"val AUPRC {r['val_auprc']:.3f}; won: {r['why']}; covers: {r['covers']}")
+    for r in not_eligible:
+        print(f"  not eligible for eps-{r['epsilon']}: {r['run_name']} ({r['run_id']}): {r['reason']}")
     print(f"promote: {len(reg.changes)} registry change(s)" if reg.changes else "promote: registry already up to date")
     return record

@@ -13,7 +13,9 @@ Metrics: FRD through frd-score (`synth_quality.frd_version`, v0 = the paper's), 
 ImageNet Inception from the local file `synth_quality.inception_weights` (skipped with one
 line when unset or missing). Features are extracted once per image and reused by every
 subset. Memorisation: nearest-training-image distances of the synthetic images against the
-held-out real baseline (the val split), with a grid of the closest pairs.
+held-out real baseline (the val split), with a grid of the closest pairs. The grid shows the
+real training patches only with `synth_quality.show_real_pairs: true` (a release of private
+data without DP, declared in the run); otherwise their panels are withheld.
 
 Writes OUT (`metrics/synthesis.json`, a DVC metric) and PLOTS/{closest_pairs,nn_distances}.png,
 and logs the same to one MLflow run.
@@ -28,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mammodp.config import Config, flatten
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,14 @@ PAIRS = {  # name: (source A, source B); same source = two disjoint halves
     "internal-external": ("real", "external"),
 }
 CLASSES = {"overall": None, "benign": 0, "malignant": 1}
+
+RELEASE_NOTE = (
+    "Released without DP: this stage compares the synthetic set with the REAL CBIS training patches "
+    "(and the held-out split and BCDR): FID/FRD figures, nearest-neighbour distances and the "
+    "memorisation flags are statistics of private data that no epsilon covers; with "
+    "synth_quality.show_real_pairs the closest-pairs grid shows real training patches themselves."
+)
+WITHHELD_NOTE = "synth_quality.show_real_pairs is false: the closest-pairs grid withholds the real patches."
 
 
 def draw_subsets(labels_a: np.ndarray, labels_b: np.ndarray | None, cls: int | None, k: int, size: int,
@@ -184,9 +195,9 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
     q = cfg.synth_quality
     seed_everything(q.seed)
     prepared = Path(cfg.data.prepared_dir)
-    cbis_manifest = prepared / "cbis" / "manifest.parquet"
-    synth_manifest = Path(cfg.data.synthetic_dir) / "manifest.parquet"
-    bcdr_manifest = prepared / "bcdr" / "manifest.parquet"
+    cbis_manifest = manifest_path(prepared, "cbis")
+    synth_manifest = manifest_path(cfg.data.synthetic_dir)
+    bcdr_manifest = manifest_path(prepared, "bcdr")
 
     real, real_labels, _ = _load(cbis_manifest, ["train"], None)
     shape = tuple(real.shape[-2:])
@@ -273,7 +284,9 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
                     "p%g of held-out real images (%.4f)", mem["n_flagged"], mem["n_synthetic"],
                     q.memorisation_percentile, check.threshold)
 
-    figures = {"closest_pairs.png": memo.closest_pairs_figure(synth, real, check, k=q.closest_pairs),
+    # Real training patches in a shared artefact are a release without DP: only when asked for.
+    figures = {"closest_pairs.png": memo.closest_pairs_figure(synth, real, check, k=q.closest_pairs,
+                                                              show_train=q.show_real_pairs),
                "nn_distances.png": memo.distance_histogram_figure(check)}
     with atomic_dir(plots) as tmp:
         for name, fig in figures.items():
@@ -286,11 +299,17 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
         _metrics_for_mlflow(key, {k: v for k, v in results[key].items() if isinstance(v, dict)}, metrics)
     _metrics_for_mlflow("memorisation", {k: v for k, v in mem.items() if k != "percentile"}, metrics)
     tags = {"generator_run_id": gen["run_id"], "generator_epsilon": gen["epsilon"],
+            "real_patches_shown": str(q.show_real_pairs).lower(),
             "frd_version": q.frd_version, "frd": frd_info if ok else "skipped",
             "fid": "skipped" if results["fid"]["skipped"] else results["fid"]["format"]}
     with tracking.start_run(cfg.experiment, "synth_quality", name="synth_quality", tags=tags,
-                            params={f"synth_quality.{k}": v for k, v in flatten(q).items()}):
+                            params={f"synth_quality.{k}": v for k, v in flatten(q).items()},
+                            description=RELEASE_NOTE):
         tracking.log_metrics(metrics)
+        import mlflow
+
+        mlflow.log_text(RELEASE_NOTE + ("" if q.show_real_pairs else " " + WITHHELD_NOTE),
+                        "privacy/what_epsilon_covers.txt")
         for name, fig in figures.items():
             tracking.log_figure(fig, f"synthesis/{name}")
     _log_table(results)

@@ -6,8 +6,11 @@ Reads the generator saved by `train-gan` (`generator.pt` + `gan.json` in GENERAT
 one shape) and writes 16-bit PNGs plus `manifest.parquet` / `manifest.csv` with the real
 manifests' columns, `split=train`, `source=synthetic`, and the provenance columns
 `generator_run_id`, `generator_epsilon` (a number as text, or `non-private`) and
-`generator_trained_on`. The folder is a DVC output: the same generator and seed give the
-same set (generation runs on the CPU, so on any machine).
+`generator_trained_on`. `generator_privacy.json` copies the generator's privacy record
+(`gan.json` `privacy`: DP or not, privacy unit, delta, accountant history), which
+`mammodp train` composes with the classifier's own (end-to-end epsilon). The folder is a DVC
+output: the same generator and seed give the same set (generation runs on the CPU, so on
+any machine).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mammodp.config import Config, flatten
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,15 @@ def epsilon_text(eps: Any) -> str:
     if isinstance(eps, str):
         return eps
     return f"{float(eps):.6g}"
+
+
+def generator_privacy(info: dict[str, Any]) -> dict[str, Any]:
+    """The generator's privacy record as the synthetic set carries it (`generator_privacy.json`)."""
+    record = dict(info.get("privacy") or {})
+    record.setdefault("dp", not (isinstance(info["epsilon"], str) and info["epsilon"] == "non-private"))
+    trained = info["trained_on"]
+    return {**record, "generator_run_id": str(info["run_id"]),
+            "trained_on": trained.get("text", "") if isinstance(trained, dict) else str(trained)}
 
 
 def synthetic_frame(n_per_class: int, info: dict[str, Any]) -> pd.DataFrame:
@@ -115,7 +128,7 @@ def run(cfg: Config, generator: Path = Path("models/mcgan"), out: Path = Path("d
 
     from mammodp import tracking
     from mammodp.data.imageio import save_patch
-    from mammodp.io import atomic_dir
+    from mammodp.io import atomic_dir, write_json
     from mammodp.models import mcgan
 
     s = cfg.synthesize
@@ -140,8 +153,9 @@ def run(cfg: Config, generator: Path = Path("models/mcgan"), out: Path = Path("d
                 imgs = mcgan.sample(G, labels[start:start + BATCH], z=z[start:start + BATCH])
                 for j, img in enumerate(resize(imgs, size)):
                     save_patch(tmp / df["image_path"].iloc[start + j], img)
-            df.to_parquet(tmp / "manifest.parquet", index=False)
+            df.to_parquet(manifest_path(tmp), index=False)
             df.to_csv(tmp / "manifest.csv", index=False)
+            write_json(tmp / "generator_privacy.json", generator_privacy(info))
         tracking.log_metrics({"n_images": len(df), "n_per_class": s.n_per_class})
     log.info("synthesize: %d images (%d per class, generator %s, epsilon %s) -> %s", len(df), s.n_per_class,
              info["run_id"], epsilon_text(info["epsilon"]), out)

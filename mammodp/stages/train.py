@@ -14,9 +14,12 @@ Each seed is one MLflow run under the grid's parent run, tagged as DESIGN.md say
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,7 +28,9 @@ import pandas as pd
 
 from mammodp.config import Config, flatten, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
+from mammodp.data.manifest import manifest_path
 from mammodp.errors import ConfigError, DataError
+from mammodp.checkpoint import Checkpoint, exclusive_output
 from mammodp.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -42,11 +47,11 @@ PRIVACY_NOTE = (
 
 
 def cbis_manifest(cfg: Config) -> Path:
-    return Path(cfg.data.prepared_dir) / "cbis" / "manifest.parquet"
+    return manifest_path(cfg.data.prepared_dir, "cbis")
 
 
 def synthetic_manifest(cfg: Config) -> Path:
-    return Path(cfg.data.synthetic_dir) / "manifest.parquet"
+    return manifest_path(cfg.data.synthetic_dir)
 
 
 def synthetic_provenance(df: pd.DataFrame) -> dict:
@@ -111,7 +116,10 @@ def load_tuned(path: Path | None) -> dict | None:
         raise DataError(f"not a tuning report ({exc})", path=p) from exc
     if not best:
         raise DataError("the study has no complete trial: no best params to train with", path=p)
-    return best
+    # The study's privacy cost travels with its params (fit_spec takes only the numeric keys),
+    # so that the run and its registered version state it.
+    statement = json.loads(p.read_text()).get("privacy_statement")
+    return {**best, "privacy_statement": str(statement)} if statement else best
 
 
 # Settings that define a grid's recipe; a grid's cells (budgets, regimes, seeds) and where it
@@ -164,13 +172,23 @@ def cell_metrics(summary: dict) -> dict[str, float]:
 
 def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = False, device: str | None = None,
         out: Path | None = None, metrics_out: Path | None = None, report_out: Path | None = None,
-        tuned_path: Path | None = None) -> dict:
+        tuned_path: Path | None = None, resume_if_valid: bool = False) -> dict:
     """Train one grid cell for every seed.
 
     Writes `out/seed=S/` models, a numbers-only metrics JSON (`metrics_out`, for
     `dvc metrics show`) and the full record with its privacy statement (`report_out`).
+
+    Under `torchrun --nproc_per_node=N` every rank runs this alike, training data-parallel
+    (`mammodp.privacy.distributed`); only rank 0 logs to MLflow and writes outputs.
+    Checkpoints live in `out/.checkpoints/` (locked: one trainer per `out`). `resume` continues
+    from them and refuses ones made with other settings; `resume_if_valid` (the pipeline's
+    choice) continues from a checkpoint of identical settings and otherwise trains afresh.
     """
-    from mammodp.runtime import resolve_device
+    from mammodp.privacy import distributed
+    from mammodp.runtime import claim_gpu, resolve_device
+
+    if (gpu := claim_gpu()) is not None:  # one GPU per concurrent job of a DVC queue ($MAMMODP_GPU_POOL)
+        log.info("job holds GPU %s of $MAMMODP_GPU_POOL", gpu)
 
     if regime not in REGIMES:
         raise ConfigError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}", field="regime")
@@ -178,7 +196,19 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     out = Path(out or Path("models/classifier") / f"{regime}-{eps_txt}")
     metrics_out = Path(metrics_out or Path("metrics/train") / f"{regime}-{eps_txt}.json")
     report_out = Path(report_out or Path("reports/train") / f"{regime}-{eps_txt}.json")
-    dev = resolve_device(device or cfg.train.device)
+    dist = distributed.setup(device or cfg.train.device)  # None outside torchrun
+    try:
+        return _run_cell(cfg, regime, epsilon, seeds, resume, dist.device if dist else resolve_device(device or cfg.train.device),
+                         out, metrics_out, report_out, tuned_path, dist, resume_if_valid)
+    finally:
+        if dist is not None:
+            distributed.shutdown()
+
+
+def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report_out, tuned_path, dist,
+              resume_if_valid: bool = False) -> dict:
+    main = dist is None or dist.is_main
+    eps_txt = format_epsilon(epsilon)
     seeds = list(seeds or cfg.train.seeds)
 
     manifest = cbis_manifest(cfg)
@@ -197,14 +227,20 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     tuned = load_tuned(tuned_path)
 
     results = []
-    parent = grid_parent_run(cfg)
-    with atomic_dir(out) as tmp_out:
-        # Resume reads the checkpoints the previous attempt left in the live folder.
-        ckpt_root = Path("checkpoints") / "classifier" / f"{regime}-{eps_txt}"
+    parent = grid_parent_run(cfg) if main else None
+    # Checkpoints live in the live `out` (replaced whole, with them, when the cell is done); the
+    # lock refuses a second trainer on `out` and lets stale temp outputs of a kill -9 be removed.
+    # Ranks other than 0 (torchrun) write nothing and hold no lock: their folders are scratch.
+    resume_mode = "restart" if resume_if_valid and not resume else "refuse"
+    resume = resume or resume_if_valid
+    with (exclusive_output(out, metrics_out, report_out) if main else _scratch_dir()) as ckpt_root, \
+            (atomic_dir(out) if main else _scratch_dir()) as tmp_out:
         for seed in seeds:
             results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                        dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
-                                       resume, parent, manifest))
+                                       resume, parent, manifest, resume_mode, main=main))
+    if not main:
+        return {"regime": regime, "epsilon_target": epsilon, "runs": results, "rank": dist.rank}
     summary = {
         "regime": regime, "epsilon_target": epsilon, "delta": cfg.dp.delta,
         "privacy_unit": cfg.dp.privacy_unit, "runs": results,
@@ -220,8 +256,14 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     return summary
 
 
+@contextlib.contextmanager
+def _scratch_dir():
+    with tempfile.TemporaryDirectory(prefix="mammodp-rank-") as tmp:
+        yield Path(tmp)
+
+
 def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
-                resume, parent, manifest) -> dict:
+                resume, parent, manifest, resume_mode="refuse", main: bool = True) -> dict:
     import mlflow
 
     from mammodp import tracking
@@ -229,7 +271,7 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
     from mammodp.models.swin import create_classifier
     from mammodp.pyfunc_model import log_classifier
     from mammodp.runtime import seed_everything
-    from mammodp.serving import save_classifier
+    from mammodp.inference import save_classifier
     from mammodp.training import fit
 
     seed_everything(seed)
@@ -248,55 +290,78 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         desc += (" The synthetic data came from a generator trained on private data WITHOUT DP: "
                  "this run's epsilon does not cover the synthetic pathway (synthetic_privacy=not_covered).")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with tracking.start_run(cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
+    # A checkpoint stands for every setting of this run (all params but the grid's own lists,
+    # whose cell this is) and the exact data: resuming with anything else is refused.
+    grid_lists = ("train.epsilons", "train.seeds", "train.synthetic_regimes")
+    run_settings = {"params": {k: v for k, v in flatten(cfg).items() if k not in grid_lists},
+                    "cell": {"regime": regime, "epsilon": epsilon, "seed": seed, "tuned": tuned or {}},
+                    "data": {"cbis_manifest": tags["manifest_hash"], **{k: provenance[k] for k in sorted(provenance)},
+                             **({"synthetic_n": len(synth)} if synth is not None else {})}}
+
+    def ckpt(name):
+        return Checkpoint(ckpt_dir / name, {**run_settings, "phase": name}, on_mismatch=resume_mode)
+
+    if _world_size() > 1:
+        tags["world_size"] = _world_size()  # data-parallel ranks (torchrun)
+    if os.environ.get("MAMMODP_GPU_POOL"):
+        tags["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the queue job's GPU
+    with contextlib.nullcontext() if not main else tracking.start_run(
+                            cfg.experiment, "train", name=tracking.run_name("train", regime, epsilon, seed),
                             tags=tags, parent_run_id=parent, description=desc,
                             params={**flatten(cfg.model, "model"),
                                     **{f"train.{k}": v for k, v in flatten(cfg.train).items()
                                        if k in REGIME_TRAIN_KEYS[regime]},
-                                    **flatten(cfg.dp, "dp"), "tuned_params": json.dumps(tuned or {})}) as run:
+                                    **flatten(cfg.dp, "dp"), "tuned_params": json.dumps({k: v for k, v in (tuned or {}).items()
+                                                               if k != "privacy_statement"})}) as run:
 
         # Lineage: the manifest rows this run read (the UI's Dataset column).
-        if real is not None:
+        if real is not None and main:
             tracking.log_dataset(real.frame, manifest, "cbis-train", "training")
-        tracking.log_dataset(val.frame, manifest, "cbis-val", "validation")
-        if synth is not None:
+        if main:
+            tracking.log_dataset(val.frame, manifest, "cbis-val", "validation")
+        if synth is not None and main:
             tracking.log_dataset(synth.frame, synthetic_manifest(cfg), "synthetic", "training")
 
         def on_epoch(rec, offset=0):
-            tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
+            if main:
+                tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
 
         if regime == "synth-pretrain+dp-finetune":
             pre = replace(spec, epsilon=math.inf, epochs=cfg.train.pretrain_epochs)
             pre_res = fit(model, pre, private=None, public=synth, val=val, device=dev,
-                          checkpoint=ckpt_dir / "pretrain.pt", resume=resume,
-                          on_epoch=lambda r: tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
-                                                                   "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
+                          checkpoint=ckpt("pretrain.pt"), resume=resume,
+                          on_epoch=lambda r: main and tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
+                                                                            "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
                           desc=f"pretrain seed={seed}")
             model.load_state_dict(pre_res.best_state)
             res = fit(model, spec, private=real, public=None, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
         elif regime == "synth":
             res = fit(model, replace(spec, epsilon=math.inf), private=None, public=synth, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
         elif regime == "real+synth":
             res = fit(model, spec, private=real, public=synth, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real+synth seed={seed}")
         else:
             res = fit(model, spec, private=real, public=None, val=val, device=dev,
-                      checkpoint=ckpt_dir / "last.pt", resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
+                      checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"real seed={seed}")
 
+        if not main:  # a helper rank: its replica equals rank 0's, which reports it
+            return {"seed": seed, "epsilon": float(res.privacy["epsilon"]), "steps": res.privacy["steps"]}
         model.load_state_dict(res.best_state)
         privacy = dict(res.privacy)
         spent = float(privacy["epsilon"])
+        e2e = end_to_end_privacy(cfg, regime, epsilon, privacy)  # this run composed with its generator
         thr = choose_threshold(val.labels, res.val_probs, method=cfg.evaluate.threshold, fixed=cfg.evaluate.fixed_threshold)
         val_metrics = classification_metrics(val.labels, res.val_probs, threshold=thr)
-        within = (spent <= epsilon * (1 + 1e-6)) if math.isfinite(epsilon) else True
+        within = e2e.within(epsilon)  # the end-to-end total, not the classifier's part alone
         meta = {
             "preset": cfg.model.preset, "mode": cfg.model.mode, "patch_size": cfg.prepare.patch_size,
             "margin": cfg.prepare.margin, "min_size": cfg.prepare.min_size,
             "regime": regime, "seed": seed, "epsilon_target": epsilon, "epsilon": spent,
             "delta": cfg.dp.delta, "threshold": thr, "best_epoch": res.best_epoch, "run_id": run.info.run_id,
-            "privacy": privacy, "privacy_note": PRIVACY_NOTE, **provenance,
+            "privacy": privacy, "privacy_note": PRIVACY_NOTE, **provenance, **end_to_end_meta(e2e),
+            "serve": asdict(cfg.serve),  # the served model's request limits (mammodp.serving)
         }
         save_classifier(model, meta, model_dir)
         mlflow.log_params({
@@ -306,16 +371,104 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             "accountant_fallback": privacy.get("accountant_fallback", False), "threshold": thr,
         })
         mlflow.set_tag("within_budget", str(within).lower())
+        log_end_to_end(e2e, tuning_statement(tuned))
         tracking.log_metrics({f"final_val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))})
         tracking.log_metrics({"best_val_auprc": res.best_val_auprc, "best_epoch": res.best_epoch})
         if math.isfinite(spent):
             mlflow.log_metric("epsilon", spent, step=len(res.history))
         mlflow.log_dict(meta, "privacy/meta.json")
-        mlflow.log_text(PRIVACY_NOTE, "privacy/what_epsilon_covers.txt")
+        mlflow.log_text(what_epsilon_covers(e2e, tuning_statement(tuned)), "privacy/what_epsilon_covers.txt")
         log_classifier(model_dir, val.images[0, 0])
         if not within:
             log.warning("run %s spent epsilon %.3f above its target %s", run.info.run_id, spent, eps_txt)
         return {"seed": seed, "run_id": run.info.run_id, "val_auprc": res.best_val_auprc,
-                "epsilon": spent, "within_budget": within, "best_epoch": res.best_epoch,
+                "epsilon": spent, "epsilon_total": e2e.text, "within_budget": within, "best_epoch": res.best_epoch,
                 "threshold": thr, "model_dir": str(Path(model_dir).name), **{k: privacy.get(k) for k in
                 ("noise_multiplier", "sample_rate", "steps", "accountant", "accountant_fallback")}}
+
+
+# --------------------------------------------------------------------------- end-to-end privacy
+# Kept together (and out of the loop above) on purpose: what one run's guarantee is, end to end.
+
+# Artefacts that reveal private data without DP, declared in every run (README: "Declared releases").
+DECLARED_RELEASES = (
+    "the validation split (read every epoch for model selection and the operating threshold)",
+    "the per-epoch train_loss diagnostic (mean loss over the Poisson batch, without noise)",
+    "hyper-parameters tuned on private data (mammodp tune; the tuning statement below)",
+    "synth-quality: the closest synthetic/training pairs grid (real training patches; "
+    "synth_quality.show_real_pairs), nearest-neighbour distances, FID/FRD against real patches",
+    "a non-private GAN's diagnostics (losses and D(real) over real batches, history.csv) and its "
+    "mode-collapse warning tags (real-data diversity)",
+    "mammodp audit: membership-inference figures and the non-private power model",
+)
+
+
+def generator_privacy_record(cfg: Config) -> dict | None:
+    """The synthetic set's generator privacy record (`generator_privacy.json`), if any."""
+    p = Path(cfg.data.synthetic_dir) / "generator_privacy.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"unreadable generator privacy record: {exc}", path=p) from exc
+
+
+def end_to_end_privacy(cfg: Config, regime: str, epsilon: float, privacy: dict):
+    """The run's end-to-end guarantee: its DP-SGD composed with its generator's (if any)."""
+    from mammodp.privacy.compose import end_to_end
+
+    synthetic_used = regime in SYNTH_REGIMES
+    real_used = regime != "synth"
+    private = real_used and math.isfinite(epsilon) and bool(privacy.get("private"))
+    return end_to_end(privacy if private else None, delta=cfg.dp.delta, privacy_unit=cfg.dp.privacy_unit,
+                      accountant=cfg.dp.accountant, real_without_dp=real_used and not private,
+                      generator=generator_privacy_record(cfg) if synthetic_used else None,
+                      synthetic_used=synthetic_used)
+
+
+def end_to_end_meta(e2e) -> dict:
+    """What the saved model carries (served as its `epsilon`)."""
+    return {"epsilon_total": e2e.text if e2e.epsilon_total is None else e2e.epsilon_total,
+            "epsilon_total_method": e2e.method, "epsilon_total_status": e2e.status,
+            "epsilon_total_statement": e2e.statement()}
+
+
+def tuning_statement(tuned: dict | None) -> str:
+    """The tuning study's privacy statement when this run trained with its params (`--tuned`), else ''."""
+    return str((tuned or {}).get("privacy_statement", ""))
+
+
+def log_end_to_end(e2e, tuning: str) -> None:
+    """Tags `epsilon_total`, `epsilon_total_method`, `epsilon_total_status` (+ `tuning_statement`)
+    and the metric `epsilon_total` when finite, on the active run."""
+    import mlflow
+
+    from mammodp import tracking
+
+    tags = {"epsilon_total": e2e.text, "epsilon_total_method": e2e.method, "epsilon_total_status": e2e.status}
+    if e2e.fallback:
+        tags["epsilon_total_fallback"] = e2e.fallback
+    if tuning:
+        tags["tuning_statement"] = tuning
+    mlflow.set_tags(tags)
+    if e2e.epsilon_total is not None:
+        tracking.log_metrics({"epsilon_total": e2e.epsilon_total})
+
+
+def what_epsilon_covers(e2e, tuning: str) -> str:
+    """`privacy/what_epsilon_covers.txt`: the run's epsilon, its end-to-end total, and every
+    release of private data without DP."""
+    lines = [PRIVACY_NOTE, "", "End to end: " + e2e.statement()]
+    if tuning:
+        lines += ["", "Tuning: " + tuning]
+    lines += ["", "Released without DP (declared; not covered by any epsilon):"]
+    lines += [f"- {r}" for r in DECLARED_RELEASES]
+    return "\n".join(lines) + "\n"
+
+
+def _world_size() -> int:
+    from mammodp.privacy.distributed import active
+
+    ctx = active()
+    return ctx.world_size if ctx is not None else 1

@@ -2,15 +2,32 @@
 
 Reads `data/prepared/cbis/manifest.parquet` (split `train` only: validation and test never
 touch the GAN), resizes the patches to `gan.image_size` and trains the conditional DCGAN of
-`mammodp.models.mcgan`. With `gan.dp.enabled` the discriminator is trained with DP-SGD
-(Opacus, Poisson sampling, the accountant of `gan.dp.accountant`) and the generator is
-post-processing; `models/mcgan/gan.json` carries the final epsilon (or `non-private`).
+`mammodp.models.mcgan`.
+
+With `gan.dp.enabled` the discriminator is trained through the project's one DP seam,
+`mammodp.privacy.make_private` (see `mcgan.PairedDiscriminator` for what a record's gradient
+is): secret Poisson sampling of privacy records (`dp.privacy_unit`: a patch, or all of a
+patient's patches) unless `gan.dp.reproducible_noise`, OS-seeded noise that is never
+checkpointed, the accountant of `gan.dp.accountant` with a recorded PRV -> RDP fallback. The
+generator is post-processing. `gan.json` carries the privacy record, including the
+accountant history that `mammodp train` composes with the classifier's (end-to-end epsilon).
+
+Under DP nothing computed on real patches leaves the run except through DP-SGD: no loss or
+D(real) over real batches is logged, divergence is watched on the generator loss only, and
+the real-data diversity yardstick of the mode-collapse check is not computed (sample
+diversity, a function of the generator alone, is logged instead). A non-private GAN logs all
+of these; they are releases of private data without DP and its run says so
+(`privacy/what_epsilon_covers.txt`).
 
 Outputs in OUT (default `models/mcgan`):
 - `generator.pt`: the final generator (weights + spec + provenance), read by `synthesize`;
-- `gan.json`: run id, epsilon, delta, accountant, noise multiplier, steps, trained_on, sizes;
-- `checkpoint.pt`: full training state every `gan.checkpoint_every` epochs (`--resume`
-  continues the optimisers, the accountant, every random stream and the MLflow run);
+- `gan.json`: run id, epsilon, delta, the privacy record (engine summary + accountant
+  history), trained_on, sizes;
+- `checkpoint.pt`: training state every `gan.checkpoint_every` epochs (`--resume` continues
+  the optimisers, the accountant and the MLflow run). Plain tensors and containers only:
+  it loads with `torch.load(weights_only=True)`. With OS-seeded DP randomness it holds
+  neither the noise generator's nor the Poisson sampler's state (a resumed run draws fresh
+  secret batches and noise); with `reproducible_noise` it holds both;
 - `history.csv`: per-epoch mean losses and epsilon (for `dvc plots`);
 - `samples/epoch-NNNN-<class>.png`: a grid of samples per class every `gan.sample_every` epochs.
 
@@ -27,7 +44,6 @@ import math
 import pickle
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +51,31 @@ import numpy as np
 import pandas as pd
 
 from mammodp.config import Config, flatten, format_epsilon
-from mammodp.errors import ConfigError, DataError, PrivacyError
+from mammodp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = {0: "benign", 1: "malignant"}
 GRID_PER_CLASS = 16  # samples per class in each grid (4 x 4)
 OUTPUT_FILES = ("generator.pt", "gan.json", "checkpoint.pt", "history.csv")
-# Opacus warns on every hooked backward whose inputs need no grad (our images) and when
-# secure RNG is off (we pick the noise generator explicitly): neither is actionable here.
-_QUIET = ("Full backward hook is firing", "Secure RNG turned off", "Using a non-full backward hook")
+HISTORY_COLUMNS = ("loss_d", "loss_g", "d_real", "d_fake")
+
+# What the GAN run's privacy covers (logged as privacy/what_epsilon_covers.txt).
+DP_NOTE = (
+    "epsilon covers the real CBIS training patches (split train) that trained the discriminator "
+    "through DP-SGD (mammodp.privacy.make_private: secret Poisson sampling of privacy records, "
+    "per-record clipping, Gaussian noise), privacy unit as tagged; the generator is post-processing. "
+    "No statistic of real patches is logged outside DP-SGD: losses and D(real) over real batches "
+    "are not recorded, divergence is watched on the generator loss, and the mode-collapse yardstick "
+    "(real-data diversity) is not computed. Released without DP: the number of training images "
+    "and the manifest hash (lineage)."
+)
+NON_DP_NOTE = (
+    "NOT private: the GAN trained on the real CBIS training patches without DP, so no epsilon covers "
+    "it or any synthetic data it makes. Its diagnostics are computed on real batches and released "
+    "without DP: per-step losses and D(real) (MLflow metrics), their epoch means (history.csv), and "
+    "the real-data diversity per class (mode-collapse warnings and tags)."
+)
 
 
 def manifest_path(cfg: Config) -> Path:
@@ -69,8 +100,11 @@ def trained_on(cfg: Config, n_images: int) -> dict[str, Any]:
     return info
 
 
-def load_training_images(cfg: Config):
-    """Real training patches as (images (N,1,S,S) in [-1, 1], labels (N,)) CPU tensors."""
+def load_training_images(cfg: Config, privacy_unit: str = "patch"):
+    """Real training patches as (images (N,1,S,S) in [-1, 1], labels (N,), record ids (N,)).
+
+    Record ids name each patch's privacy record: the patch itself, or its patient.
+    """
     import torch
     from torch.nn import functional as F
 
@@ -84,7 +118,7 @@ def load_training_images(cfg: Config):
     s = cfg.gan.image_size
     if images.shape[-1] != s or images.shape[-2] != s:
         images = F.interpolate(images, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-    return (images * 2.0 - 1.0).contiguous(), labels
+    return (images * 2.0 - 1.0).contiguous(), labels, table.record_ids(privacy_unit)
 
 
 def tile(images: np.ndarray, cols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -139,8 +173,8 @@ def _load_checkpoint(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError("no checkpoint to resume from (run without --resume to start afresh)", path=path)
     try:
-        # Our own file: it holds optimizer states, RNG states and the accountant history.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Tensors and plain containers only: no pickled objects are executed on load.
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise DataError(f"unreadable checkpoint: {exc}", path=path) from exc
 
@@ -148,45 +182,77 @@ def _load_checkpoint(out: Path) -> dict[str, Any]:
 def _check_resumable(ckpt: dict[str, Any], cfg: Config, spec) -> None:
     """A checkpoint continues only the run it came from: same nets, data rate and privacy."""
     saved = ckpt["config"]
-    now = flatten(cfg.gan)
+    now = flatten(cfg.gan) | {"privacy_unit": cfg.dp.privacy_unit}
     keys = ("image_size", "latent_dim", "width", "batch_size", "dp.enabled", "dp.epsilon", "dp.delta",
-            "dp.max_grad_norm")
+            "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise")
     for key in keys:
         if saved.get(key) != now.get(key):
             raise ConfigError(
                 f"checkpoint was trained with {saved.get(key)!r}, params say {now.get(key)!r}; "
                 "run without --resume to start afresh", field=f"gan.{key}")
+    if cfg.gan.dp.enabled and saved.get("privacy_unit") != now["privacy_unit"]:
+        raise ConfigError(f"checkpoint was trained with privacy unit {saved.get('privacy_unit')!r}; "
+                          "run without --resume to start afresh", field="dp.privacy_unit")
     if dataclasses.asdict(spec) != ckpt["spec"]:
         raise ConfigError("checkpoint networks differ from params; run without --resume", field="gan")
 
 
-def _noise_multiplier(dp, sample_rate: float, epochs: int) -> tuple[float, str]:
-    """Noise multiplier reaching `dp.epsilon` after `epochs`; PRV falls back to RDP on failure."""
-    from opacus.accountants.utils import get_noise_multiplier
+def _engine_state(engine, secret: bool) -> dict[str, Any]:
+    """The DP engine's checkpoint state; with secret randomness, without the sampler's RNG.
 
-    try:
-        sigma = get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
-                                     sample_rate=sample_rate, epochs=epochs, accountant=dp.accountant)
-        return float(sigma), dp.accountant
-    except (ValueError, RuntimeError, OverflowError) as exc:
-        if dp.accountant != "prv":
-            raise PrivacyError(f"no noise multiplier reaches epsilon={dp.epsilon}: {exc}",
-                               field="gan.dp.epsilon") from exc
-        log.warning("PRV accountant failed (%s); using RDP", exc)
-    try:
-        sigma = get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
-                                     sample_rate=sample_rate, epochs=epochs, accountant="rdp")
-    except (ValueError, RuntimeError, OverflowError) as exc:
-        raise PrivacyError(f"no noise multiplier reaches epsilon={dp.epsilon}: {exc}",
-                           field="gan.dp.epsilon") from exc
-    return float(sigma), "rdp"
+    The Poisson sampler's generator state would let a checkpoint reader replay (or, for a
+    Mersenne twister, reconstruct) which records past batches held. The engine already
+    omits an OS-seeded noise stream; the sampler's is dropped here and reseeded from the OS
+    on resume (fresh secret Poisson draws are as valid as the lost ones).
+    """
+    state = engine.state_dict()
+    if secret:
+        state["sampler"] = dict(state["sampler"], generator=None)
+    return state
+
+
+def _load_engine_state(engine, state: dict[str, Any]) -> None:
+    """Restore `_engine_state`, reseeding a dropped sampler RNG from the OS."""
+    import torch
+
+    state = dict(state)
+    if state["sampler"].get("generator") is None:
+        fresh = torch.Generator()
+        fresh.seed()
+        state["sampler"] = dict(state["sampler"], generator=fresh.get_state())
+    engine.load_state_dict(state)
+
+
+def make_dp_discriminator(D, opt_d, cfg: Config, record_ids: np.ndarray, dev):
+    """The DP engine over the paired discriminator (see `mcgan.PairedDiscriminator`).
+
+    Poisson sampling and noise are seeded from the OS unless `gan.dp.reproducible_noise`.
+    """
+    from mammodp.models import mcgan
+    from mammodp.privacy import make_private
+
+    g = cfg.gan
+    seed = cfg.seed if g.dp.reproducible_noise else None
+    return make_private(
+        mcgan.PairedDiscriminator(D), opt_d, record_ids=record_ids, expected_batch_size=g.batch_size,
+        delta=g.dp.delta, epochs=g.epochs, max_grad_norm=g.dp.max_grad_norm, target_epsilon=g.dp.epsilon,
+        accountant=g.dp.accountant, privacy_unit=cfg.dp.privacy_unit, noise_seed=seed, sampler_seed=seed,
+        grad_chunk=cfg.dp.grad_chunk, physical_batch_size=max(g.batch_size * 4, cfg.dp.grad_chunk),
+        per_sample_method="vmap",  # conv discriminator: the torch.func route
+    )
+
+
+def privacy_record(engine) -> dict[str, Any]:
+    """What `gan.json` says of a DP run: the engine's summary plus its accountant history."""
+    return {**engine.summary(), "dp": True, "accountant_state": engine.accountant.state_dict()}
 
 
 def run(cfg: Config, out: Path = Path("models/mcgan"), resume: bool = False, device: str | None = None) -> dict:
     """Train the MCGAN and write OUT; returns the content of `gan.json`.
 
     Args:
-        cfg: the whole config (reads `gan`, `data.prepared_dir`, `seed`, `experiment`).
+        cfg: the whole config (reads `gan`, `dp.privacy_unit`, `dp.grad_chunk`,
+            `data.prepared_dir`, `seed`, `experiment`).
         out: output folder.
         resume: continue from OUT/checkpoint.pt (same params required).
         device: overrides `gan.device` (`cpu`, `cuda`, `cuda:N`, `auto`).
@@ -224,12 +290,12 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     from mammodp.runtime import seed_everything
 
     g = cfg.gan
+    private = g.dp.enabled
     seed_everything(cfg.seed)
-    images, labels = load_training_images(cfg)
+    images, labels, record_ids = load_training_images(cfg, cfg.dp.privacy_unit)
     n = len(labels)
     lineage = trained_on(cfg, n)
-    G, D, spec = mcgan.create_gan(image_size=g.image_size, latent_dim=g.latent_dim, width=g.width,
-                                  dp=g.dp.enabled)
+    G, D, spec = mcgan.create_gan(image_size=g.image_size, latent_dim=g.latent_dim, width=g.width, dp=private)
     G, D = G.to(dev), D.to(dev)
     opt_g = torch.optim.Adam(G.parameters(), lr=g.lr, betas=g.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=g.lr, betas=g.betas)
@@ -243,96 +309,81 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
 
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=g.batch_size, shuffle=True,
-                        generator=loader_gen, drop_last=False)
     engine = None
-    privacy: dict[str, Any] = {"epsilon": "non-private"}
-    if g.dp.enabled:
-        from opacus import PrivacyEngine
-
-        sample_rate = 1.0 / len(loader)
-        if ckpt is not None:
-            sigma, accountant = ckpt["privacy"]["noise_multiplier"], ckpt["privacy"]["accountant"]
-        else:
-            sigma, accountant = _noise_multiplier(g.dp, sample_rate, g.epochs)
-        noise_gen = torch.Generator(device=dev)
-        if g.dp.reproducible_noise:
-            noise_gen.manual_seed(cfg.seed)
-        else:
-            noise_gen.seed()  # from the OS: the DP guarantee needs unpredictable noise
-        engine = PrivacyEngine(accountant=accountant)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="|".join(_QUIET))
-            D, opt_d, loader = engine.make_private(
-                module=D, optimizer=opt_d, data_loader=loader, noise_multiplier=sigma,
-                max_grad_norm=g.dp.max_grad_norm, poisson_sampling=True, noise_generator=noise_gen)
-        privacy = {"epsilon": 0.0, "delta": g.dp.delta, "accountant": accountant, "noise_multiplier": sigma,
-                   "sample_rate": sample_rate, "max_grad_norm": g.dp.max_grad_norm, "steps": 0,
-                   "target_epsilon": g.dp.epsilon, "privacy_unit": "patch",
-                   "reproducible_noise": g.dp.reproducible_noise}
-    d_core = D._module if hasattr(D, "_module") else D  # the plain discriminator inside Opacus' wrapper
-    amp = bool(g.amp and dev.type == "cuda" and not g.dp.enabled)  # Opacus' per-sample grads stay fp32
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    loader = None
+    if private:
+        engine = make_dp_discriminator(D, opt_d, cfg, record_ids, dev)
+    else:
+        loader = DataLoader(TensorDataset(images, labels), batch_size=g.batch_size, shuffle=True,
+                            generator=loader_gen, drop_last=False)
+    secret = private and not g.dp.reproducible_noise
+    amp = bool(g.amp and dev.type == "cuda" and not private)  # per-sample gradients stay fp32
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    rng = torch.Generator().manual_seed(cfg.seed + 1)  # z, fake labels, targets, flips
+    # Non-private: one stream for z, fake labels, targets, flips. DP: per-sample draws for every
+    # training sample at every step (independent of the Poisson draw), and a separate public
+    # stream for the generator's steps.
+    rng = torch.Generator().manual_seed(cfg.seed + 1)
+    rng_g = torch.Generator().manual_seed(cfg.seed + 4)
     fixed_z = torch.randn(GRID_PER_CLASS, g.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
 
-    # Real diversity per class, the yardstick of mode collapse.
-    pick = torch.Generator().manual_seed(cfg.seed + 3)
-    real_div = {}
-    for c in (0, 1):
-        idx = torch.nonzero(labels == c).view(-1)
-        idx = idx[torch.randperm(len(idx), generator=pick)[:64]]
-        real_div[c] = mcgan.pairwise_diversity((images[idx] + 1) / 2)
+    # Real diversity per class, the yardstick of mode collapse: a statistic of real patches,
+    # so only without DP.
+    real_div: dict[int, float] = {}
+    if not private:
+        pick = torch.Generator().manual_seed(cfg.seed + 3)
+        for c in (0, 1):
+            idx = torch.nonzero(labels == c).view(-1)
+            idx = idx[torch.randperm(len(idx), generator=pick)[:64]]
+            real_div[c] = mcgan.pairwise_diversity((images[idx] + 1) / 2)
 
     start_epoch, step, history, run_id, warns = 0, 0, [], None, []
     if ckpt is not None:
         G.load_state_dict(ckpt["G"])
-        d_core.load_state_dict(ckpt["D"])
+        D.load_state_dict(ckpt["D"])
         opt_g.load_state_dict(ckpt["opt_g"])
-        (opt_d.original_optimizer if engine else opt_d).load_state_dict(ckpt["opt_d"])
+        opt_d.load_state_dict(ckpt["opt_d"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if engine is not None:
-            engine.accountant.load_state_dict(ckpt["accountant"])
-            opt_d.generator.set_state(ckpt["noise_gen"])
-            privacy.update(ckpt["privacy"])
+            _load_engine_state(engine, ckpt["dp"])
         rng.set_state(ckpt["rng"])
+        rng_g.set_state(ckpt["rng_g"])
         loader_gen.set_state(ckpt["loader_gen"])
-        torch.set_rng_state(ckpt["torch_rng"])  # Poisson sampler draws from the global stream
+        torch.set_rng_state(ckpt["torch_rng"])
         if torch.cuda.is_available() and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
         run_id, warns = ckpt["run_id"], list(ckpt.get("warnings", []))
         log.info("resuming from epoch %d (step %d) of %s", start_epoch, step, out / "checkpoint.pt")
 
-    target_eps = g.dp.epsilon if g.dp.enabled else math.inf
+    target_eps = g.dp.epsilon if private else math.inf
     tags = {"epsilon": format_epsilon(target_eps), "seed": cfg.seed, "device": dev.type,
             "trained_on": lineage["text"]}
-    if g.dp.enabled:
+    if private:
         tags["private_data_without_dp"] = "false"
-        tags.update({"delta": g.dp.delta, "accountant": privacy["accountant"], "privacy_unit": "patch"})
+        tags.update({"delta": g.dp.delta, "accountant": g.dp.accountant, "privacy_unit": cfg.dp.privacy_unit,
+                     "noise_seeded": str(not secret).lower()})
     else:
         # Same flag as every other run that touched private data without DP.
         tags["private_data_without_dp"] = "true"
         tags["private_data_note"] = "GAN trained on real patches without DP"
     params = {f"gan.{k}": v for k, v in flatten(g).items()} | {"seed": cfg.seed, "n_train": n}
+    if private:
+        params |= {"dp.privacy_unit": cfg.dp.privacy_unit, "noise_multiplier": engine.noise_multiplier,
+                   "sample_rate": engine.sample_rate, "n_records": engine.sampler.n_records}
 
     def snapshot(epoch: int) -> dict[str, Any]:
-        state = {
+        return {
             "epoch": epoch, "step": step, "history": history, "run_id": run_id, "warnings": warns,
-            "config": flatten(g), "spec": dataclasses.asdict(spec),
-            "G": G.state_dict(), "D": d_core.state_dict(), "opt_g": opt_g.state_dict(),
-            "opt_d": (opt_d.original_optimizer if engine else opt_d).state_dict(),
+            "config": flatten(g) | {"privacy_unit": cfg.dp.privacy_unit}, "spec": dataclasses.asdict(spec),
+            "G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng.get_state(), "loader_gen": loader_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "dp": _engine_state(engine, secret) if engine is not None else None,
+            "rng": rng.get_state(), "rng_g": rng_g.get_state(), "loader_gen": loader_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "privacy": dict(privacy),
         }
-        if engine is not None:
-            state["accountant"] = engine.accountant.state_dict()
-            state["noise_gen"] = opt_d.generator.get_state()
-        return state
 
     def warn(kind: str, message: str, epoch: int) -> None:
         # A metric now (visible while the run is live), a tag when the run is closed.
@@ -340,13 +391,42 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         warns.append(f"{kind}: {message}")
         tracking.log_metrics({f"warning_{kind}": 1.0}, step=epoch)
 
+    def dp_step() -> dict[str, float]:
+        # Per-sample noise for every training sample, then the Poisson batch's rows of it.
+        draws = mcgan.draw_per_sample(n, g.latent_dim, g.real_label_range, flips=True, generator=rng)
+        idx = engine.sample_batch()
+        inputs, targets = mcgan.dp_batch(G, images[idx], labels[idx], draws.select(idx), dev)
+        engine.step(inputs, targets, mcgan.paired_bce, record_idx=idx)  # private loss: not logged
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        return mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, generator=rng_g)
+
+    def plain_steps():
+        for x, y in loader:
+            x = random_flips(x, generator=rng).to(dev, non_blocking=True)
+            stats = mcgan.discriminator_step(D, G, opt_d, x, y.to(dev), label_range=g.real_label_range,
+                                             scaler=scaler, autocast=amp, generator=rng)
+            stats |= mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, scaler=scaler,
+                                          autocast=amp, generator=rng)
+            if scaler is not None:
+                scaler.update()
+            # An empty batch has no discriminator loss (NaN by design), not a divergence.
+            yield stats, (("loss_d", "loss_g") if x.shape[0] else ("loss_g",))
+
+    def epoch_steps():
+        if engine is None:
+            yield from plain_steps()
+            return
+        for _ in range(engine.steps_per_epoch):
+            yield dp_step(), ("loss_g",)  # only public quantities are watched under DP
+
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), tracking.start_run(
+    with tracking.start_run(
         cfg.experiment, "train_gan", name=tracking.run_name("train_gan", epsilon=target_eps, seed=cfg.seed),
         tags=tags, params=None if run_id else params, run_id=run_id,
-        description="MCGAN (malignancy-conditioned DCGAN) on real CBIS training patches",
+        description="MCGAN (malignancy-conditioned DCGAN) on real CBIS training patches. "
+                    + (DP_NOTE if private else NON_DP_NOTE),
     ) as mlrun:
-        warnings.filterwarnings("ignore", message="|".join(_QUIET))
         run_id = mlrun.info.run_id
         G.train()
         D.train()
@@ -357,25 +437,13 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             good_g = copy.deepcopy(G.state_dict())  # restored if this epoch diverges
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
-            for x, y in loader:
-                x = random_flips(x, generator=rng).to(dev, non_blocking=True)
-                y = y.to(dev)
-                d_stats = mcgan.discriminator_step(
-                    D, G, opt_d, x, y, label_range=g.real_label_range,
-                    scaler=scaler, autocast=amp, generator=rng)
-                g_stats = mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, scaler=scaler,
-                                               autocast=amp, generator=rng)
-                if scaler is not None:
-                    scaler.update()
+            for stats, watched in epoch_steps():
                 step += 1
-                stats = d_stats | g_stats
                 tracking.log_metrics(stats, step=step)
                 for k, v in stats.items():
                     if math.isfinite(v):
                         sums[k] = sums.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
-                # An empty Poisson batch has no discriminator loss (NaN by design), not a divergence.
-                watched = ("loss_d", "loss_g") if x.shape[0] else ("loss_g",)
                 bad = [k for k in watched if not math.isfinite(stats[k])]
                 if bad:
                     G.load_state_dict(good_g)
@@ -388,15 +456,13 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
                 break
             means = {k: sums[k] / counts[k] for k in sums}
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step,
-                                   **{k: means.get(k, float("nan")) for k in ("loss_d", "loss_g", "d_real", "d_fake")}}
+                                   **{k: means.get(k, float("nan")) for k in HISTORY_COLUMNS}}
             epoch_metrics = {f"epoch_{k}": v for k, v in means.items()}
             if engine is not None:
-                privacy["steps"] = int(sum(h[2] for h in engine.accountant.history))
-                privacy["epsilon"] = float(engine.get_epsilon(g.dp.delta))
-                row["epsilon"] = privacy["epsilon"]
-                epoch_metrics.update({"epsilon": privacy["epsilon"], "delta": g.dp.delta,
-                                      "noise_multiplier": privacy["noise_multiplier"], "dp_steps": privacy["steps"],
-                                      "sample_rate": privacy["sample_rate"]})
+                eps_now = engine.epsilon_spent()
+                row["epsilon"] = eps_now
+                epoch_metrics.update({"epsilon": eps_now, "delta": g.dp.delta, "noise_multiplier": engine.noise_multiplier,
+                                      "dp_steps": engine.steps_taken, "sample_rate": engine.sample_rate})
             reason = mcgan.diverged({k: means[k] for k in ("loss_d", "loss_g") if k in means}, g.diverge_loss)
             if reason:
                 warn("diverging_loss", f"epoch {epoch + 1}: {reason}", epoch + 1)
@@ -410,23 +476,26 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
                     fig.savefig(out / name, dpi=80)
                     tracking.log_figure(fig, name)
                     div = mcgan.pairwise_diversity(grid)
-                    ratios.append(div / real_div[c] if real_div[c] > 0 else float("nan"))
-                    if mcgan.mode_collapse(div, real_div[c], g.collapse_threshold):
-                        warn("mode_collapse", f"epoch {epoch + 1}: {cname} samples' diversity {div:.4f} is below "
-                                              f"{g.collapse_threshold:g} x real ({real_div[c]:.4f})", epoch + 1)
-                epoch_metrics["diversity_ratio"] = float(np.nanmin(ratios))
-                row["diversity_ratio"] = epoch_metrics["diversity_ratio"]
+                    epoch_metrics[f"sample_diversity_{cname}"] = div
+                    if c in real_div:  # non-private only
+                        ratios.append(div / real_div[c] if real_div[c] > 0 else float("nan"))
+                        if mcgan.mode_collapse(div, real_div[c], g.collapse_threshold):
+                            warn("mode_collapse", f"epoch {epoch + 1}: {cname} samples' diversity {div:.4f} is "
+                                                  f"below {g.collapse_threshold:g} x real ({real_div[c]:.4f})",
+                                 epoch + 1)
+                if ratios:
+                    epoch_metrics["diversity_ratio"] = float(np.nanmin(ratios))
+                    row["diversity_ratio"] = epoch_metrics["diversity_ratio"]
             history.append(row)
             tracking.log_metrics(epoch_metrics, step=epoch + 1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss_d", "loss_g") if math.isfinite(row[k])}
-                            | ({"eps": f"{privacy['epsilon']:.2f}"} if engine else {}))
+                            | ({"eps": f"{row['epsilon']:.2f}"} if engine else {}))
             if (epoch + 1) % g.checkpoint_every == 0 or last:
                 _save_checkpoint(out, snapshot(epoch + 1))
         bar.close()
-        if engine is not None:  # also counts the steps of an epoch cut short by divergence
-            privacy["steps"] = int(sum(h[2] for h in engine.accountant.history))
-            if privacy["steps"]:
-                privacy["epsilon"] = float(engine.get_epsilon(g.dp.delta))
+        # The privacy record also counts the steps of an epoch cut short by divergence.
+        privacy: dict[str, Any] = privacy_record(engine) if engine is not None else {"dp": False,
+                                                                                      "epsilon": "non-private"}
         elapsed = time.perf_counter() - t0
         epochs_done = history[-1]["epoch"] if history else 0
         info = {
@@ -443,8 +512,18 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         write_json(out / "gan.json", info)
         pd.DataFrame(history).to_csv(out / "history.csv", index=False)
         tracking.log_metrics({"train_seconds": elapsed})
+        import mlflow
+
+        mlflow.log_text(DP_NOTE if private else NON_DP_NOTE, "privacy/what_epsilon_covers.txt")
+        if engine is not None:
+            mlflow.log_dict(privacy, "privacy/record.json")
     final_tags = {"final_epsilon": format_epsilon(privacy["epsilon"]) if engine else "non-private",
                   "epochs_completed": epochs_done}
+    if engine is not None:
+        final_tags |= {"accountant_used": privacy["accountant"],
+                       "accountant_fallback": str(privacy["accountant_fallback"]).lower()}
+        if privacy["accountant_fallback_reason"]:
+            final_tags["accountant_fallback_reason"] = privacy["accountant_fallback_reason"]
     for i, w in enumerate(warns):
         final_tags[f"warning.{i:02d}.{w.split(':', 1)[0]}"] = w
     with tracking.start_run(cfg.experiment, "train_gan", run_id=run_id, tags=final_tags):

@@ -19,8 +19,11 @@ The study is persistent (`tune.storage`: SQLite by default, any SQLAlchemy URL s
 workers on several machines share it), named after the budget and a hash of everything that
 defines it (search space, model, DP and training settings, data), and loaded if it exists:
 each invocation ADDS `tune.n_trials` trials, and trials left running by an interrupted worker
-are failed after a missed heartbeat and retried once. The sampler is TPE seeded from `seed`
-and the number of trials already in the study, so a run is deterministic given the storage
+are failed after a missed heartbeat and retried once. The sampler is TPE whose random state
+is drawn afresh for every trial from (`seed`, the trial's number): the storage hands out trial
+numbers atomically, so concurrent workers on one study never draw the same parameters (two
+workers seeded alike once both saw zero stored trials and ran identical trials, each charged
+to the privacy cost), while a study run again on the same storage draws the same values
 (up to the DP noise, seeded from the OS unless `dp.reproducible_noise`).
 
 Privacy cost of tuning, stated in the result and on the study's run: how many trials trained
@@ -33,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,6 +56,8 @@ _EPS_SLACK = 1e-9
 # Optuna RDB heartbeat: a trial whose worker stopped beating this long ago is failed (and retried).
 _HEARTBEAT_S = 30
 _GRACE_S = 120
+# Seconds a worker that created the study's MLflow run waits before checking for a twin.
+_STUDY_RUN_SETTLE_S = 2.0
 
 
 @dataclass
@@ -242,31 +248,92 @@ def open_storage(url: str):
     import optuna
     from sqlalchemy.exc import ArgumentError, OperationalError
 
+    import contextlib
+    import fcntl
+
+    guard: Any = contextlib.nullcontext()
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
-    except (ArgumentError, OperationalError, ValueError, ImportError) as exc:
-        raise ConfigError(f"cannot open Optuna storage {redact(url)}: {exc}", field="tune.storage") from exc
+        db = Path(url.removeprefix("sqlite:///")).expanduser()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # Workers started together on a fresh SQLite file would both create Optuna's tables
+        # (and one fail): they take turns, by an flock on the file (SQLite's own locks are
+        # fcntl locks, which flock does not touch).
+        guard = contextlib.closing(open(db, "a+b"))
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings(), guard as f:
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if f is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except (IntegrityError, ProgrammingError) as exc:
+            # Workers started together on an empty server database race to create Optuna's tables
+            # (on PostgreSQL: "duplicate key ... pg_type"): the loser retries and finds them made.
+            if attempt == 4:
+                raise ConfigError(f"cannot create the Optuna tables in {redact(url)}: {exc}",
+                                  field="tune.storage") from exc
+            time.sleep(0.5 + attempt)
+            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+                guard = contextlib.closing(open(db, "a+b"))
+        except (ArgumentError, OperationalError, ValueError, ImportError) as exc:
+            raise ConfigError(f"cannot open Optuna storage {redact(url)}: {exc}", field="tune.storage") from exc
+
+
+def trial_seed(seed: int, trial_number: int) -> int:
+    """The sampler's seed for one trial: a function of the study's seed and the trial's number."""
+    return int(np.random.SeedSequence([int(seed), int(trial_number)]).generate_state(1)[0])
+
+
+def trial_seeded_tpe(seed: int, n_startup_trials: int):
+    """A TPE sampler re-seeded for each trial from (`seed`, trial number): see the module doc.
+
+    Delegates to a fresh `TPESampler(seed=trial_seed(seed, trial.number))` per trial; TPE keeps
+    no state between trials other than its RNG, so this is TPE with per-trial randomness.
+    """
+    import optuna
+
+    class TrialSeededTPE(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._inner = self._make(0)
+
+        def _make(self, number: int):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.samplers.TPESampler(seed=trial_seed(seed, number), n_startup_trials=n_startup_trials)
+
+        def before_trial(self, study, trial) -> None:
+            self._inner = self._make(trial.number)
+            self._inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self._inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._inner.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._inner.after_trial(study, trial, state, values)
+
+        def reseed_rng(self) -> None:  # Optuna calls this for n_jobs > 1: per-trial seeds already differ
+            pass
+
+    return TrialSeededTPE()
 
 
 def open_study(cfg: Config, name: str, storage):
-    """Create or load the study; TPE is seeded from `seed` and the trials already stored."""
+    """Create or load the study; TPE draws per trial from (`seed`, trial number)."""
     import optuna
 
-    try:
-        n_existing = len(optuna.load_study(study_name=name, storage=storage).trials)
-    except KeyError:
-        n_existing = 0
     t = cfg.tune
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed * 100_003 + n_existing, n_startup_trials=t.startup_trials)
+    sampler = trial_seeded_tpe(cfg.seed, t.startup_trials)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=t.pruner_startup_trials,
                                          n_warmup_steps=t.pruner_warmup_epochs)
     return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
@@ -296,6 +363,14 @@ def privacy_statement(epsilon: float, delta: float, data: TuneData, n_private: i
 # --------------------------------------------------------------------------- trials
 
 
+def suggest(trial, space: SearchSpace) -> tuple[float, float, float]:
+    """One trial's (lr, C, sigma), each log-uniform over the study's range."""
+    lr = trial.suggest_float("lr", *space.lr, log=True)
+    clip = trial.suggest_float("max_grad_norm", *space.max_grad_norm, log=True)
+    sigma = trial.suggest_float("noise_multiplier", *space.noise_multiplier, log=True)
+    return lr, clip, sigma
+
+
 def _objective(cfg: Config, epsilon: float, data: TuneData, space: SearchSpace, parent_run_id: str,
                name: str, device):
     """The Optuna objective: one DP training run per trial, reported epoch by epoch."""
@@ -312,9 +387,7 @@ def _objective(cfg: Config, epsilon: float, data: TuneData, space: SearchSpace, 
     eps_txt = format_epsilon(epsilon)
 
     def objective(trial: optuna.Trial) -> float:
-        lr = trial.suggest_float("lr", *space.lr, log=True)
-        clip = trial.suggest_float("max_grad_norm", *space.max_grad_norm, log=True)
-        sigma = trial.suggest_float("noise_multiplier", *space.noise_multiplier, log=True)
+        lr, clip, sigma = suggest(trial, space)
         epochs, predicted = max_epochs_within_budget(epsilon, dp.delta, sigma, space.sample_rate,
                                                      space.steps_per_epoch, dp.accountant, space.max_epochs)
         trial.set_user_attr("epochs", epochs)
@@ -456,10 +529,28 @@ def _study_run(cfg: Config, name: str, epsilon: float, data: TuneData, space: Se
     from mammodp import tracking
     from mammodp.config import flatten
 
-    found = tracking.find_runs(cfg.experiment, f"tags.stage = 'tune' and tags.study_name = '{name}'",
-                               order_by=["attributes.start_time ASC"])
+    query = f"tags.stage = 'tune' and tags.study_name = '{name}'"
+    found = tracking.find_runs(cfg.experiment, query, order_by=["attributes.start_time ASC"])
     if len(found):
         return str(found.iloc[0]["run_id"])
+    mine = _create_study_run(cfg, name, epsilon, data, space)
+    # Workers started together (a shared storage) may each have created one: after a pause that
+    # lets concurrent creations land, all keep the earliest (ties: smallest id), the rest delete theirs.
+    time.sleep(_STUDY_RUN_SETTLE_S)
+    found = tracking.find_runs(cfg.experiment, query)
+    winner = min(zip(found["start_time"], found["run_id"]))[1] if len(found) else mine
+    if winner != mine:
+        import mlflow
+
+        mlflow.MlflowClient().delete_run(mine)
+        log.info("study %s already had its run %s (created concurrently): using it", name, winner)
+    return str(winner)
+
+
+def _create_study_run(cfg: Config, name: str, epsilon: float, data: TuneData, space: SearchSpace) -> str:
+    from mammodp import tracking
+    from mammodp.config import flatten
+
     key = study_key(cfg, epsilon, data)
     with tracking.start_run(
         cfg.experiment, "tune", name=f"tune/eps={format_epsilon(epsilon)}",
@@ -515,8 +606,9 @@ def run(cfg: Config, epsilon: float, out: Path | None = None, report: Path | Non
     import optuna
 
     from mammodp import tracking
-    from mammodp.runtime import resolve_device
+    from mammodp.runtime import claim_gpu, resolve_device
 
+    claim_gpu()  # one GPU per concurrent worker of a DVC queue ($MAMMODP_GPU_POOL)
     if not (0 < epsilon < math.inf):
         raise ConfigError("tuning needs a finite budget: noise is what it tunes (non-private runs use train.*)",
                           field="epsilon")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from mammodp.config import Config
+from mammodp.data.manifest import MANIFEST_NAME
 from mammodp.data.validation import ValidationReport, validate_manifest
 from mammodp.errors import DataError, ValidationFailed
 from mammodp.io import write_json
@@ -24,7 +25,7 @@ from mammodp.tracking import log_metrics, log_params, manifest_hash, start_run
 def default_manifests(cfg: Config) -> list[Path]:
     """Every `manifest.parquet` directly under a subfolder of `data.prepared_dir`, sorted."""
     root = Path(cfg.data.prepared_dir)
-    found = sorted(root.glob("*/manifest.parquet"))
+    found = sorted(root.glob(f"*/{MANIFEST_NAME}"))
     if not found:
         raise DataError("no manifest.parquet in any subfolder; run `mammodp prepare` first",
                         path=root)
@@ -47,11 +48,26 @@ def _read(manifest: Path) -> pd.DataFrame:
         raise DataError(f"cannot read manifest as parquet: {exc}", path=manifest) from exc
 
 
+def first_offender(result) -> str:
+    """` (first: patient_id 'P_1', sample_id 's1')` for a failed expectation, '' if GX named none.
+
+    The report holds every offending row (`unexpected_all`); the one-line error names the first.
+    """
+    if not result.unexpected_examples:
+        return ""
+    first = result.unexpected_examples[0]
+    if isinstance(first, dict):
+        text = ", ".join(f"{k} {first[k]!r}" for k in ("patient_id", "sample_id") if k in first)
+    else:
+        text = f"value {first!r}"
+    return f" (first: {text[:160]})"
+
+
 def _summary(name: str, report: ValidationReport, out: Path) -> str:
     n = len(report.results)
     if report.success:
         return f"{name}: {n}/{n} expectations passed ({report.n_rows} rows) -> {out}"
-    failed = ", ".join(r.name for r in report.failed)
+    failed = ", ".join(r.name + first_offender(r) for r in report.failed)
     return (f"{name}: {len(report.failed)}/{n} expectations FAILED ({report.n_rows} rows): "
             f"{failed} -> {out}")
 
@@ -110,7 +126,7 @@ def run(cfg: Config, manifests: list[Path] | None, report_dir: Path) -> None:
             totals["expectations_evaluated"] += len(report.results)
             totals["expectations_failed"] += len(report.failed)
             if not report.success:
-                failures.append(f"{name}: " + ", ".join(r.name for r in report.failed))
+                failures.append(f"{name}: " + ", ".join(r.name + first_offender(r) for r in report.failed))
         log_metrics(totals)
         mlflow.set_tag("validation_success", str(not failures).lower())
         if failures:

@@ -31,6 +31,7 @@ def tiny_params() -> dict:
     p["synth_quality"].update(subsets=2, subset_size=8)
     p["tune"].update(epsilons=[6], n_trials=2, max_epochs=1, storage="sqlite:///optuna.db")
     p["promote"]["max_epsilon"] = 6.0
+    p["audit"].update(epsilons=[1], models=2, epochs=1, real_records=16, canaries=16)
     return p
 
 
@@ -97,6 +98,8 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     assert json.loads((repo / "metrics/synthesis.json").read_text())
     promoted = json.loads((repo / "metrics/promote.json").read_text())
     assert promoted
+    audit = json.loads((repo / "metrics/audit.json").read_text())
+    assert audit["consistent"] == 1 and all(isinstance(v, (int, float)) for v in audit.values())
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout
 
     # `dvc metrics show` is a table of numbers: every value of every metrics file is a number,

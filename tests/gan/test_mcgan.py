@@ -72,68 +72,126 @@ def test_activations_are_out_of_place_and_dp_discriminator_is_opacus_valid():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in D_dp.modules())
 
 
-def test_dp_discriminator_per_sample_gradients_equal_a_loop():
-    from opacus import GradSampleModule
+def _paired_inputs(n: int, size: int = 16, latent: int = 8, seed: int = 0):
+    """Packed (real, fake) pairs of a tiny generator, as the DP step builds them."""
+    g = torch.Generator().manual_seed(seed)
+    G, D, _ = mcgan.create_gan(image_size=size, latent_dim=latent, width=4, dp=True)
+    real, labels = torch.rand(n, 1, size, size, generator=g) * 2 - 1, torch.randint(0, 2, (n,), generator=g)
+    draws = mcgan.draw_per_sample(n, latent, (0.7, 1.2), flips=True, generator=g)
+    inputs, targets = mcgan.dp_batch(G, real, labels, draws, torch.device("cpu"))
+    return G, D, inputs, targets
+
+
+def test_paired_discriminator_per_sample_gradients_equal_a_loop():
+    from mammodp.privacy.per_sample import per_sample_gradients
 
     torch.manual_seed(0)
-    _, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4, dp=True)
-    plain = copy.deepcopy(D)
-    gsm = GradSampleModule(D, loss_reduction="mean")
     n = 5
-    real, fake = torch.rand(n, 1, 16, 16) * 2 - 1, torch.rand(n, 1, 16, 16) * 2 - 1
-    labels, fake_labels = torch.randint(0, 2, (n,)), torch.randint(0, 2, (n,))
-    targets = torch.cat([torch.rand(n) * 0.5 + 0.7, torch.zeros(n)])
-    mcgan.paired_per_sample_gradients(gsm, real, labels, fake, fake_labels, targets)
-    params = [p for p in D.parameters() if p.requires_grad]
-    plain_params = [p for p in plain.parameters() if p.requires_grad]
+    _, D, inputs, targets = _paired_inputs(n)
+    paired = mcgan.PairedDiscriminator(D)
+    grads, _ = per_sample_gradients(paired, mcgan.paired_bce, inputs, targets, method="vmap")
+    params = dict(paired.named_parameters())
     for i in range(n):
-        loss = (F.binary_cross_entropy_with_logits(plain(real[i : i + 1], labels[i : i + 1]), targets[i : i + 1])
-                + F.binary_cross_entropy_with_logits(plain(fake[i : i + 1], fake_labels[i : i + 1]),
-                                                     targets[n + i : n + i + 1]))
-        grads = torch.autograd.grad(loss, plain_params)
-        for p, g in zip(params, grads):
-            assert p.grad_sample.shape[0] == n
-            torch.testing.assert_close(p.grad_sample[i], g, rtol=1e-4, atol=1e-6)
+        # Record i's loss: BCE(D(real_i), t_i) + BCE(D(fake_i), 0), by plain autograd.
+        real, fake = inputs[i : i + 1, 0:1], inputs[i : i + 1, 2:3]
+        lab, fake_lab = inputs[i : i + 1, 1, 0, 0].long(), inputs[i : i + 1, 3, 0, 0].long()
+        loss = (F.binary_cross_entropy_with_logits(D(real, lab), targets[i : i + 1, 0])
+                + F.binary_cross_entropy_with_logits(D(fake, fake_lab), targets[i : i + 1, 1]))
+        for (name, p), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+            torch.testing.assert_close(grads[name][i], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dp_discriminator_refuses_batchnorm():
+    _, D_plain, _ = mcgan.create_gan("tiny", dp=False)
+    with pytest.raises(ConfigError, match="GroupNorm"):
+        mcgan.PairedDiscriminator(D_plain)
 
 
 def test_private_step_without_noise_or_clipping_equals_a_plain_step():
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from mammodp.privacy import make_private
 
     torch.manual_seed(0)
-    G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4, dp=True)
-    D_plain = copy.deepcopy(D)
     n = 6
-    real, labels = torch.rand(n, 1, 16, 16) * 2 - 1, torch.randint(0, 2, (n,))
-    gsm = GradSampleModule(D, loss_reduction="mean")
-    dp_opt = DPOptimizer(torch.optim.SGD(D.parameters(), lr=0.5), noise_multiplier=0.0, max_grad_norm=1e9,
-                         expected_batch_size=n)
+    _, D, inputs, targets = _paired_inputs(n)
+    D_plain = copy.deepcopy(D)
+    opt = torch.optim.SGD(D.parameters(), lr=0.5)
+    # q = 1 (every record in every batch), C = inf, sigma = 0: DP-SGD is plain SGD on the mean loss.
+    dp = make_private(mcgan.PairedDiscriminator(D), opt, record_ids=np.arange(n), expected_batch_size=n,
+                      delta=1e-3, epochs=1, max_grad_norm=math.inf, noise_multiplier=0.0, accountant="rdp",
+                      sampler_seed=0, per_sample_method="vmap")
+    idx = dp.sample_batch()
+    assert sorted(idx.tolist()) == list(range(n))
+    dp.step(inputs[idx], targets[idx], mcgan.paired_bce, record_idx=idx)
+    opt.step()
     plain_opt = torch.optim.SGD(D_plain.parameters(), lr=0.5)
-    s_dp = mcgan.discriminator_step(gsm, G, dp_opt, real, labels, label_range=(0.7, 1.2),
-                                    generator=torch.Generator().manual_seed(1))
-    s_plain = mcgan.discriminator_step(D_plain, G, plain_opt, real, labels, label_range=(0.7, 1.2),
-                                       generator=torch.Generator().manual_seed(1))
-    assert s_dp["loss_d"] == pytest.approx(s_plain["loss_d"], rel=1e-5)
+    mcgan.paired_bce(mcgan.PairedDiscriminator(D_plain)(inputs), targets).backward()
+    plain_opt.step()
     for p, q in zip(D.parameters(), D_plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
 def test_clipping_bounds_each_records_contribution():
-    """With C small and no noise, the update is at most lr * C * B / B_expected in norm."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    """With C small and no noise, one SGD update is at most lr * C * B / E in norm."""
+    from mammodp.privacy import make_private
 
     torch.manual_seed(0)
-    G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4, dp=True)
-    before = [p.detach().clone() for p in D.parameters()]
     n, c, lr = 4, 1e-3, 1.0
-    gsm = GradSampleModule(D, loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(D.parameters(), lr=lr), noise_multiplier=0.0, max_grad_norm=c,
-                      expected_batch_size=n)
-    mcgan.discriminator_step(gsm, G, opt, torch.rand(n, 1, 16, 16), torch.randint(0, 2, (n,)),
-                             label_range=(0.7, 1.2))
+    _, D, inputs, targets = _paired_inputs(n)
+    before = [p.detach().clone() for p in D.parameters()]
+    opt = torch.optim.SGD(D.parameters(), lr=lr)
+    dp = make_private(mcgan.PairedDiscriminator(D), opt, record_ids=np.arange(n), expected_batch_size=n,
+                      delta=1e-3, epochs=1, max_grad_norm=c, noise_multiplier=0.0, accountant="rdp",
+                      sampler_seed=0, per_sample_method="vmap")
+    idx = dp.sample_batch()
+    dp.step(inputs[idx], targets[idx], mcgan.paired_bce, record_idx=idx)
+    opt.step()
     step = math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(D.parameters(), before)))
     assert 0 < step <= lr * c * (1 + 1e-4)
+
+
+def _record_grad(D, G, images, labels, draws, batch, record, fake_fn=None):
+    """Clipped gradient (C = 1) of `record` when the Poisson batch is `batch`."""
+    from mammodp.privacy.per_sample import clip_factors, per_sample_gradients, record_norms
+
+    idx = torch.tensor(batch)
+    sel = draws.select(idx)
+    if fake_fn is None:
+        inputs, targets = mcgan.dp_batch(G, images[idx], labels[idx], sel, torch.device("cpu"))
+    else:  # the discarded design: fakes from the generator in train mode, per batch
+        with torch.no_grad():
+            fake = fake_fn(sel.z, sel.fake_labels)
+        inputs = mcgan.pack_pairs(images[idx], labels[idx], fake, sel.fake_labels)
+        targets = torch.stack([sel.targets, torch.zeros_like(sel.targets)], 1)
+    grads, _ = per_sample_gradients(mcgan.PairedDiscriminator(D), mcgan.paired_bce, inputs, targets, method="vmap")
+    pos = batch.index(record)
+    factor = clip_factors(record_norms({k: v[pos : pos + 1] for k, v in grads.items()}), 1.0)[0]
+    return torch.cat([(v[pos] * factor).flatten() for v in grads.values()])
+
+
+def test_a_records_clipped_contribution_does_not_change_when_another_record_joins():
+    torch.manual_seed(0)
+    n = 6
+    G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4, dp=True)
+    G.train()  # as during training: the generator's BatchNorm would use batch statistics
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 2, (n,), generator=g)
+    draws = mcgan.draw_per_sample(n, 8, (0.7, 1.2), flips=True, generator=g)  # one step's draws
+    alone = _record_grad(D, G, images, labels, draws, [2], 2)
+    for batch in ([0, 2], [2, 5], [0, 1, 2, 3, 4, 5]):
+        # Equal up to float rounding of batched kernels (~1e-8); the coupling below is ~1e-2.
+        torch.testing.assert_close(_record_grad(D, G, images, labels, draws, batch, 2), alone, rtol=1e-5, atol=1e-6)
+    # Control: fakes from the generator in train mode (batch statistics) couple the records.
+    coupled = _record_grad(D, G, images, labels, draws, [2], 2, fake_fn=G)
+    joined = _record_grad(D, G, images, labels, draws, [0, 2], 2, fake_fn=G)
+    assert float((coupled - joined).norm()) > 1e-3 * float(coupled.norm())
+
+
+def test_per_sample_draws_do_not_depend_on_the_batch():
+    a = mcgan.draw_per_sample(10, 4, (0.7, 1.2), flips=True, generator=torch.Generator().manual_seed(0))
+    b = mcgan.draw_per_sample(10, 4, (0.7, 1.2), flips=True, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([1, 7])
+    torch.testing.assert_close(a.select(idx).z, b.select(torch.tensor([7, 1, 2])).z[[1, 0]])
+    assert ((a.targets >= 0.7) & (a.targets <= 1.2)).all()
 
 
 def test_sample_is_deterministic_and_seed_dependent(tmp_path):

@@ -117,6 +117,10 @@ def test_synth_quality_table_skip_line_and_memorisation(trained, caplog):
     run = mlflow.search_runs(experiment_names=[cfg.experiment], filter_string="tags.stage = 'synth_quality'")
     assert len(run) == 1
     assert "metrics.memorisation/fraction_below_threshold" in run.columns
+    # Real patches are withheld from the shared grid by default, and the run declares its releases.
+    assert run["tags.real_patches_shown"].iloc[0] == "false" and not cfg.synth_quality.show_real_pairs
+    note = mlflow.artifacts.load_text(f"runs:/{run['run_id'].iloc[0]}/privacy/what_epsilon_covers.txt")
+    assert "Released without DP" in note and "withholds the real patches" in note
 
 
 def test_draw_subsets_are_disjoint_halves_and_respect_class():

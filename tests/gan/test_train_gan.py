@@ -168,3 +168,93 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_generator(gan_pr
     assert info["epochs"] == 1 and any("became nan" in w for w in info["warnings"])
     G, _ = mcgan.load_generator(root / "m/generator.pt")
     assert all(torch.isfinite(p).all() for p in G.state_dict().values())
+
+
+# --------------------------------------------------------------------------- DP through the engine
+
+
+def _batches(engine, k=6):
+    return [tuple(engine.sample_batch().tolist()) for _ in range(k)]
+
+
+def _engine(cfg, unit="patch"):
+    import torch
+
+    images, labels, records = train_gan.load_training_images(cfg, unit)
+    cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, privacy_unit=unit))
+    _, D, _ = mcgan.create_gan(image_size=cfg.gan.image_size, latent_dim=cfg.gan.latent_dim, width=cfg.gan.width,
+                               dp=True)
+    return train_gan.make_dp_discriminator(D, torch.optim.Adam(D.parameters()), cfg, records, "cpu")
+
+
+def test_dp_gan_sampling_and_noise_are_os_seeded_unless_reproducible(gan_project):
+    _, cfg = gan_project
+    secret = _dp(cfg)
+    a, b = _engine(secret), _engine(secret)
+    assert not a.summary()["noise_seeded"]
+    assert _batches(a) != _batches(b)  # same params, different (secret) batches
+    rep = _dp(cfg, reproducible_noise=True)
+    c, d = _engine(rep), _engine(rep)
+    assert c.summary()["noise_seeded"] and _batches(c) == _batches(d)
+    assert a.summary()["per_sample_method"] == "vmap" and a.expected_batch_size == cfg.gan.batch_size
+
+
+def test_dp_gan_groups_a_patients_patches_into_one_record(gan_project):
+    root, cfg = gan_project
+    path = root / "data/prepared/cbis/manifest.parquet"
+    df = pd.read_parquet(path)
+    train = df["split"] == "train"
+    df.loc[train, "patient_id"] = [f"P{i // 2}" for i in range(int(train.sum()))]  # two patches each
+    df.to_parquet(path, index=False)
+    engine = _engine(_dp(cfg), unit="patient")
+    assert engine.sampler.n_records == 8 and engine.privacy_unit == "patient"
+    records = engine.sampler.record_of_sample
+    for batch in _batches(engine, 20):
+        chosen = set(records[list(batch)].tolist())
+        assert sorted(batch) == sorted(i for i in range(16) if records[i] in chosen)  # whole patients only
+
+    cfg = dataclasses.replace(_dp(cfg), dp=dataclasses.replace(cfg.dp, privacy_unit="patient"),
+                              gan=dataclasses.replace(_dp(cfg).gan, epochs=1))
+    info = train_gan.run(cfg, out=root / "patient")
+    assert info["privacy"]["privacy_unit"] == "patient" and info["privacy"]["n_records"] == 8
+
+
+def test_dp_checkpoint_is_plain_data_without_secret_rng_state(gan_project):
+    import torch
+
+    root, cfg = gan_project
+    cfg = _dp(cfg)
+    info = train_gan.run(cfg, out=root / "dp")
+    ckpt = torch.load(root / "dp/checkpoint.pt", map_location="cpu", weights_only=True)  # no pickle
+    assert ckpt["dp"]["noise_generator"] is None  # OS-seeded noise is never saved
+    assert ckpt["dp"]["sampler"]["generator"] is None  # nor the secret Poisson sampler's state
+    assert ckpt["dp"]["accountant"]["history"] == [list(h) for h in info["privacy"]["accountant_state"]["history"]]
+    torch.load(root / "dp/generator.pt", map_location="cpu", weights_only=True)
+    record = json.loads((root / "dp/gan.json").read_text())["privacy"]
+    assert record["dp"] and record["accountant_state"]["history"][0][2] == info["steps"]
+    assert record["privacy_unit"] == "patch" and record["noise_seeded"] is False
+    # Nothing computed on real batches is logged under DP: no discriminator loss, no D(real).
+    import mlflow
+
+    run = mlflow.get_run(info["run_id"])
+    assert not {"loss_d", "d_real", "loss_d_real", "epoch_loss_d"} & set(run.data.metrics)
+    assert "loss_g" in run.data.metrics and "sample_diversity_benign" in run.data.metrics
+    assert pd.read_csv(root / "dp/history.csv")["loss_d"].isna().all()
+    # A secret run resumes (fresh OS-seeded batches and noise) and keeps counting the same accountant.
+    with pytest.MonkeyPatch.context() as m:
+        _crash_after(m, info["steps"] // 2 + 1)  # dies in epoch 2, after the epoch-1 checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            train_gan.run(cfg, out=root / "resumed")
+    resumed = train_gan.run(cfg, out=root / "resumed", resume=True)
+    assert resumed["privacy"]["steps"] == info["privacy"]["steps"]
+    assert resumed["epsilon"] == pytest.approx(info["epsilon"], rel=1e-12)
+
+
+def test_non_private_checkpoint_loads_without_pickle(gan_project):
+    import torch
+
+    root, cfg = gan_project
+    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, epochs=1))
+    train_gan.run(cfg, out=root / "m")
+    ckpt = torch.load(root / "m/checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["dp"] is None and ckpt["epoch"] == 1

@@ -52,3 +52,15 @@ def test_figures_and_bad_input():
         memo.memorisation_check(train, train, train, percentile=0)
     with pytest.raises(ValueError, match="shape"):
         memo.nearest_neighbours(np.zeros((2, 2, 3, 3)), train)
+
+
+def test_closest_pairs_can_withhold_the_real_patches():
+    rng = np.random.default_rng(3)
+    train = _smooth(rng, 10)
+    res = memo.memorisation_check(train[:3], train, _smooth(rng, 5), size=8)
+    shown = memo.closest_pairs_figure(train[:3], train, res, k=3)
+    withheld = memo.closest_pairs_figure(train[:3], train, res, k=3, show_train=False)
+    bottom = lambda fig: fig.axes[3:]  # noqa: E731  (second row: the training images)
+    assert all(ax.images for ax in bottom(shown))
+    assert not any(ax.images for ax in bottom(withheld))  # no real pixel in the shared figure
+    assert all(ax.images for ax in withheld.axes[:3])  # the synthetic row stays

@@ -89,6 +89,19 @@ def test_plot_privacy_utility_structure(tmp_path):
         plot_privacy_utility(df.drop(columns="ci_low"))
 
 
+def test_plot_privacy_utility_marks_points_not_covered_end_to_end():
+    df = _utility_table()
+    df["covered"] = ~((df["regime"] == "synth-pretrain") & np.isfinite(df["epsilon"]))
+    fig = plot_privacy_utility(df)
+    for ax in fig.axes:
+        hollow = [c for c in ax.collections if c.get_label() == "not covered end to end (hollow)"]
+        assert len(hollow) == 1 and len(hollow[0].get_offsets()) == 5  # the 5 finite budgets of that regime
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "not covered end to end (hollow)" in legend
+    assert not any(c.get_label().startswith("not covered") for ax in plot_privacy_utility(
+        df.drop(columns="covered")).axes for c in ax.collections)
+
+
 def _fairness_table() -> pd.DataFrame:
     rng = np.random.default_rng(4)
     tables = {}

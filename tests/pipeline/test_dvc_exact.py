@@ -13,10 +13,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "mammodp"
 
-# Modules that shape no stage's results: the CLI, error types, file helpers, tracking, the
-# strict config loader (no defaults fill in) and runtime helpers. dvc.yaml does not list them.
+# Modules that shape no stage's results: the CLI, error types, file helpers, tracking (and its
+# MLflow artifact plugin), the strict config loader (no defaults fill in) and runtime helpers.
+# dvc.yaml does not list them.
 INFRA = {"mammodp/cli.py", "mammodp/config.py", "mammodp/errors.py", "mammodp/io.py", "mammodp/tracking.py",
-         "mammodp/runtime.py", "mammodp/__init__.py", "mammodp/__main__.py"}
+         "mammodp/mlflow_plugin.py", "mammodp/runtime.py", "mammodp/__init__.py", "mammodp/__main__.py"}
 
 
 def module_file(name: str) -> Path | None:

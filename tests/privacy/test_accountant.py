@@ -130,3 +130,21 @@ def test_impossible_budget_is_a_privacy_error():
         calibrate_noise(1e-6, 1e-10, 1.0, 100_000, "rdp")
     with pytest.raises(PrivacyError):
         calibrate_noise(math.inf, 1e-5, 0.1, 10, "rdp")
+
+
+def test_integer_order_rdp_is_an_upper_bound_close_to_rdp():
+    history = [(1.58, 0.25, 60), (1.1, 0.05, 300)]
+    fast, full = make_accountant("rdp_int"), make_accountant("rdp")
+    fast.history = full.history = history
+    assert full.epsilon(1e-4) <= fast.epsilon(1e-4) <= 1.05 * full.epsilon(1e-4)
+    assert fast.epsilon(1e-4) == pytest.approx(_independent_rdp_epsilon_at(history, 1e-4, range(2, 65)), rel=1e-12)
+    sigma = calibrate_noise(6.0, 1e-4, 0.25, 60, "rdp_int")
+    fast = make_accountant("rdp_int")
+    fast.history = [(sigma, 0.25, 60)]
+    assert 6.0 - 0.01 <= fast.epsilon(1e-4) <= 6.0
+
+
+def _independent_rdp_epsilon_at(history, delta, orders):
+    orders = list(orders)
+    rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in history)
+    return float(rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])

@@ -15,7 +15,7 @@ from mammodp.data.dicom import read_dicom
 from mammodp.data.imageio import load_patch, save_patch, to_uint16
 from mammodp.data.patches import crop_square
 from mammodp.errors import ServingError
-from mammodp.serving import decode_image_bytes, parse_roi, request_to_patches
+from mammodp.serving import decode_image, limits_of, parse_roi, request_to_patches
 
 META = {"patch_size": 32, "margin": 4, "min_size": 16}
 
@@ -110,4 +110,95 @@ def test_roi_parsing():
 
 def test_empty_bytes_are_rejected():
     with pytest.raises(ServingError, match="empty"):
-        decode_image_bytes(b"")
+        decode_image(b"", limits_of({}))
+
+
+# --------------------------------------------------------------------------- limits (checked before decoding)
+
+LIMITED = {**META, "serve": {"max_image_pixels": 10_000, "max_roi_side": 50, "max_rows": 3}}
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """PNG bytes whose header claims width x height (the pixel data is a few rows only)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1) * 4))
+            + chunk(b"IEND", b""))
+
+
+def test_limits_come_from_the_model_meta_with_params_defaults():
+    from mammodp.config import ServeConfig
+
+    assert limits_of(LIMITED).max_rows == 3 and limits_of(LIMITED).max_image_pixels == 10_000
+    assert limits_of(META) == ServeConfig()  # a model saved before the limits existed
+
+
+@pytest.mark.parametrize(("frame", "message"), [
+    (pd.DataFrame({"image": [b64(png_header_only(200, 100))]}), "row 0: image: 100x200 = 20,000 pixels is above"),
+    (pd.DataFrame({"pixels": [np.zeros((101, 100)).tolist()]}), "row 0: pixels: 101x100 = 10,100 pixels is above"),
+    (pd.DataFrame({"image": [b64(png_bytes(np.zeros((20, 20))))], "roi": [[0, 0, 51, 10]]}),
+     "row 0: roi: box of 51x10 px has a side above this model's limit of 50 px (serve.max_roi_side)"),
+    (pd.DataFrame({"image": [b64(png_bytes(np.zeros((20, 20))))], "roi": [[0, 0, 2e9, 2e9]]}), "serve.max_roi_side"),
+    (pd.DataFrame({"pixels": [np.zeros((4, 4)).tolist()] * 4}), "4 rows, above this model's limit of 3 rows"),
+    (pd.DataFrame({"image": ["A" * 2_000_000]}), "bytes, above this model's limit"),
+])
+def test_requests_over_a_limit_name_the_row_field_and_limit(frame, message):
+    with pytest.raises(ServingError) as err:
+        request_to_patches(frame, LIMITED)
+    assert message in str(err.value)
+
+
+def test_a_bomb_is_refused_from_its_header_without_decoding(monkeypatch):
+    import mammodp.serving as serving
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded an image over the limit")
+
+    monkeypatch.setattr(serving, "decode_image_bytes", never)
+    with pytest.raises(ServingError, match="serve.max_image_pixels"):
+        request_to_patches(pd.DataFrame({"image": [b64(png_header_only(20000, 20000))]}), META)
+
+
+def test_a_multi_frame_dicom_counts_every_frame(tmp_path, make_dicom):
+    from pydicom import dcmread
+
+    path = make_dicom(tmp_path / "f.dcm", np.zeros((50, 50), np.uint16))
+    ds = dcmread(path)
+    ds.NumberOfFrames = 5  # 5 x 2500 pixels > 10,000: refused from the header
+    ds.save_as(path)
+    with pytest.raises(ServingError, match=r"50x50 x 5 frames = 12,500 pixels is above"):
+        request_to_patches(pd.DataFrame({"image": [b64(path.read_bytes())]}), LIMITED)
+
+
+def test_pils_decompression_bomb_error_is_a_4xx_not_a_crash():
+    """Under a generous model limit, PIL's own bomb guard still fires: it becomes a ServingError."""
+    generous = {**META, "serve": {"max_image_pixels": 10**9, "max_roi_side": 4096, "max_rows": 4}}
+    with pytest.raises(ServingError, match="decodes to more pixels than allowed"):
+        request_to_patches(pd.DataFrame({"image": [b64(png_header_only(20000, 20000))]}), generous)
+
+
+def test_a_box_outside_the_image_is_refused_from_the_header():
+    with pytest.raises(ServingError, match=r"row 0: roi: .* lies outside the 100x200 image"):
+        request_to_patches(pd.DataFrame({"image": [b64(png_header_only(200, 100))], "roi": [[300, 0, 310, 10]]}),
+                           META)
+
+
+def test_messages_never_echo_the_payload():
+    secret = b64(b"SECRET-PATIENT-BYTES " * 20)
+    for frame in (pd.DataFrame({"image": [secret]}), pd.DataFrame({"image": [secret], "roi": ["{" + secret]}),
+                  pd.DataFrame({"image": ["%" + secret]})):
+        with pytest.raises(ServingError) as err:
+            request_to_patches(frame, META)
+        assert secret[:12] not in str(err.value) and "SECRET" not in str(err.value), str(err.value)
+
+
+def test_wrong_columns_are_explained():
+    with pytest.raises(ServingError) as err:
+        request_to_patches(pd.DataFrame(index=[0]), META)  # what MLflow hands over after dropping `img`
+    msg = str(err.value)
+    assert "image, roi, pixels" in msg and "dropped" in msg and "got columns: none" not in msg
