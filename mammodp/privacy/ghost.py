@@ -184,7 +184,7 @@ class MixedClipper:
         # up front would sit on top of the activation peak, +0.1x memory at swin_micro).
         mats: dict[str, torch.Tensor] = {}  # weights: their norms (R,) are taken while hot
         norms_of: dict[str, torch.Tensor] = {}
-        small: dict[str, torch.Tensor] = {}  # biases, LayerNorm, bias tables: joined at the end
+        small: dict[str, torch.Tensor] = {}  # <= _SMALL numbers a record (biases, LayerNorm, ...): joined
         ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
 
         def keep(name: str, v: torch.Tensor) -> None:
