@@ -40,9 +40,11 @@ batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tab
 - What remains is mostly a constant ~10 ms a step (the same at batch 4 and 32): ~300 extra
   small operators and ~2,500 extra Python calls (hooks, per-layer rules), which a loaded
   machine inflates more than the big kernels. Hence one flat buffer for the clipped sums
-  and the noise, node pre-hooks instead of tensor hooks, and no-op casts skipped. (Putting
-  all materialised gradients side by side in one buffer saved ops and page faults but,
-  allocated before backward frees the activations, cost +0.1x peak memory: not taken.)
+  and the noise, the many small per-record gradients (biases, LayerNorm, bias tables,
+  stage-1 weights) joined after backward for one norm and one product, node pre-hooks
+  instead of tensor hooks, and no-op casts skipped. (All materialised gradients side by
+  side in one buffer saved ops and page faults too but, allocated before backward frees the
+  activations, cost +0.1x peak memory: not taken.)
 
 Records with several samples (privacy unit `patient`): a record's gradient sums its
 samples', so ghost Grams run over the concatenated tokens of each record (zero-padded to
@@ -66,6 +68,7 @@ from mammodp.privacy.grad_sampler import (
 from mammodp.privacy.per_sample import LossFn, clip_factors
 
 ROUTES = ("mixed", "ghost")
+_SMALL = 1024  # a per-record gradient of at most this many numbers is joined with the others
 
 
 def use_ghost(tokens: int, d_in: int, d_out: int, route: str) -> bool:
@@ -140,19 +143,19 @@ class MixedClipper:
         self.names = self.recorder.names
         self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
         self._materialiser: HookPerSample | None = None
-        self._views = None  # (the caller's buffers, flat views of them)
+        self._views: list = [None, None]  # per slot: (the caller's buffers, flat views of them)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Samples, or frozen features computed once without autograd."""
         return self.recorder.prepare(x)
 
-    def _flat_views(self, out: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+    def _flat_views(self, out: dict[str, torch.Tensor], names: list[str], slot: int = 0) -> list[torch.Tensor]:
         """Flat views of `out[name]`; reused while the caller passes the same tensors (the
-        engine's buffers, every step)."""
+        engine's buffers, every step). Two cache slots: small and large gradients."""
         tensors = [out[k] for k in names]
-        cached = self._views
+        cached = self._views[slot]
         if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
-            self._views = cached = (tensors, [t.view(-1) for t in tensors])
+            self._views[slot] = cached = (tensors, [t.view(-1) for t in tensors])
         return cached[1]
 
     def materialiser(self) -> HookPerSample:
@@ -176,19 +179,22 @@ class MixedClipper:
         """
         n = x.shape[0]
         pack = _Pack(n, local, n_records, x.device)
-        mats: dict[str, torch.Tensor] = {}  # param name -> per-record gradients (R, P), flattened
-        norms_of: dict[str, torch.Tensor] = {}  # param name -> their norms (R,), taken while hot
+        # Materialised per-record gradients (R, P), flattened, each made as backward reaches its
+        # layer (when the activations after it are freed: one buffer for all of them allocated
+        # up front would sit on top of the activation peak, +0.1x memory at swin_micro).
+        mats: dict[str, torch.Tensor] = {}  # weights: their norms (R,) are taken while hot
+        norms_of: dict[str, torch.Tensor] = {}
+        small: dict[str, torch.Tensor] = {}  # <= _SMALL numbers a record (biases, LayerNorm, ...): joined
         ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
 
         def keep(name: str, v: torch.Tensor) -> None:
-            # Each parameter's gradients are their own tensor, made as backward reaches the layer
-            # (when the activations after it are freed): one buffer for all of them, allocated
-            # up front, would sit on top of the activation peak (+0.1x memory at swin_micro).
             v = v.reshape(n_records, -1)
-            if name in mats:  # a layer called twice: its gradient sums its calls
-                v = mats[name] + v
-            mats[name] = v
-            norms_of[name] = torch.linalg.vector_norm(v, dim=1)  # one fused pass while the data is hot
+            store = small if v.shape[1] <= _SMALL else mats
+            if name in store:  # a layer called twice: its gradient sums its calls
+                v = store[name] + v
+            store[name] = v
+            if store is mats:
+                norms_of[name] = torch.linalg.vector_norm(v, dim=1)  # one fused pass
 
         def sink(call: LayerCall, g: torch.Tensor) -> None:
             if call.kind == "window_attention":
@@ -205,7 +211,7 @@ class MixedClipper:
                 return
             name = call.key + "weight"
             d_in, d_out = a.shape[-1], g.shape[-1]
-            if name in ghosts or (name not in mats
+            if name in ghosts or (name not in mats and name not in small
                                   and use_ghost(a.shape[1] * pack.per_record, d_in, d_out, self.route)):
                 ghosts.setdefault(name, []).append((a, g))  # kept for the book-keeping product
                 self.choices[call.key] = "ghost"
@@ -217,6 +223,11 @@ class MixedClipper:
         losses = self.recorder.run(x, y, sink)
         with torch.no_grad():  # the stored activations belong to the graph: build nothing more
             sq = torch.zeros(n_records, device=x.device, dtype=torch.float32)
+            # The many small gradients side by side (~32 KiB a record at swin_micro): one norm, one product.
+            small_names = list(small)
+            joined = torch.cat([small.pop(k) for k in small_names], 1) if small_names else None
+            if joined is not None:
+                sq += torch.linalg.vector_norm(joined, dim=1).square_()
             if norms_of:
                 sq += torch.stack(list(norms_of.values())).square_().sum(0)
             for calls in ghosts.values():
@@ -225,10 +236,12 @@ class MixedClipper:
                 sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
             norms = sq.sqrt_()
             factors = clip_factors(norms, max_grad_norm)
-            if mats:  # sum_r c_r G_r: (P, R) @ (R,) per parameter, in place into the caller's buffers
-                names = list(mats)
-                for target, name in zip(self._flat_views(out, names), names):
-                    target.addmv_(mats[name].t(), factors)
+            # sum_r c_r G_r: (P, R) @ (R,), in place into the caller's buffers
+            if joined is not None:
+                targets = self._flat_views(out, small_names)
+                torch._foreach_add_(targets, list(torch.mv(joined.t(), factors).split([t.numel() for t in targets])))
+            for target, name in zip(self._flat_views(out, list(mats), slot=1), mats):
+                target.addmv_(mats[name].t(), factors)
             per_sample = factors if pack.local is None else factors[pack.local]  # (n,)
             for name, calls in ghosts.items():
                 target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)
