@@ -72,6 +72,40 @@ def _private_mlflow_store(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = old
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_global_uri_restored():
+    """Undo a test's `mlflow.set_tracking_uri`: MLflow keeps it process-wide (it also rewrites
+    MLFLOW_TRACKING_URI), so one test's store would otherwise receive every later test's runs."""
+    import os
+
+    from mlflow.tracking._tracking_service import utils
+
+    env, glob = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    yield
+    utils._tracking_uri = glob
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _runs_in(tracking_uri: str, experiment: str, filter_string: str = "") -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=10_000))
+
+
+@pytest.fixture(scope="session")
+def runs_in():
+    """`runs_in(tracking_uri, experiment, filter_string="")`: runs of one experiment in the store
+    at `tracking_uri`, read without touching MLflow's process-wide tracking URI."""
+    return _runs_in
+
+
 @pytest.fixture(scope="session")
 def make_tiny_project(tmp_path_factory):
     """Factory: a project folder with a tiny prepared CBIS-style phantom (32 px patches).

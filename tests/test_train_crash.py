@@ -179,7 +179,7 @@ def test_sigterm_marks_the_run_killed_and_a_second_trainer_is_refused(project, m
     finally:
         if first.poll() is None:
             first.kill()
-    assert code == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     assert "interrupted by SIGTERM" in _one_error_line(err)
     assert [n for n in _leftovers(project, "real-2-long") if ".tmp-" in n] == []
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")

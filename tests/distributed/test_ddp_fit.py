@@ -140,10 +140,10 @@ def test_two_ranks_train_exactly_what_one_process_trains(tmp_path):
     for eps in EPSILONS:
         model, res = _train(eps)
         for rank in (0, 1):
-            two = torch.load(tmp_path / f"rank{rank}-{eps}.pt", weights_only=False)
+            two = torch.load(tmp_path / f"rank{rank}-{eps}.pt", weights_only=True)
             _same_state(model.state_dict(), two["state"])  # both replicas equal the 1-process model
         # The accountant saw the same mechanism: q, sigma, steps and hence epsilon.
-        priv = torch.load(tmp_path / f"rank0-{eps}.pt", weights_only=False)["privacy"]
+        priv = torch.load(tmp_path / f"rank0-{eps}.pt", weights_only=True)["privacy"]
         for key in ("sample_rate", "noise_multiplier", "steps", "expected_batch_size", "n_records", "accountant"):
             assert priv[key] == res.privacy[key], key
         assert priv["epsilon"] == pytest.approx(res.privacy["epsilon"], rel=1e-12)
@@ -169,7 +169,7 @@ def test_a_killed_rank_fails_the_job_cleanly_and_resume_finishes_the_run(tmp_pat
 
     codes = _launch("resume", tmp_path)
     assert codes == [0, 0], [p.read_text() for p in tmp_path.glob("error-*.txt")]
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     model, res = _train(8.0)  # uninterrupted, one process
     _same_state(model.state_dict(), resumed["state"])
     assert resumed["privacy"]["steps"] == res.privacy["steps"]

@@ -41,14 +41,12 @@ def torchrun(name: str, *extra: str) -> list[str]:
 
 
 def train_runs(root: Path, name_filter: str = ""):
+    """Train runs in the project's store, read without touching MLflow's process-wide URI."""
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    try:
-        return mlflow.search_runs(experiment_names=["test-torchrun"], output_format="list",
-                                  filter_string="tags.stage = 'train'" + name_filter)
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name("test-torchrun")
+    return list(client.search_runs([exp.experiment_id], filter_string="tags.stage = 'train'" + name_filter))
 
 
 def worker_pid(agent: int, rank: int) -> int | None:

@@ -43,7 +43,7 @@ def test_tiny_training_is_finite_and_checkpoint_reloads_to_identical_samples(gan
     np.testing.assert_array_equal(a, mcgan.sample(G2, labels, seed=11))
     assert meta["run_id"] == info["run_id"]
     # The last training checkpoint holds the same generator.
-    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     G3 = mcgan.Generator(mcgan.GanSpec(**ckpt["spec"]))
     G3.load_state_dict(ckpt["G"])
     np.testing.assert_array_equal(a, mcgan.sample(G3, labels, seed=11))

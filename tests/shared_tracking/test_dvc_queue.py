@@ -41,7 +41,7 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> str:
     return res.stdout + res.stderr
 
 
-def test_two_queue_jobs_run_two_cells_and_land_in_the_workspace(server, tmp_path):
+def test_two_queue_jobs_run_two_cells_and_land_in_the_workspace(server, tmp_path, runs_in):
     import mlflow
 
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -93,12 +93,7 @@ def test_two_queue_jobs_run_two_cells_and_land_in_the_workspace(server, tmp_path
     assert "up to date" in sh(["dvc", "status", *CELLS], repo, env)
 
     # Both cells logged to the shared server; concurrent jobs held different GPU ids.
-    mlflow.set_tracking_uri(server["tracking_uri"])
-    try:
-        runs = mlflow.search_runs(experiment_names=["test-queue"], output_format="list",
-                                  filter_string="tags.stage = 'train'")
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = runs_in(server["tracking_uri"], "test-queue", "tags.stage = 'train'")
     assert sorted(r.data.tags["epsilon"] for r in runs) == ["1", "inf"]
     gpus = [r.data.tags["cuda_visible_devices"] for r in runs]
     assert set(gpus) <= {"0", "1"}

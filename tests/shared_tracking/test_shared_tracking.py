@@ -116,8 +116,7 @@ def test_train_promote_and_serve_through_the_server(server, project, monkeypatch
         serve.wait(timeout=60)
 
 
-def test_two_tune_workers_share_one_postgres_study(server, project):
-    import mlflow
+def test_two_tune_workers_share_one_postgres_study(server, project, runs_in):
     import optuna
 
     env = env_for(server)
@@ -137,14 +136,9 @@ def test_two_tune_workers_share_one_postgres_study(server, project):
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), [t.state for t in trials]
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
 
-    mlflow.set_tracking_uri(server["tracking_uri"])
-    try:
-        parents = mlflow.search_runs(experiment_names=["test-shared"], output_format="list",
-                                     filter_string=f"tags.stage = 'tune' and tags.study_name = '{study.study_name}'")
-        assert len(parents) == 1, "both workers log under one study run"
-        nested = mlflow.search_runs(experiment_names=["test-shared"], output_format="list",
-                                    filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-        assert sorted(int(r.data.tags["trial"]) for r in nested) == [0, 1, 2, 3]
-        assert {reports[0]["mlflow_run_id"], reports[1]["mlflow_run_id"]} == {parents[0].info.run_id}
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    parents = runs_in(server["tracking_uri"], "test-shared",
+                      f"tags.stage = 'tune' and tags.study_name = '{study.study_name}'")
+    assert len(parents) == 1, "both workers log under one study run"
+    nested = runs_in(server["tracking_uri"], "test-shared", f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(int(r.data.tags["trial"]) for r in nested) == [0, 1, 2, 3]
+    assert {reports[0]["mlflow_run_id"], reports[1]["mlflow_run_id"]} == {parents[0].info.run_id}
