@@ -172,17 +172,52 @@ def train(
 
 @app.command()
 @_user_errors
+def features(
+    out: Path = typer.Option(Path("data/features"), help="Folder of feature tables (<set>.parquet)."),
+    metrics: Path = typer.Option(Path("metrics/features.json"), help="Numbers-only metrics JSON."),
+    params: Path = ParamsOpt,
+):
+    """Radiomics features of every prepared patch, once (input of the radiomics-linear baseline)."""
+    from mammodp.stages import features as stage
+
+    stage.run(_cfg(params), out=out, metrics_out=metrics)
+
+
+@app.command("train-baseline")
+@_user_errors
+def train_baseline(
+    epsilon: str = typer.Option(..., help="Target budget, or inf for non-private."),
+    seed: Optional[list[int]] = typer.Option(None, help="Seeds to run (default: train.seeds)."),
+    features: Path = typer.Option(Path("data/features"), help="Feature tables of `mammodp features`."),
+    out: Optional[Path] = typer.Option(None, help="Model folder (default models/baseline/radiomics-linear-EPS)."),
+    metrics: Optional[Path] = typer.Option(None, help="Numbers-only metrics JSON."),
+    report: Optional[Path] = typer.Option(None, help="Full record JSON."),
+    params: Path = ParamsOpt,
+):
+    """Train the radiomics-linear baseline (logistic regression; DP-SGD when EPSILON is finite)."""
+    from mammodp.config import parse_epsilon
+    from mammodp.stages import train_baseline as stage
+
+    stage.run(_cfg(params), epsilon=parse_epsilon(epsilon), seeds=seed or None, out=out, metrics_out=metrics,
+              report_out=report, features=features)
+
+
+@app.command()
+@_user_errors
 def evaluate(
     models: Path = typer.Option(Path("models/classifier"), help="Folder of trained grid cells."),
     out: Path = typer.Option(Path("metrics/eval"), help="Numbers-only metrics folder ({internal,external}/REGIME.json)."),
     plots: Path = typer.Option(Path("plots/eval"), help="Plots folder."),
     report: Path = typer.Option(Path("reports/eval"), help="Report folder (summary.json, runs/ with fairness)."),
+    baselines: Path = typer.Option(Path("models/baseline"), help="Folder of radiomics-linear cells."),
+    features: Path = typer.Option(Path("data/features"), help="Feature tables of `mammodp features`."),
     params: Path = ParamsOpt,
 ):
     """Evaluate every trained run internally and externally; fairness and privacy-utility plots."""
     from mammodp.stages import evaluate as stage
 
-    stage.run(_cfg(params), models=models, out=out, plots=plots, report=report)
+    stage.run(_cfg(params), models=models, out=out, plots=plots, report=report, baselines=baselines,
+              features=features)
 
 
 @app.command()

@@ -129,6 +129,31 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """The classical baseline regime `radiomics-linear` (`mammodp features`, `mammodp train-baseline`).
+
+    A logistic regression on pyradiomics features of each patch, trained for every budget of
+    `train.epsilons` (inf: scikit-learn; finite: DP-SGD through `make_private` with the `dp.*`
+    settings of the Swin runs). Features are standardised with statistics of PUBLIC data only.
+    """
+
+    # pyradiomics feature classes, computed inside a lesion mask segmented from the patch
+    # (Otsu threshold, component at the centre): first-order, texture (glcm, glrlm, glszm, gldm,
+    # ngtdm) and 2-D shape (shape2D) of that mask
+    features: tuple[str, ...] = ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm", "shape2D")
+    bin_count: int = 32  # grey levels of the texture matrices (fixed count: robust at small patches)
+    # where the standardisation statistics come from: a PUBLIC set only (see mammodp.baseline.
+    # PUBLIC_SOURCES); private training/validation patches and synthetic data from a generator
+    # trained on them are refused
+    scaler_source: str = "cbis-test"
+    C: float = 1.0  # inverse L2 strength of the non-private scikit-learn logistic regression
+    lr: float = 0.5  # DP-SGD learning rate (AdamW) of the private linear model
+    weight_decay: float = 1e-3  # AdamW weight decay of the private linear model
+    epochs: int = 30  # DP-SGD epochs (calibrates the noise with batch_size)
+    batch_size: int = 64  # expected records per Poisson batch of the private linear model
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Evaluation, CIs and fairness (`mammodp evaluate`)."""
 
@@ -267,6 +292,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     gan: GanConfig = field(default_factory=GanConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
@@ -476,6 +502,20 @@ def _check(obj: Any, prefix: str) -> None:
         within("label_smoothing", 0, 1, closed="[)")
         if not _DEVICE.match(obj.device):
             bad("device", f"must be auto, cpu, cuda, cuda:N or mps, got {obj.device!r}")
+    if isinstance(obj, BaselineConfig):
+        known_classes = {"firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm", "shape2D"}
+        if not obj.features or any(c not in known_classes for c in obj.features):
+            bad("features", f"must name pyradiomics classes among {sorted(known_classes)}, got {list(obj.features)}")
+        if len(set(obj.features)) != len(obj.features):
+            bad("features", "lists a class twice")
+        at_least(2, "bin_count")
+        at_least(1, "epochs", "batch_size")
+        text("scaler_source")
+        finite("C", "lr", "weight_decay")
+        for name in ("C", "lr"):
+            if not getattr(obj, name) > 0:
+                bad(name, f"must be > 0, got {getattr(obj, name)}")
+        at_least(0, "weight_decay")
     if isinstance(obj, EvaluateConfig):
         at_least(0, "bootstrap")
         within("ci", 0, 1, closed="()")

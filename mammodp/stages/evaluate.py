@@ -81,9 +81,29 @@ def _subgroups(frame: pd.DataFrame, probs: np.ndarray, cfg: Config) -> dict[str,
     return out
 
 
+def _baseline_inputs(tables: dict[str, PatchTable], features: Path) -> dict[str, np.ndarray]:
+    """The radiomics features of each evaluation split, row for row with its PatchTable."""
+    from mammodp.baseline import features_for
+
+    sets = {"val": "cbis", "internal": "cbis", "external": "bcdr"}
+    out = {}
+    for split, name in sets.items():
+        p = Path(features) / f"{name}.parquet"
+        if not p.is_file():
+            raise DataError("feature table not found; run `mammodp features` first", path=p)
+        feats = features_for(pd.read_parquet(p), tables[split].frame, p)
+        out[split] = feats.astype(np.float32)[:, None, None, :]  # the baseline's (N, 1, 1, F) input
+    return out
+
+
 def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path("metrics/eval"),
-        plots: Path = Path("plots/eval"), report: Path = Path("reports/eval")) -> dict:
+        plots: Path = Path("plots/eval"), report: Path = Path("reports/eval"),
+        baselines: Path = Path("models/baseline"), features: Path = Path("data/features")) -> dict:
     """Evaluate the whole grid and log to MLflow.
+
+    The classical baseline `radiomics-linear` (`baselines/radiomics-linear-E/seed=S`, one cell
+    per budget of `train.epsilons`) is evaluated beside the Swin regimes, on the radiomics
+    features of the same patches (`features`), with the same metrics, CIs, fairness and plots.
 
     Writes `out/{internal,external}/<regime>.json` (numbers only, for `dvc metrics show`),
     `report/` (per-run detail with fairness, the summary with correlations and notes) and
@@ -97,14 +117,17 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     from mammodp.metrics.fairness import epsilon_spd_correlation
     from mammodp.metrics.plots import plot_fairness, plot_pr_roc, plot_privacy_utility
     from mammodp.inference import load_classifier, predict_proba
+    from mammodp.baseline import REGIME as BASELINE, load_baseline
     from mammodp.privacy.compose import NOT_COVERED, served_epsilon
 
     tables, manifests = _tables(cfg)
-    cells = [(r, e) for r in cfg.train.regimes for e in cfg.train.epsilons]
+    baseline_inputs = _baseline_inputs(tables, features)
+    regimes = tuple(cfg.train.regimes) + (BASELINE,)
+    cells = [(r, e) for r in regimes for e in cfg.train.epsilons]
     run_dirs = []
     for regime, eps in cells:
         for seed in cfg.train.seeds:
-            d = Path(models) / f"{regime}-{format_epsilon(eps)}" / f"seed={seed}"
+            d = Path(baselines if regime == BASELINE else models) / f"{regime}-{format_epsilon(eps)}" / f"seed={seed}"
             if not (d / "meta.json").is_file():
                 raise DataError("trained model missing; run its train stage first", path=d)
             run_dirs.append((regime, eps, seed, d))
@@ -113,14 +136,14 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     out, plots, report = Path(out), Path(plots), Path(report)
     with atomic_dir(report / "runs") as runs_tmp, atomic_dir(plots / "figures") as fig_tmp:
         for regime, eps, seed, d in tqdm(run_dirs, desc="evaluate"):
-            model, meta = load_classifier(d)
+            model, meta = load_baseline(d) if regime == BASELINE else load_classifier(d)
             thr = float(meta["threshold"])
             per_run = {"regime": regime, "epsilon_target": eps, "epsilon": meta["epsilon"], "seed": seed,
                        "epsilon_total": served_epsilon(meta),  # end to end, or not_covered
                        "run_id": meta["run_id"], "threshold": thr, "splits": {}, "fairness": {}}
             curves = {}
             for split, table in tables.items():
-                probs = predict_proba(model, table.images)
+                probs = predict_proba(model, baseline_inputs[split] if regime == BASELINE else table.images)
                 m = evaluate_predictions(table.labels, probs, threshold=thr, n_boot=cfg.evaluate.bootstrap,
                                          ci=cfg.evaluate.ci, seed=seed,
                                          groups=table.frame["patient_id"].astype(str).to_numpy())
@@ -202,7 +225,7 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     write_json(report / "summary.json", summary)
     with atomic_dir(out) as tmp:
         for split in ("internal", "external"):
-            for regime in cfg.train.regimes:
+            for regime in regimes:
                 write_json(tmp / split / f"{regime}.json",
                            cell_metrics([r for r in records if r["regime"] == regime], split))
     with tracking.start_run(cfg.experiment, "evaluate", name="evaluate",

@@ -12,7 +12,8 @@ budget. For a finite budget E a run qualifies only if
 - it used no not-covered synthetic data (`synthetic_privacy != not_covered`) and touched no
   private data without DP (`private_data_without_dp = false`) beyond what every run declares
   (the validation split; tuning, stated on the version).
-Any run is within the budget inf (non-private).
+Any run is within the budget inf (non-private). Runs of the `radiomics-linear` baseline (tag
+`model_kind`) are skipped with their reason: the served pyfunc takes images, not radiomics features.
 
 For every target budget E found among the finished train runs of `cfg.experiment`:
 - the qualifying run with the highest validation AUPRC is registered as a version of
@@ -64,6 +65,9 @@ PROVENANCE_TAGS = ("regime", "seed", "synthetic_privacy", "generator_epsilon", "
 SELECTION = ("highest validation AUPRC among finished train runs at this target epsilon; "
              "test sets are not used for selection")
 CHAMPION = "champion"
+# Train runs whose model the served pyfunc (images in, Swin out) cannot serve: tag model_kind -> why.
+NOT_SERVABLE = {"radiomics-linear": "radiomics-linear baseline: the served model takes images and runs the Swin "
+                                    "classifier; this model takes radiomics features (not promoted, evaluated only)"}
 BEST_NOT_PRIVATE = "best-not-private"
 
 MODEL_DESCRIPTION = (
@@ -180,6 +184,9 @@ def collect_candidates(experiment: str) -> tuple[list[Candidate], list[dict]]:
         check_privacy_record(run)
         tags, metrics = run.data.tags, run.data.metrics
         rid = run.info.run_id
+        if tags.get("model_kind") in NOT_SERVABLE:
+            skipped.append({"run_id": rid, "reason": NOT_SERVABLE[tags["model_kind"]]})
+            continue
         name = next((m for m in VALIDATION_METRICS if m in metrics and math.isfinite(metrics[m])), None)
         if name is None:
             skipped.append({"run_id": rid, "reason": "no finite validation AUPRC (" + ", ".join(VALIDATION_METRICS) + ")"})

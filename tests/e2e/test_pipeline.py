@@ -90,7 +90,7 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     repo, env = project
     _run(["dvc", "repro"], repo, env)
     summary = json.loads((repo / "reports/eval/summary.json").read_text())
-    assert summary["n_runs"] == 4 * 2  # 4 regimes x {1, inf} x 1 seed
+    assert summary["n_runs"] == 5 * 2  # 4 regimes + the radiomics-linear baseline x {1, inf} x 1 seed
     for rec in summary["privacy_utility"]:
         if rec["epsilon"] != "inf" and rec["regime"] != "synth":
             assert float(rec["epsilon_spent"]) <= float(rec["epsilon"]) + 1e-9
