@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from mammodp.data.datasets import PatchTable
-from mammodp.errors import DataError, PrivacyError
+from mammodp.errors import ConfigError, DataError, PrivacyError
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,12 @@ def lesion_mask(patch: np.ndarray) -> np.ndarray:
 
 
 def _extractor(classes: Sequence[str], bin_count: int):
-    import radiomics
-    from radiomics import featureextractor
+    try:
+        import radiomics
+        from radiomics import featureextractor
+    except ImportError as exc:
+        raise ConfigError(f"pyradiomics is not importable ({exc}); install: pip install --no-build-isolation "
+                          "pyradiomics==3.0.1 (see pyproject.toml, extra `frd`)", field="baseline.features") from exc
 
     radiomics.setVerbosity(logging.ERROR)  # per-image warnings ("GLCM is symmetrical")
     logging.getLogger("radiomics").setLevel(logging.ERROR)
@@ -201,11 +205,19 @@ class Standardiser:
                 "no private record enters it (no budget spent)")
 
 
-def check_public(public: pd.DataFrame, private: pd.DataFrame, source: str) -> None:
+def check_public(public: pd.DataFrame, private: pd.DataFrame, source: str,
+                 private_splits: Sequence[str] = PRIVATE_SPLITS) -> None:
     """Refuse standardisation data that holds private records.
 
     Private: the CBIS training and validation splits (epsilon covers the former, model
     selection reads the latter without DP) and synthetic data (its generator saw them).
+
+    Args:
+        public: the candidate rows (feature-table or manifest columns).
+        private: the private records' rows (sample_id, patient_id).
+        source: its name, for the message.
+        private_splits: split names that are private in `public`'s own table (the CBIS
+            manifest's train/val; empty for a separate public set whose splits are its own).
 
     Raises:
         PrivacyError: a row of `public` is in a private split, synthetic, or shares a sample
@@ -214,7 +226,7 @@ def check_public(public: pd.DataFrame, private: pd.DataFrame, source: str) -> No
     field = "baseline.scaler_source"
     if len(public) == 0:
         raise PrivacyError(f"the public set {source!r} has no patches", field=field)
-    if "split" in public.columns and public["split"].astype(str).isin(PRIVATE_SPLITS).any():
+    if "split" in public.columns and public["split"].astype(str).isin(list(private_splits)).any():
         raise PrivacyError(f"{source!r} holds private {'/'.join(PRIVATE_SPLITS)} patches: their statistics "
                            "would enter the model without DP", field=field)
     if "source" in public.columns and public["source"].astype(str).str.contains("synth").any():

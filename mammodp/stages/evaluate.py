@@ -4,7 +4,8 @@ Per run: metrics with bootstrap CIs (cluster bootstrap by patient) at the thresh
 on validation during training, PR/ROC curves, subgroup metrics and Study B's SPD. Across
 runs: the privacy-utility curve (mean over seeds, per regime), the fairness chart and
 Pearson's r between epsilon and SPD over the private runs. Test sets are only evaluated
-here, never used for selection.
+here, never used for selection. The classical baseline `radiomics-linear` (models/baseline/)
+is evaluated beside the Swin regimes on the radiomics features of the same patches.
 """
 
 from __future__ import annotations

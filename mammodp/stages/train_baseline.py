@@ -48,7 +48,7 @@ def read_features(cfg_features: Path, name: str) -> pd.DataFrame:
 
 def public_scaler(cfg: Config, features_dir: Path, private: pd.DataFrame):
     """The Standardiser of `baseline.scaler_source`, checked to hold no private record."""
-    from mammodp.baseline import PUBLIC_SOURCES, check_public, feature_columns, fit_standardiser
+    from mammodp.baseline import PRIVATE_SPLITS, PUBLIC_SOURCES, check_public, feature_columns, fit_standardiser
 
     source = cfg.baseline.scaler_source
     if source not in PUBLIC_SOURCES:
@@ -57,7 +57,7 @@ def public_scaler(cfg: Config, features_dir: Path, private: pd.DataFrame):
     name, split = PUBLIC_SOURCES[source]
     table = read_features(features_dir, name)
     rows = table if split is None else table[table["split"].astype(str) == split]
-    check_public(rows, private, source)
+    check_public(rows, private, source, private_splits=PRIVATE_SPLITS if name == "cbis" else ())
     return fit_standardiser(rows[feature_columns(rows)].to_numpy(np.float64), source)
 
 
