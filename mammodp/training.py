@@ -51,6 +51,18 @@ class FitSpec:
     noise_multiplier: float | None = None  # fixed sigma (tuning); None = calibrate to epsilon
     reproducible_noise: bool = False
     synth_ratio: float = 0.0  # public samples per expected private record in each step
+    warmup_epochs: int = 0  # linear learning-rate warm-up from lr / steps to lr
+    cosine: bool = False  # cosine decay of the learning rate to 0 after the warm-up
+
+    def lr_at(self, step: int, total: int, per_epoch: int) -> float:
+        """The learning rate of (0-based) optimiser step `step` of `total` (a function of the
+        step count alone, so a resumed run continues the same schedule)."""
+        warm = self.warmup_epochs * per_epoch
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        if not self.cosine or total <= warm:
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / (total - warm)))
 
     @property
     def private(self) -> bool:
@@ -336,6 +348,7 @@ def fit(
     # One loop for every run: Poisson batches from the engine (private records, or the public
     # set when nothing private is trained on), synthetic samples mixed into every step, the
     # engine's precision policy. eps = inf differs from DP only in clipping, noise and accounting.
+    scheduled = spec.warmup_epochs > 0 or spec.cosine
     for epoch in range(start_epoch, spec.epochs):
         model.train()
         losses = []
@@ -349,6 +362,9 @@ def fit(
                 j = torch.randint(0, len(x_pub), (n_pub,), generator=gen)  # public: with replacement
                 pub = (augment(j), y_pub[j])
             loss = dp_engine.step(xb, yb, loss_fn, record_idx=idx, public=pub)
+            if scheduled:
+                for group in optimizer.param_groups:
+                    group["lr"] = spec.lr_at(epoch * steps + step, spec.epochs * steps, steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)

@@ -119,3 +119,13 @@ def test_the_feature_cache_is_the_backbone_under_each_flip():
         want = model.features(apply_flips(x[idx], h, v))
     torch.testing.assert_close(cache.take(idx, h, v), want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(cache.take(idx, h, v), cache.take(idx))  # flips change features
+
+
+def test_learning_rate_warms_up_then_decays_by_step_count():
+    spec = _spec(lr=1.0, warmup_epochs=2, cosine=True)
+    per_epoch, total = 5, 50
+    lrs = [spec.lr_at(s, total, per_epoch) for s in range(total)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up over 2 epochs
+    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.01
+    assert _spec(lr=0.3).lr_at(17, total, per_epoch) == 0.3  # no schedule: constant
