@@ -181,6 +181,9 @@ class GanConfig:
     image_size: Literal[64, 128] = 64
     latent_dim: int = 100
     width: int = 64  # channels of the narrowest generator layer (64 = paper: 1024 -> ... -> 64)
+    # generator x2 upsampling: resize_conv (nearest + 3x3 conv, no checkerboard artefacts) or
+    # transposed (the paper's stride-2 ConvTranspose)
+    upsample: Literal["resize_conv", "transposed"] = "resize_conv"
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-4
