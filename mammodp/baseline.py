@@ -45,10 +45,10 @@ FEATURE_PREFIX = "f:"  # feature columns of a feature table (`f:original_glcm_Co
 
 # Public sets the standardisation may be fitted on: name -> (feature file, split). Each is
 # outside the records epsilon covers (the CBIS training patients, and the validation split,
-# which model selection reads without DP). `cbis-test`: the official CBIS test split, label-free
-# statistics of it (evaluation reads this split too: its feature distribution informs the
-# scaling). `public`: a public phantom set of disjoint patients, once prepared as
-# data/features/public.parquet.
+# which model selection reads without DP). `public`: the public phantom set (`mammodp phantom
+# --public`: own seed, disjoint patients; the demo's choice). `cbis-test`: the official CBIS
+# test split, label-free statistics (for plans without a public set; evaluation reads this split
+# too, so its feature distribution informs the scaling). `bcdr`: the external set, likewise.
 PUBLIC_SOURCES = {"cbis-test": ("cbis", "test"), "bcdr": ("bcdr", "external"), "public": ("public", None)}
 PRIVATE_SPLITS = ("train", "val")
 

@@ -57,12 +57,16 @@ def _cfg(params: Path):
 def phantom(
     out: Path = typer.Option(Path("data/raw"), help="Folder to write the phantom raw data into."),
     if_missing: bool = typer.Option(False, help="Do nothing if OUT already holds data."),
+    public: bool = typer.Option(False, help="Write the public pretraining set (pretrain.*) instead."),
     params: Path = ParamsOpt,
 ):
     """Write the built-in phantom data set (CBIS-DDSM and BCDR layouts) to OUT."""
     from mammodp.stages import phantom as stage
 
-    stage.run(_cfg(params), out=out, if_missing=if_missing)
+    if public:
+        stage.run_public(_cfg(params), out=out)
+    else:
+        stage.run(_cfg(params), out=out, if_missing=if_missing)
 
 
 @app.command()
@@ -175,12 +179,13 @@ def train(
 def features(
     out: Path = typer.Option(Path("data/features"), help="Folder of feature tables (<set>.parquet)."),
     metrics: Path = typer.Option(Path("metrics/features.json"), help="Numbers-only metrics JSON."),
+    public: Path = typer.Option(Path("data/public"), help="The public set (`mammodp phantom --public` output)."),
     params: Path = ParamsOpt,
 ):
     """Radiomics features of every prepared patch, once (input of the radiomics-linear baseline)."""
     from mammodp.stages import features as stage
 
-    stage.run(_cfg(params), out=out, metrics_out=metrics)
+    stage.run(_cfg(params), out=out, metrics_out=metrics, public=public)
 
 
 @app.command("train-baseline")
@@ -200,6 +205,22 @@ def train_baseline(
 
     stage.run(_cfg(params), epsilon=parse_epsilon(epsilon), seeds=seed or None, out=out, metrics_out=metrics,
               report_out=report, features=features)
+
+
+@app.command()
+@_user_errors
+def pretrain(
+    data: Path = typer.Option(Path("data/public"), help="The public set (`mammodp phantom --public` output)."),
+    out: Path = typer.Option(Path("models/pretrain"), help="Weights folder (model.pt, meta.json)."),
+    metrics: Path = typer.Option(Path("metrics/pretrain.json"), help="Numbers-only metrics JSON."),
+    report: Path = typer.Option(Path("reports/pretrain.json"), help="Full record JSON."),
+    device: Optional[str] = typer.Option(None, help="Override train.device."),
+    params: Path = ParamsOpt,
+):
+    """Train the Swin on the public set without DP: the weights every regime starts from."""
+    from mammodp.stages import pretrain as stage
+
+    stage.run(_cfg(params), data=data, out=out, metrics_out=metrics, report_out=report, device=device)
 
 
 @app.command()

@@ -88,6 +88,28 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Public in-domain pretraining (`mammodp phantom --public`, `mammodp pretrain`).
+
+    The paper starts from ImageNet weights; the demo has none, but it can have a PUBLIC
+    mammography set: a second phantom (own seed, patient numbers offset so that no patient is
+    shared with any private or test split) on which the Swin is trained without DP. Its
+    weights (`models/pretrain/model.pt`) are then `model.pretrained_weights`, exactly as
+    ImageNet weights are in the paper plan. No private record is read, so no epsilon is spent.
+    """
+
+    enabled: bool = True  # false: the stage writes no weights (set model.pretrained_weights yourself)
+    seed: int = 1  # the public phantom's seed (the private phantom uses phantom.seed)
+    train_patients: int = 300  # public CBIS-style patients trained on (prepare splits off val)
+    test_patients: int = 60  # public held-out patients (reported, never selected on)
+    patient_offset: int = 50000  # public patient numbers start here (P_5xxxx): disjoint namespace
+    epochs: int = 20
+    lr: float = 1.0e-3  # AdamW, cosine decay after warm-up
+    warmup_epochs: int = 2  # linear learning-rate warm-up
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
 class DPConfig:
     """DP-SGD settings shared by every private run."""
 
@@ -145,7 +167,8 @@ class BaselineConfig:
     # where the standardisation statistics come from: a PUBLIC set only (see mammodp.baseline.
     # PUBLIC_SOURCES); private training/validation patches and synthetic data from a generator
     # trained on them are refused
-    scaler_source: str = "cbis-test"
+    scaler_source: str = "public"
+    public_patches: int = 256  # public patches (a fixed seeded draw) whose features fit the scaler; 0 = all
     C: float = 1.0  # inverse L2 strength of the non-private scikit-learn logistic regression
     lr: float = 0.5  # DP-SGD learning rate (AdamW) of the private linear model
     weight_decay: float = 1e-3  # AdamW weight decay of the private linear model
@@ -184,6 +207,9 @@ class GanConfig:
     image_size: Literal[64, 128] = 64
     latent_dim: int = 100
     width: int = 64  # channels of the narrowest generator layer (64 = paper: 1024 -> ... -> 64)
+    # generator x2 upsampling: resize_conv (nearest + 3x3 conv, no checkerboard artefacts) or
+    # transposed (the paper's stride-2 ConvTranspose)
+    upsample: Literal["resize_conv", "transposed"] = "resize_conv"
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-4
@@ -290,6 +316,7 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
@@ -436,6 +463,12 @@ def _check(obj: Any, prefix: str) -> None:
     if isinstance(obj, Config):
         seed("seed")
         text("plan", "experiment")
+        # The private phantom numbers its patients below 3 x patients + 20 (data/phantom.py).
+        top = 3 * (obj.phantom.cbis_train_patients + obj.phantom.cbis_test_patients) + 20
+        if obj.pretrain.enabled and obj.pretrain.patient_offset < top:
+            raise ConfigError(f"must be >= {top} so that public patients are disjoint from the phantom's "
+                              f"(phantom patient numbers go up to {top - 1}), got {obj.pretrain.patient_offset}",
+                              field="pretrain.patient_offset")
     if isinstance(obj, PhantomConfig):
         seed("seed")
         at_least(2, "cbis_train_patients")
@@ -466,6 +499,14 @@ def _check(obj: Any, prefix: str) -> None:
         text("preset")
         if obj.pretrained_weights is not None:
             text("pretrained_weights")
+    if isinstance(obj, PretrainConfig):
+        seed("seed")
+        at_least(2, "train_patients")
+        at_least(1, "test_patients", "epochs", "batch_size")
+        at_least(0, "patient_offset", "warmup_epochs")
+        finite("lr")
+        if not obj.lr > 0:
+            bad("lr", f"must be > 0, got {obj.lr}")
     if isinstance(obj, DPConfig):
         within("delta", 0, 1, closed="()")
         finite("max_grad_norm")
@@ -510,6 +551,7 @@ def _check(obj: Any, prefix: str) -> None:
             bad("features", "lists a class twice")
         at_least(2, "bin_count")
         at_least(1, "epochs", "batch_size")
+        at_least(0, "public_patches")
         text("scaler_source")
         finite("C", "lr", "weight_decay")
         for name in ("C", "lr"):

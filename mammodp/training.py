@@ -51,6 +51,18 @@ class FitSpec:
     noise_multiplier: float | None = None  # fixed sigma (tuning); None = calibrate to epsilon
     reproducible_noise: bool = False
     synth_ratio: float = 0.0  # public samples per expected private record in each step
+    warmup_epochs: int = 0  # linear learning-rate warm-up from lr / steps to lr
+    cosine: bool = False  # cosine decay of the learning rate to 0 after the warm-up
+
+    def lr_at(self, step: int, total: int, per_epoch: int) -> float:
+        """The learning rate of (0-based) optimiser step `step` of `total` (a function of the
+        step count alone, so a resumed run continues the same schedule)."""
+        warm = self.warmup_epochs * per_epoch
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        if not self.cosine or total <= warm:
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / (total - warm)))
 
     @property
     def private(self) -> bool:
@@ -135,6 +147,68 @@ def privacy_record(engine, private: PatchTable | None) -> dict[str, Any]:
     return rec
 
 
+class FrozenFeatures:
+    """A frozen backbone's features of a table, computed once for every flip state.
+
+    With `model.mode == "frozen_backbone"` every step would otherwise push each sampled patch
+    through the backbone again. The backbone is fixed (eval mode, no trainable parameter) and
+    per sample (LayerNorm, no batch statistics), so a patch's features under each of the four
+    (horizontal, vertical) flip states are computed once here and a step takes its rows: the
+    same numbers the per-step forward gives, at (4 x records) forward passes per run instead
+    of (epochs x records).
+    """
+
+    def __init__(self, features_fn, images, device, autocast_dtype=None, flips: bool = True, batch: int = 256):
+        import torch
+
+        x = torch.as_tensor(images, dtype=torch.float32)
+        states = [(False, False), (True, False), (False, True), (True, True)] if flips else [(False, False)]
+        banks = []
+        ctx = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None
+               else _nullcontext())
+        with torch.inference_mode(), ctx:
+            for h, v in states:
+                rows = []
+                for i in range(0, len(x), batch):
+                    xb = x[i:i + batch]
+                    hb = torch.full((len(xb),), h, dtype=torch.bool)
+                    vb = torch.full((len(xb),), v, dtype=torch.bool)
+                    rows.append(features_fn(apply_flips(xb, hb, vb).to(device)).float())
+                banks.append(torch.cat(rows) if rows else torch.zeros(0))
+        self.bank = torch.stack(banks).clone()  # (states, N, F), out of inference mode
+
+    def take(self, idx, h=None, v=None):
+        """Feature rows of samples `idx`, each under its own flip state (None: unflipped)."""
+        if h is None:
+            return self.bank[0, idx]
+        state = h.long() + 2 * v.long()
+        return self.bank[state.to(self.bank.device), idx.to(self.bank.device)]
+
+
+def _head_on_features(head):
+    """The trainable head as the engine's model: features (B, F) in, logits out. Its
+    parameters are the classifier's own (same objects, same `head.` names)."""
+    import torch
+
+    class HeadOnFeatures(torch.nn.Module):
+        dp_sample_major = True  # one row per sample: every hook-based route applies
+
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, f):
+            return self.head(f)
+
+    return HeadOnFeatures()
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def fit(
     model,
     spec: FitSpec,
@@ -150,6 +224,7 @@ def fit(
     desc: str = "train",
     optimizer_factory: Callable[[list], Any] | None = None,
     dist=None,
+    cache_features: bool = True,
 ) -> FitResult:
     """Train `model` in place and return the best-by-validation state.
 
@@ -174,6 +249,10 @@ def fit(
             sharded over the ranks, clipped sums all-reduced, noise once); default: the one
             `distributed.setup()` joined in this process (torchrun), else single-process.
             Every rank calls `fit` alike; only rank 0 writes the checkpoint.
+        cache_features: with a frozen backbone (`model.dp_split()`), compute its features
+            once per flip state (`FrozenFeatures`) and train the head on them; False pushes
+            every step's patches through the backbone (the reference the cache is tested
+            against: same draws, same updates).
     """
     import torch
     from tqdm.auto import tqdm
@@ -191,7 +270,10 @@ def fit(
                  else torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay))
     loss_fn = _loss_fn(spec)
     gen = torch.Generator().manual_seed(spec.seed)  # flips and public draws
-    dp_engine = _engine(model, optimizer, spec, private, public, device)
+    split = model.dp_split() if cache_features and callable(getattr(model, "dp_split", None)) else None
+    # Frozen backbone: the engine trains the head on features computed once (FrozenFeatures).
+    dp_engine = _engine(_head_on_features(split[1]) if split is not None else model, optimizer, spec, private,
+                        public, device)
     # Flips are drawn for every sample each step, so every rank draws the same: one stream for
     # flips and public draws, equal on all ranks (and to the 1-process run's).
     aug_gen = gen
@@ -225,22 +307,48 @@ def fit(
     x_s, y_s = sampled.tensors()
     x_pub, y_pub = mixed.tensors() if mixed is not None else (None, None)
     n_pub = max(1, round(spec.synth_ratio * spec.batch_size)) if x_pub is not None and spec.synth_ratio > 0 else 0
+    f_s = f_pub = f_val = None
+    if split is not None:
+        import torch
 
-    def augment(x):
-        return random_flips(x, aug_gen) if spec.flip else x
+        amp_dtype = torch.bfloat16 if spec.amp and torch.device(device).type == "cuda" else None
+        model.eval()
+        f_s = FrozenFeatures(split[0], x_s, device, amp_dtype, flips=spec.flip)
+        f_pub = FrozenFeatures(split[0], x_pub, device, amp_dtype, flips=spec.flip) if n_pub else None
+        f_val = FrozenFeatures(split[0], val.images, device, None, flips=False)  # scored in fp32, as predict_proba
+
+    def augment(j):
+        """Public samples `j` (drawn with replacement), flipped."""
+        if f_pub is not None:
+            return f_pub.take(j, *(flip_masks(len(j), aug_gen) if spec.flip else (None, None)))
+        return random_flips(x_pub[j], aug_gen) if spec.flip else x_pub[j]
 
     def augment_sampled(idx):
         # Flips are drawn for EVERY sample at every step and indexed by the batch: a record's
         # flip (and every later draw) never depends on which other records were sampled, so
         # its clipped contribution stays a function of that record alone.
         if not spec.flip:
-            return x_s[idx]
+            return f_s.take(idx) if f_s is not None else x_s[idx]
         h, v = flip_masks(len(x_s), aug_gen)
+        if f_s is not None:
+            return f_s.take(idx, h[idx], v[idx])
         return apply_flips(x_s[idx], h[idx], v[idx])
+
+    def score():
+        if f_val is None:
+            return _score(model, val, device)
+        from mammodp.metrics.classification import classification_metrics
+
+        model.eval()
+        with torch.no_grad():
+            probs = torch.softmax(split[1](f_val.take(torch.arange(len(val.images)))).float(), dim=1)[:, 1]
+        probs = probs.cpu().numpy()
+        return probs, float(classification_metrics(val.labels, probs)["auprc"])
 
     # One loop for every run: Poisson batches from the engine (private records, or the public
     # set when nothing private is trained on), synthetic samples mixed into every step, the
     # engine's precision policy. eps = inf differs from DP only in clipping, noise and accounting.
+    scheduled = spec.warmup_epochs > 0 or spec.cosine
     for epoch in range(start_epoch, spec.epochs):
         model.train()
         losses = []
@@ -252,8 +360,11 @@ def fit(
             pub = None
             if n_pub:
                 j = torch.randint(0, len(x_pub), (n_pub,), generator=gen)  # public: with replacement
-                pub = (augment(x_pub[j]), y_pub[j])
+                pub = (augment(j), y_pub[j])
             loss = dp_engine.step(xb, yb, loss_fn, record_idx=idx, public=pub)
+            if scheduled:
+                for group in optimizer.param_groups:
+                    group["lr"] = spec.lr_at(epoch * steps + step, spec.epochs * steps, steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
@@ -261,7 +372,7 @@ def fit(
                 eps = dp_engine.epsilon_spent()
                 bar.set_postfix(loss=f"{loss:.3f}", eps="inf" if math.isinf(eps) else f"{eps:.2f}")
 
-        val_probs, val_auprc = _score(model, val, device)
+        val_probs, val_auprc = score()
         record = {
             "epoch": epoch,
             # Empty Poisson batches give NaN losses. Under DP this loss is NOT privatised: it is
@@ -287,7 +398,7 @@ def fit(
 
     if best["probs"] is None:  # every epoch had NaN AUPRC (one-class val): keep the last weights
         best = {"state": copy.deepcopy(model.state_dict()), "epoch": spec.epochs - 1,
-                "auprc": float("nan"), "probs": _score(model, val, device)[0]}
+                "auprc": float("nan"), "probs": score()[0]}
     privacy = privacy_record(dp_engine, private)
     return FitResult(best_state=best["state"], best_epoch=best["epoch"], best_val_auprc=best["auprc"],
                      history=history, privacy=privacy, val_probs=best["probs"])

@@ -32,7 +32,9 @@ def project(tmp_path_factory) -> Path:
     p["data"].update(raw_dir=str(root / "raw"), cbis_dir=str(root / "raw/cbis-ddsm"), bcdr_dir=str(root / "raw/bcdr"),
                      prepared_dir=str(root / "prepared"), synthetic_dir=str(root / "synthetic"))
     p["train"].update(epsilons=[1, "inf"], seeds=[0])
-    p["baseline"].update(epochs=10, batch_size=16)
+    p["model"].update(pretrained_weights=None)  # no pretrain stage here
+    p["pretrain"].update(train_patients=16, test_patients=4)  # the public set: its own seed and patients
+    p["baseline"].update(epochs=6, batch_size=16, scaler_source="public", public_patches=32)
     p["evaluate"].update(bootstrap=20)
     p["experiment"] = "test-baseline"
     (root / "params.yaml").write_text(yaml.safe_dump(p))
@@ -40,8 +42,10 @@ def project(tmp_path_factory) -> Path:
     phantom.run(cfg, out=root / "raw")
     prepare.run(cfg, source="cbis-ddsm", root=root / "raw/cbis-ddsm", out=root / "prepared/cbis")
     prepare.run(cfg, source="bcdr", root=root / "raw/bcdr", out=root / "prepared/bcdr")
+    phantom.run_public(cfg, out=root / "public")
     t0 = time.perf_counter()
-    numbers = features.run(cfg, out=root / "features", metrics_out=root / "metrics/features.json")
+    numbers = features.run(cfg, out=root / "features", metrics_out=root / "metrics/features.json",
+                           public=root / "public")
     print(f"features: {numbers} in {time.perf_counter() - t0:.1f} s")
     return root
 
@@ -161,12 +165,15 @@ def test_standardisation_uses_public_statistics_only(env, project, tmp_path):
     model, meta = load_baseline(project / "models/baseline/radiomics-linear-inf/seed=0")
     cbis = pd.read_parquet(project / "features/cbis.parquet")
     cols = feature_columns(cbis)
-    public = cbis[cbis["split"] == "test"][cols].to_numpy(np.float64)
+    public_table = pd.read_parquet(project / "features/public.parquet")
+    assert len(public_table) == env.baseline.public_patches
+    assert not set(public_table["patient_id"]) & set(cbis["patient_id"])  # disjoint patients
+    public = public_table[cols].to_numpy(np.float64)
     std = public.std(0)
     std = np.where(std > 1e-12, std, 1.0)
     assert np.allclose(model.mean.numpy(), public.mean(0), rtol=1e-6, atol=1e-6)
     assert np.allclose(model.std.numpy(), std, rtol=1e-6, atol=1e-6)
-    assert "PUBLIC" in meta["scaler_statistics"] and meta["scaler_source"] == "cbis-test"
+    assert "PUBLIC" in meta["scaler_statistics"] and meta["scaler_source"] == "public"
 
     # Perturb every private (train + val) feature: the model changes, its scaler must not.
     moved = cbis.copy()
@@ -176,7 +183,8 @@ def test_standardisation_uses_public_statistics_only(env, project, tmp_path):
     feats = tmp_path / "features"
     feats.mkdir()
     moved.to_parquet(feats / "cbis.parquet", index=False)
-    (feats / "bcdr.parquet").write_bytes((project / "features/bcdr.parquet").read_bytes())
+    for name in ("bcdr", "public"):
+        (feats / f"{name}.parquet").write_bytes((project / f"features/{name}.parquet").read_bytes())
     _train(env, project, math.inf, tag="-moved", features=feats)
     model2, _ = load_baseline(project / "models/baseline/radiomics-linear-inf-moved/seed=0")
     assert torch.equal(model2.mean, model.mean) and torch.equal(model2.std, model.std)
@@ -191,13 +199,17 @@ def test_standardisation_uses_public_statistics_only(env, project, tmp_path):
                      train_rows, "synthetic")
     with pytest.raises(PrivacyError, match="patient"):  # a "public" set that shares a private patient
         check_public(train_rows.head(3).assign(split="test", sample_id=["a", "b", "c"]), train_rows, "leaky")
-    # and through the stage: a public set that holds the private patches fails before any training.
-    leaky = cbis.copy()
-    leaky.loc[leaky["split"] == "test", cols] = 0.0
-    leaky = pd.concat([leaky, cbis[cbis["split"] == "train"].assign(split="test")])
-    leaky.to_parquet(feats / "cbis.parquet", index=False)
-    with pytest.raises(PrivacyError):
+    # and through the stage: a "public" set that holds private patches fails before any training.
+    pd.concat([public_table, cbis[cbis["split"] == "train"].head(2)]).to_parquet(feats / "public.parquet", index=False)
+    with pytest.raises(PrivacyError, match="shares"):
         train_baseline.public_scaler(env, feats, cbis[cbis["split"].isin(["train", "val"])])
+    # The plan without a public set takes the label-free CBIS test split, and nothing private.
+    import dataclasses
+
+    other = dataclasses.replace(env, baseline=dataclasses.replace(env.baseline, scaler_source="cbis-test"))
+    scaler = train_baseline.public_scaler(other, project / "features", cbis[cbis["split"].isin(["train", "val"])])
+    test_rows = cbis[cbis["split"] == "test"][cols].to_numpy(np.float64)
+    assert scaler.n == len(test_rows) and np.allclose(scaler.mean, test_rows.mean(0))
 
 
 # --------------------------------------------------------------------------- tracking, evaluation, promotion

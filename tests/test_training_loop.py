@@ -78,3 +78,54 @@ def test_a_records_flip_does_not_depend_on_the_other_records_sampled():
         h1, v1 = flip_masks(n, g1)
         h2, v2 = flip_masks(n, g2)
         assert bool(h1[small][0]) == bool(h2[large][1]) and bool(v1[small][0]) == bool(v2[large][1])
+
+
+@pytest.mark.parametrize("epsilon,unit,flip", [(math.inf, "patch", True), (6.0, "patient", True), (6.0, "patch", False)])
+def test_frozen_backbone_features_computed_once_train_the_head_as_the_per_step_forward_does(epsilon, unit, flip):
+    """The feature cache (4 flip states computed once) gives the per-step route's updates:
+    same Poisson batches, flips, synthetic mixing, noise and privacy record."""
+    private, public, val = _table(12, 0), _table(10, 1), _table(6, 2)
+    spec = _spec(epsilon=epsilon, privacy_unit=unit, flip=flip, epochs=2)
+    runs = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        model = create_classifier("swin_micro", mode="frozen_backbone")
+        res = fit(model, spec, private=private, public=public, val=val, device="cpu", progress=False,
+                  optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.5), cache_features=cache)
+        runs.append((model, res))
+    (m_c, r_c), (m_r, r_r) = runs
+    assert r_c.privacy == r_r.privacy
+    changed = False
+    for (name, a), b in zip(m_c.state_dict().items(), m_r.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    np.testing.assert_allclose(r_c.val_probs, r_r.val_probs, rtol=1e-4, atol=1e-5)
+    # the head did train (a cache that skipped the updates would also "agree")
+    torch.manual_seed(0)
+    fresh = create_classifier("swin_micro", mode="frozen_backbone")
+    assert any(not torch.allclose(a, b) for a, b in zip(fresh.head.state_dict().values(), m_c.head.state_dict().values()))
+
+
+def test_the_feature_cache_is_the_backbone_under_each_flip():
+    from mammodp.data.datasets import apply_flips
+    from mammodp.training import FrozenFeatures
+
+    torch.manual_seed(0)
+    model = create_classifier("swin_micro", mode="frozen_backbone").eval()
+    x = torch.as_tensor(_table(5, 0).images)
+    cache = FrozenFeatures(model.features, x, "cpu")
+    idx = torch.tensor([4, 0, 2])
+    h, v = torch.tensor([True, False, True]), torch.tensor([False, True, True])
+    with torch.no_grad():
+        want = model.features(apply_flips(x[idx], h, v))
+    torch.testing.assert_close(cache.take(idx, h, v), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cache.take(idx, h, v), cache.take(idx))  # flips change features
+
+
+def test_learning_rate_warms_up_then_decays_by_step_count():
+    spec = _spec(lr=1.0, warmup_epochs=2, cosine=True)
+    per_epoch, total = 5, 50
+    lrs = [spec.lr_at(s, total, per_epoch) for s in range(total)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up over 2 epochs
+    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.01
+    assert _spec(lr=0.3).lr_at(17, total, per_epoch) == 0.3  # no schedule: constant

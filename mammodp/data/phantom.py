@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -795,7 +795,8 @@ def _series_folder(description: str, uid: str) -> str:
 
 
 def _write_cbis_split(
-    root: Path, split: str, cfg: PhantomConfig, used_uids: set[str], progress: Callable[[int], None] | None
+    root: Path, split: str, cfg: PhantomConfig, used_uids: set[str], progress: Callable[[int], None] | None,
+    patient_offset: int = 0,
 ) -> tuple[int, int, int]:
     """Write one split's CSV and DICOM files; returns (rows, images, malignant rows)."""
     code = {"train": 1, "test": 2}[split]
@@ -807,7 +808,7 @@ def _write_cbis_split(
     all_numbers = _patient_numbers(numbers_rng, cfg.cbis_train_patients + cfg.cbis_test_patients)
     order = numbers_rng.permutation(all_numbers.size)
     mine = order[: cfg.cbis_train_patients] if split == "train" else order[cfg.cbis_train_patients :]
-    numbers = np.sort(all_numbers[mine])
+    numbers = np.sort(all_numbers[mine]) + patient_offset  # offset: another set's patient namespace
 
     malignant = _pick(split_rng, n, MALIGNANT_FRACTION_CBIS, at_least=1, leave=1)
     two_lesions = _pick(split_rng, n, TWO_LESION_RATE)
@@ -1117,7 +1118,7 @@ def _readme(cfg: PhantomConfig, summary: PhantomSummary) -> str:
             f"| cbis-ddsm {split} | {patients} | {summary.cbis_images[split]} | {summary.cbis_rows[split]} "
             f"| {summary.cbis_malignant[split]} | 0 |"
         )
-    for s in BCDR_SUBSETS:
+    for s in BCDR_SUBSETS if summary.bcdr_patients else ():
         table.append(
             f"| bcdr {s} | {summary.bcdr_patients[s]} | {summary.bcdr_images[s]} | {summary.bcdr_mass_rows[s]} "
             f"| {summary.bcdr_malignant[s]} | {summary.bcdr_rows[s] - summary.bcdr_mass_rows[s]} |"
@@ -1150,7 +1151,8 @@ non-mass (calcification) rows.
 
 
 def write_phantom(
-    root: str | Path, cfg: PhantomConfig, progress: Callable[[int], None] | None = None
+    root: str | Path, cfg: PhantomConfig, progress: Callable[[int], None] | None = None, *,
+    patient_offset: int = 0, bcdr: bool = True,
 ) -> PhantomSummary:
     """Write the phantom data set below `root` (`cbis-ddsm/`, `bcdr/`, `PHANTOM.md`).
 
@@ -1160,6 +1162,10 @@ def write_phantom(
         cfg: sizes, seed and difficulty.
         progress: called with 1 after each patient (CBIS train, CBIS test, BCDR in turn);
             `cfg.cbis_train_patients + cfg.cbis_test_patients + cfg.bcdr_patients` calls in all.
+        patient_offset: added to every CBIS patient number (`P_<number>`): a second phantom
+            (the public pretraining set) drawn with another seed gets patients disjoint from
+            the first's (whose numbers stay below 3 x patients + 20).
+        bcdr: also write the BCDR-layout external set (the public set has none).
 
     Returns:
         Counts of what was written.
@@ -1174,9 +1180,10 @@ def write_phantom(
     used: set[str] = set()
     rows, imgs, mal = {}, {}, {}
     for split in ("train", "test"):
-        rows[split], imgs[split], mal[split] = _write_cbis_split(cbis, split, cfg, used, progress)
-    bcdr = _write_bcdr(root / "bcdr", cfg, progress)
-    summary = PhantomSummary(cbis_rows=rows, cbis_images=imgs, cbis_malignant=mal, **bcdr)
+        rows[split], imgs[split], mal[split] = _write_cbis_split(cbis, split, cfg, used, progress, patient_offset)
+    ext = _write_bcdr(root / "bcdr", cfg, progress) if bcdr else {
+        f.name: {} for f in fields(PhantomSummary) if f.name.startswith("bcdr_")}
+    summary = PhantomSummary(cbis_rows=rows, cbis_images=imgs, cbis_malignant=mal, **ext)
     (root / "PHANTOM.md").write_text(_readme(cfg, summary))
     return summary
 

@@ -5,7 +5,9 @@ width w (channels of the narrowest generator layer; w = 64 is the paper's net):
 
 - Generator: label -> Embedding(2, 50) -> Linear(50, latent) -> LeakyReLU, concatenated with
   z to a (2 * latent) x 1 x 1 tensor; ConvTranspose to w * 2**(n-1) channels at 4 x 4, then
-  n - 1 stride-2 ConvTransposes halving the channels down to w at S/2, then w -> 1 at S, Tanh.
+  n - 1 x2 upsamplings halving the channels down to w at S/2, then w -> 1 at S, Tanh. The paper
+  upsamples with stride-2 ConvTransposes (`upsample: transposed`); the default resizes then
+  convolves (`resize_conv`), which paints no checkerboard (GanSpec.upsample).
   BatchNorm + ReLU between (n = log2(S) - 2; S = 128: 1024 -> 512 -> 256 -> 128 -> 64).
 - Discriminator: label -> Embedding(2, 50) -> Linear(50, S * S) as a second image channel;
   Conv 2 -> w (k6, s2) + LeakyReLU(0.1), then n - 1 stride-2 Convs doubling the channels,
@@ -70,11 +72,21 @@ INIT_STD = 0.02  # N(0, 0.02) init of conv weights (DCGAN, paper)
 
 # Named sizes. Params give image_size / latent_dim / width directly; presets are shorthands
 # for code and tests (`create_gan("tiny")`).
-PRESETS: dict[str, dict[str, int]] = {
-    "paper": {"image_size": 128, "latent_dim": 100, "width": 64},
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"image_size": 128, "latent_dim": 100, "width": 64, "upsample": "transposed"},
     "demo": {"image_size": 64, "latent_dim": 100, "width": 8},
     "tiny": {"image_size": 16, "latent_dim": 16, "width": 4},
 }
+
+
+UPSAMPLING = ("resize_conv", "transposed")
+
+
+def _upsample(c_in: int, c_out: int, how: str) -> list[nn.Module]:
+    """One x2 upsampling layer of the generator (see `GanSpec.upsample`)."""
+    if how == "transposed":
+        return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False)]
+    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)]
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,10 @@ class GanSpec:
     latent_dim: int = 100  # size of z
     width: int = 64  # channels of the narrowest generator layer (64 = paper)
     dp: bool = False  # discriminator with GroupNorm (DP-compatible) instead of BatchNorm
+    # Generator upsampling: `resize_conv` (nearest x2 then a 3x3 conv: every output pixel gets
+    # the same number of kernel taps, so no checkerboard) or `transposed` (the paper's stride-2
+    # 4x4 ConvTranspose, whose uneven kernel overlap paints a checkerboard; Odena et al. 2016).
+    upsample: str = "resize_conv"
 
     def __post_init__(self) -> None:
         s = self.image_size
@@ -94,6 +110,9 @@ class GanSpec:
             raise ConfigError(f"must be >= 1, got {self.width}", field="gan.width")
         if self.latent_dim < 1:
             raise ConfigError(f"must be >= 1, got {self.latent_dim}", field="gan.latent_dim")
+        if self.upsample not in UPSAMPLING:
+            raise ConfigError(f"unknown upsampling {self.upsample!r}; known: {', '.join(UPSAMPLING)}",
+                              field="gan.upsample")
 
     @property
     def n_blocks(self) -> int:
@@ -136,11 +155,11 @@ class Generator(nn.Module):
         ]
         for c_in, c_out in zip(chans[:-1], chans[1:]):
             layers += [
-                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
+                *_upsample(c_in, c_out, spec.upsample),
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(inplace=False),
             ]
-        layers += [nn.ConvTranspose2d(chans[-1], 1, 4, 2, 1, bias=False), nn.Tanh()]
+        layers += [*_upsample(chans[-1], 1, spec.upsample), nn.Tanh()]
         self.main = nn.Sequential(*layers)
         self.apply(_init_weights)
 
@@ -484,7 +503,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
         raise WeightsError("generator checkpoint not found (run `mammodp train-gan` first)", path=p)
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
-        spec = GanSpec(**blob["spec"])
+        spec = GanSpec(**{"upsample": "transposed", **blob["spec"]})  # files from before upsample
         G = Generator(spec)
         G.load_state_dict(blob["state_dict"])
     except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:

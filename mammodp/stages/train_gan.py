@@ -295,7 +295,8 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     images, labels, record_ids = load_training_images(cfg, cfg.dp.privacy_unit)
     n = len(labels)
     lineage = trained_on(cfg, n)
-    G, D, spec = mcgan.create_gan(image_size=g.image_size, latent_dim=g.latent_dim, width=g.width, dp=private)
+    G, D, spec = mcgan.create_gan(image_size=g.image_size, latent_dim=g.latent_dim, width=g.width, dp=private,
+                                     upsample=g.upsample)
     G, D = G.to(dev), D.to(dev)
     opt_g = torch.optim.Adam(G.parameters(), lr=g.lr, betas=g.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=g.lr, betas=g.betas)

@@ -23,6 +23,7 @@ def tiny_params() -> dict:
     p["phantom"].update(cbis_train_patients=24, cbis_test_patients=10, bcdr_patients=10,
                         image_height=256, image_width=160, mass_radius=[6.0, 14.0])
     p["prepare"].update(patch_size=32, margin=8, min_size=24, workers=1)
+    p["pretrain"].update(train_patients=24, test_patients=6, epochs=1, warmup_epochs=0, batch_size=16)
     p["validate"]["min_class_fraction"] = 0.05
     p["train"].update(epochs=1, pretrain_epochs=1, epsilons=[1, "inf"], batch_size=16, physical_batch_size=16)
     p["evaluate"]["bootstrap"] = 10
@@ -100,6 +101,9 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     assert promoted
     audit = json.loads((repo / "metrics/audit.json").read_text())
     assert audit["consistent"] == 1 and all(isinstance(v, (int, float)) for v in audit.values())
+    # Every regime started from the public pretraining's weights (no private patient in them).
+    assert (repo / "models/pretrain/model.pt").is_file()
+    assert json.loads((repo / "metrics/pretrain.json").read_text())["train_records"] > 0
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout
 
     # `dvc metrics show` is a table of numbers: every value of every metrics file is a number,
@@ -126,7 +130,7 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
     assert {"train_real@3", "train@synth-3"} <= changed, changed
     assert not changed & {"train_real@1", "train_real@inf", "train@synth-1", "train@real+synth-inf",
-                          "train_gan", "tune@6"}, changed
+                          "train_gan", "tune@6", "public_data", "pretrain"}, changed
     _run(["git", "checkout", "params.yaml"], repo, env)
 
     res = _run(["dvc", "exp", "run", "-S", "gan.lr=0.0003"], repo, env)

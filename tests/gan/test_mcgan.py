@@ -227,3 +227,21 @@ def test_mode_collapse_and_divergence_detectors():
     assert mcgan.diverged({"loss_d": 0.7, "loss_g": 2.0}, 20.0) is None
     assert "loss_g" in mcgan.diverged({"loss_d": 0.7, "loss_g": float("nan")}, 20.0)
     assert "exceeds" in mcgan.diverged({"loss_d": 25.0, "loss_g": 1.0}, 20.0)
+
+
+@pytest.mark.parametrize("how", ["resize_conv", "transposed"])
+def test_resize_then_convolve_upsampling_paints_no_checkerboard(how):
+    """A flat feature map stays flat through resize-conv; a stride-2 ConvTranspose gives its
+    interior a period-2 pattern whatever its (random) weights: the checkerboard of Odena et al."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(*mcgan._upsample(8, 4, how))
+    with torch.no_grad():
+        out = layer(torch.ones(1, 8, 8, 8))[0, :, 2:-2, 2:-2]  # interior, away from the padding
+    spread = (out - out.mean(dim=(1, 2), keepdim=True)).abs().max().item()
+    if how == "resize_conv":
+        assert spread < 1e-5
+    else:
+        assert spread > 1e-2
+    G, _, spec = mcgan.create_gan("tiny", upsample=how)
+    assert spec.upsample == how
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in G.main[3:]) == (how == "transposed")
