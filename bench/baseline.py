@@ -49,9 +49,12 @@ def main() -> None:
         phantom.run(cfg, out=work / "raw")
         prepare.run(cfg, source="cbis-ddsm", root=work / "raw/cbis-ddsm", out=work / "prepared/cbis")
         prepare.run(cfg, source="bcdr", root=work / "raw/bcdr", out=work / "prepared/bcdr")
+    if cfg.baseline.scaler_source == "public" and not (work / "public/prepared").is_dir():
+        phantom.run_public(cfg, out=work / "public")
     t["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    numbers = features.run(cfg, out=work / "features", metrics_out=work / "metrics/features.json")
+    numbers = features.run(cfg, out=work / "features", metrics_out=work / "metrics/features.json",
+                           public=work / "public")
     t["features"] = time.perf_counter() - t0
     tables, _ = evaluate._tables(cfg)
     inputs = evaluate._baseline_inputs(tables, work / "features")
