@@ -27,6 +27,7 @@ def tiny_params() -> dict:
     p["validate"]["min_class_fraction"] = 0.05
     p["train"].update(epochs=1, pretrain_epochs=1, epsilons=[1, "inf"], batch_size=16, physical_batch_size=16)
     p["evaluate"]["bootstrap"] = 10
+    p["baseline"].update(epochs=2, batch_size=16, public_patches=16)
     p["gan"].update(epochs=1, width=4, checkpoint_every=1, sample_every=1)
     p["synthesize"]["n_per_class"] = 8
     p["synth_quality"].update(subsets=2, subset_size=8)
@@ -111,6 +112,7 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     files = next(iter(shown.values()))["data"]
     assert any(f.startswith("metrics/eval/internal/") for f in files), sorted(files)
+    assert "metrics/eval/internal/radiomics-linear.json" in files, sorted(files)  # the baseline, evaluated
 
     def leaves(node):
         return [x for v in node.values() for x in (leaves(v) if isinstance(v, dict) else [v])]
@@ -128,16 +130,18 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     params["train"]["epsilons"] = [1, 3, "inf"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
-    assert {"train_real@3", "train@synth-3"} <= changed, changed
+    assert {"train_real@3", "train@synth-3", "train_baseline@3"} <= changed, changed
     assert not changed & {"train_real@1", "train_real@inf", "train@synth-1", "train@real+synth-inf",
-                          "train_gan", "tune@6", "public_data", "pretrain"}, changed
+                          "train_gan", "tune@6", "public_data", "pretrain", "features", "train_baseline@1",
+                          "train_baseline@inf"}, changed
     _run(["git", "checkout", "params.yaml"], repo, env)
 
     res = _run(["dvc", "exp", "run", "-S", "gan.lr=0.0003"], repo, env)
     out = res.stdout + res.stderr
     for stage in ("train_gan", "synthesize", "synth_quality", "train@synth-1"):
         assert f"Running stage '{stage}'" in out, stage
-    for stage in ("prepare_cbis", "prepare_bcdr", "validate", "train_real@1", "train_real@inf"):
+    for stage in ("prepare_cbis", "prepare_bcdr", "validate", "train_real@1", "train_real@inf", "features",
+                  "train_baseline@1"):
         assert f"Running stage '{stage}'" not in out, stage
     # The experiment carries its metrics (metrics files are committed, not git-ignored), so
     # `dvc exp show` compares numbers across experiments.
