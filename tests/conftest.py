@@ -124,7 +124,7 @@ def make_tiny_project(tmp_path_factory):
     def make(name: str, **sections) -> Path:
         root = tmp_path_factory.mktemp(name)
         p = yaml.safe_load((repo / "params.yaml").read_text())
-        p["model"]["pretrained_weights"] = None  # no pretrain stage here: random init
+        p["model"].update(pretrained_weights=None, mode="full")  # no pretrain stage here: random init, all trained
         p["phantom"].update(cbis_train_patients=24, cbis_test_patients=4, bcdr_patients=4, image_height=256,
                             image_width=160, mass_radius=[7.0, 14.0], difficulty=0.0)
         p["prepare"].update(patch_size=32, margin=8, min_size=24, workers=1)

@@ -32,7 +32,7 @@ def project(tmp_path_factory) -> Path:
     p["data"].update(raw_dir=str(root / "raw"), cbis_dir=str(root / "raw/cbis-ddsm"), bcdr_dir=str(root / "raw/bcdr"),
                      prepared_dir=str(root / "prepared"), synthetic_dir=str(root / "synthetic"))
     p["train"].update(epsilons=[1, "inf"], seeds=[0])
-    p["model"].update(pretrained_weights=None)  # no pretrain stage here
+    p["model"].update(pretrained_weights=None, mode="full")  # no pretrain stage here
     p["pretrain"].update(train_patients=16, test_patients=4)  # the public set: its own seed and patients
     p["baseline"].update(epochs=6, batch_size=16, scaler_source="public", public_patches=32)
     p["evaluate"].update(bootstrap=20)

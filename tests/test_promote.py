@@ -148,7 +148,7 @@ def test_run_without_privacy_record_is_refused(store):
     assert bad in str(err.value) and "delta, privacy_unit" in str(err.value)
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["model"]["pretrained_weights"] = None  # no pretrain stage here: random init
+    raw["model"].update(pretrained_weights=None, mode="full")  # no pretrain stage here: random init, all trained
     raw["experiment"] = exp
     (store / "params.yaml").write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["promote", "--out", str(store / "promote.json")])

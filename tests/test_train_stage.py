@@ -25,7 +25,7 @@ def project(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("proj")
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["model"]["pretrained_weights"] = None  # no pretrain stage here: random init
+    p["model"].update(pretrained_weights=None, mode="full")  # no pretrain stage here: random init, all trained
     p["phantom"].update(cbis_train_patients=90, cbis_test_patients=30, bcdr_patients=10, image_height=256,
                         image_width=160, mass_radius=[7.0, 14.0], difficulty=0.0)
     p["prepare"].update(patch_size=32, margin=8, min_size=24, workers=1)

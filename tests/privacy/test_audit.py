@@ -185,7 +185,7 @@ def _project(tmp_path, n=24):
     cfg = load_config("params.yaml")
     return dataclasses.replace(
         cfg, experiment="test-audit", data=dataclasses.replace(cfg.data, prepared_dir=str(tmp_path / "prepared")),
-        model=dataclasses.replace(cfg.model, pretrained_weights=None),  # no pretrain stage here: random init
+        model=dataclasses.replace(cfg.model, pretrained_weights=None, mode="full"),  # no pretrain stage here
         train=dataclasses.replace(cfg.train, batch_size=16, lr=3e-3, device="cpu"),
         audit=dataclasses.replace(cfg.audit, epsilons=(2.0,), models=1, epochs=6, real_records=16, canaries=64))
 

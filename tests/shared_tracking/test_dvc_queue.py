@@ -25,7 +25,7 @@ CELLS = ("train_real@1", "train_real@inf")
 
 def tiny_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["model"]["pretrained_weights"] = None  # no pretrain stage here: random init
+    p["model"].update(pretrained_weights=None, mode="full")  # no pretrain stage here: random init, all trained
     p["experiment"] = "test-queue"
     p["phantom"].update(cbis_train_patients=24, cbis_test_patients=4, bcdr_patients=4, image_height=256,
                         image_width=160, mass_radius=[7.0, 14.0], difficulty=0.0)

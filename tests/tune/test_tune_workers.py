@@ -40,7 +40,7 @@ _WORKER = textwrap.dedent("""
 
 def _params(tmp_path: Path, storage: str) -> Path:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["model"]["pretrained_weights"] = None  # no pretrain stage here: random init
+    p["model"].update(pretrained_weights=None, mode="full")  # no pretrain stage here: random init, all trained
     p["tune"].update(storage=storage, startup_trials=2)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(p))
