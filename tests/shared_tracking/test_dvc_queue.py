@@ -30,6 +30,7 @@ def tiny_params() -> dict:
     p["phantom"].update(cbis_train_patients=24, cbis_test_patients=4, bcdr_patients=4, image_height=256,
                         image_width=160, mass_radius=[7.0, 14.0], difficulty=0.0)
     p["prepare"].update(patch_size=32, margin=8, min_size=24, workers=1)
+    p["pretrain"].update(train_patients=24, test_patients=4, epochs=1, warmup_epochs=0, batch_size=16)
     p["validate"]["min_class_fraction"] = 0.05
     p["train"].update(epochs=1, epsilons=[1, "inf"], batch_size=8, physical_batch_size=16, device="cpu", amp=False)
     p["dp"].update(accountant="rdp", per_sample_method="hooks")
@@ -61,8 +62,9 @@ def test_two_queue_jobs_run_two_cells_and_land_in_the_workspace(server, tmp_path
     sh(["git", "config", "user.email", "tests@mammodp.invalid"], repo, env)
     sh(["mammodp", "phantom", "--out", "data/raw"], repo, env)
     sh(["dvc", "commit", "--force", "--quiet", "data.dvc"], repo, env)
-    # The cells' upstream (prepare, validate) once, committed: the queued runs start from it.
-    sh(["dvc", "repro", "validate"], repo, env)
+    # The cells' upstream (prepare, validate, the public pretraining) once, committed: the queued
+    # runs start from it (README: "commit upstream stages first").
+    sh(["dvc", "repro", "validate", "pretrain"], repo, env)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "data and upstream stages"], repo, env)
 
