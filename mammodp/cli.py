@@ -143,12 +143,15 @@ def synth_quality(
 @_user_errors
 def train(
     regime: str = typer.Option(..., help="real | real+synth | synth | synth-pretrain+dp-finetune"),
-    epsilon: str = typer.Option(..., help="Target budget, or inf for non-private."),
+    epsilon: Optional[str] = typer.Option(None, help="Target budget, or inf for non-private (not for synth: "
+                                                     "one model for every budget)."),
     seed: Optional[list[int]] = typer.Option(None, help="Seeds to run (default: train.seeds)."),
+    synth_model: Path = typer.Option(Path("models/classifier/synth"),
+                                     help="The synth model that synth-pretrain+dp-finetune fine-tunes (seed=S/ inside)."),
     resume: bool = typer.Option(False, help="Resume from OUT's last epoch checkpoint; refuse one made with other settings."),
     resume_if_valid: bool = typer.Option(False, help="Resume from a checkpoint of identical settings, else train afresh (the pipeline's choice)."),
     device: Optional[str] = typer.Option(None, help="Override train.device."),
-    out: Optional[Path] = typer.Option(None, help="Model folder (default models/classifier/REGIME-EPS)."),
+    out: Optional[Path] = typer.Option(None, help="Model folder (default models/classifier/REGIME-EPS; synth: models/classifier/synth)."),
     metrics: Optional[Path] = typer.Option(None, help="Numbers-only metrics JSON (default metrics/train/REGIME-EPS.json)."),
     report: Optional[Path] = typer.Option(None, help="Full record JSON (default reports/train/REGIME-EPS.json)."),
     tuned: Optional[Path] = typer.Option(None, help="Train with the best params of a tuning report "
@@ -162,8 +165,9 @@ def train(
     stage.run(
         _cfg(params),
         regime=regime,
-        epsilon=parse_epsilon(epsilon),
+        epsilon=None if epsilon is None else parse_epsilon(epsilon),
         seeds=seed or None,
+        synth_model=synth_model,
         resume=resume,
         device=device,
         out=out,

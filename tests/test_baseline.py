@@ -239,7 +239,7 @@ def test_baseline_is_tracked_evaluated_and_skipped_by_promotion(env, project, ru
 
     from mammodp.stages import train as swin_train
 
-    cfg = dataclasses.replace(env, train=dataclasses.replace(env.train, synthetic_regimes=(), epochs=1))
+    cfg = dataclasses.replace(env, train=dataclasses.replace(env.train, synthetic_regimes=(), synth_regime=False, epochs=1))
     for eps in (1.0, math.inf):
         swin_train.run(cfg, regime="real", epsilon=eps, out=project / f"models/classifier/real-{'inf' if math.isinf(eps) else '1'}",
                        metrics_out=project / "metrics/swin.json", report_out=project / "reports/swin.json")

@@ -103,6 +103,7 @@ def test_missing_params_file_names_it(tmp_path):
     ("train", "epsilons", [1, 1], r"train\.epsilons"),
     ("train", "device", "gpu", r"train\.device"),
     ("train", "num_workers", -1, r"train\.num_workers"),
+    ("train", "synthetic_regimes", ["real+synth", "synth"], r"train\.synthetic_regimes: 'synth' .* trained once"),
     ("prepare", "min_size", 0, r"prepare\.min_size"),
     ("prepare", "workers", 0, r"prepare\.workers"),
     ("prepare", "seed", -1, r"prepare\.seed"),

@@ -207,3 +207,28 @@ def test_alias_names_are_valid_registry_aliases():
     assert promote.alias_for(0.5) == "eps-0_5"
     assert promote.alias_for(float("inf")) == "eps-inf"
     assert promote.alias_for(2e6) == "eps-2e_06"
+
+
+def test_a_budget_independent_synth_model_competes_at_every_budget_it_fits(store, model_dir):
+    """The synth regime is one model for every budget: with a DP generator its end-to-end epsilon
+    is the generator's, so it may hold any budget's alias that epsilon fits, and no smaller one."""
+    from mlflow import MlflowClient
+
+    exp = "test-promote-once"
+    dp_synth = train_run(exp, "inf", 0.90, model_dir=model_dir, regime="synth", total="3",
+                         synthetic_privacy="dp(eps=3)",
+                         extra_tags={"budget_independent": "true", "private_data_without_dp": "false",
+                                     "epsilon_total_method": "rdp"})
+    plain_synth = train_run(exp, "inf", 0.95, model_dir=model_dir, regime="synth", total="not_covered",
+                            synthetic_privacy="not_covered", extra_tags={"budget_independent": "true"})
+    real1 = train_run(exp, "1", 0.60, model_dir=model_dir)
+    train_run(exp, "6", 0.70, model_dir=model_dir)
+    promote.run(cfg(exp, max_epsilon=60.0), out=store / "p.json", report=store / "r.json")
+    client = MlflowClient()
+    by_alias = {a: client.get_model_version_by_alias(NAME, a).run_id for a in client.get_registered_model(NAME).aliases}
+    assert by_alias["eps-1"] == real1  # 3 > 1: the DP-generator synth model does not fit eps 1
+    assert by_alias["eps-6"] == dp_synth  # 3 <= 6 and the best validation AUPRC there
+    assert by_alias["eps-inf"] == plain_synth  # every model competes without a budget
+    assert plain_synth not in {by_alias["eps-1"], by_alias["eps-6"], by_alias["champion"]}
+    v6 = client.get_model_version_by_alias(NAME, "eps-6")
+    assert float(v6.tags["epsilon_total"]) <= 6.0

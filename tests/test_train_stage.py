@@ -169,5 +169,72 @@ def test_unknown_regime_and_missing_synthetic_set_are_clear_errors(env, project)
     with pytest.raises(ConfigError, match="regime"):
         train.run(env, regime="federated", epsilon=1.0)
     with pytest.raises(DataError, match="manifest"):
-        train.run(env, regime="synth", epsilon=1.0, out=project / "m/x", metrics_out=project / "metrics/x.json")
+        train.run(env, regime="synth", epsilon=None, out=project / "m/x", metrics_out=project / "metrics/x.json")
     assert not (project / "m/x").exists()
+    with pytest.raises(ConfigError, match="once"):  # synth takes no budget
+        train.run(env, regime="synth", epsilon=1.0, out=project / "m/x")
+    with pytest.raises(ConfigError, match="budget"):
+        train.run(env, regime="real", epsilon=None, out=project / "m/x")
+
+
+def _stand_in_synthetic_set(project: Path, generator_run_id: str) -> None:
+    """A synthetic set (the synthesize stage's manifest layout) made of the CBIS test patches."""
+    import shutil
+
+    import pandas as pd
+
+    src, dst = project / "prepared/cbis", project / "synthetic"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    df = pd.read_parquet(dst / "manifest.parquet")
+    df = df[df["split"] == "test"].copy()
+    df["split"], df["source"] = "train", "synthetic"
+    df["generator_run_id"], df["generator_epsilon"] = generator_run_id, "non-private"
+    df.to_parquet(dst / "manifest.parquet", index=False)
+
+
+def test_synth_is_one_model_for_every_budget_and_each_finetune_starts_from_it(env, project):
+    """`synth` is trained once (no budget); `synth-pretrain+dp-finetune` fine-tunes exactly its
+    weights (no pretraining of its own), names it in its lineage, and refuses a stale one."""
+    import mlflow
+
+    from mammodp.errors import DataError
+    from mammodp.stages import train
+
+    _stand_in_synthetic_set(project, "gen-a")
+    cfg = dataclasses.replace(env, train=dataclasses.replace(env.train, pretrain_epochs=2, epochs=1))
+    with pytest.raises(DataError, match="synth model"):  # no synth model yet: refused before training
+        train.run(cfg, regime="synth-pretrain+dp-finetune", epsilon=1.0, out=project / "m/ft-1",
+                   synth_model=project / "m/synth")
+    assert not (project / "m/ft-1").exists()
+
+    s = train.run(cfg, regime="synth", epsilon=None, out=project / "m/synth",
+                  metrics_out=project / "metrics/synth.json", report_out=project / "reports/synth.json")
+    assert s["budget_independent"] and math.isinf(s["epsilon_target"])
+    assert len(s["runs"][0]["run_id"]) and s["runs"][0]["steps"] > 0
+    synth_run = mlflow.get_run(s["runs"][0]["run_id"])
+    assert synth_run.data.tags["budget_independent"] == "true"
+    assert synth_run.data.params["train.pretrain_epochs"] == "2" and "train.epochs" not in synth_run.data.params
+    synth_w = torch.load(project / "m/synth/seed=0/weights.pt", weights_only=True)
+
+    # lr 0: the fine-tune (DP at eps 1, one epoch) cannot move the weights, so what it saves is
+    # what it started from: the synth model, bit for bit.
+    frozen = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.0))
+    ft = train.run(frozen, regime="synth-pretrain+dp-finetune", epsilon=1.0, out=project / "m/ft-1",
+                   metrics_out=project / "metrics/ft-1.json", report_out=project / "reports/ft-1.json",
+                   synth_model=project / "m/synth")
+    ft_w = torch.load(project / "m/ft-1/seed=0/weights.pt", weights_only=True)
+    assert set(ft_w) == set(synth_w) and all(torch.equal(ft_w[k], synth_w[k]) for k in synth_w)
+    run = mlflow.get_run(ft["runs"][0]["run_id"])
+    assert run.data.tags["init_run_id"] == synth_run.info.run_id
+    assert "pretrain_val_auprc" not in run.data.metrics  # no synthetic pretraining inside the cell
+    assert 0 < ft["runs"][0]["epsilon"] <= 1.0 + 1e-9
+
+    # A new synthetic set (another generator run) makes the synth model stale: refused.
+    _stand_in_synthetic_set(project, "gen-b")
+    with pytest.raises(DataError, match="retrain it"):
+        train.run(cfg, regime="synth-pretrain+dp-finetune", epsilon=6.0, out=project / "m/ft-6",
+                  synth_model=project / "m/synth")
+    import shutil
+
+    shutil.rmtree(project / "synthetic")

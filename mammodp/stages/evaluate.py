@@ -123,12 +123,17 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
 
     tables, manifests = _tables(cfg)
     baseline_inputs = _baseline_inputs(tables, features)
+    from mammodp.stages.train import SYNTH_CELL
+
     regimes = tuple(cfg.train.regimes) + (BASELINE,)
-    cells = [(r, e) for r in regimes for e in cfg.train.epsilons]
+    # `synth` is one model for every budget (eps None here): evaluated once, reported at each.
+    cells = [(r, None) if r == "synth" else (r, e) for r in regimes
+             for e in ((None,) if r == "synth" else cfg.train.epsilons)]
     run_dirs = []
     for regime, eps in cells:
         for seed in cfg.train.seeds:
-            d = Path(baselines if regime == BASELINE else models) / f"{regime}-{format_epsilon(eps)}" / f"seed={seed}"
+            cell = SYNTH_CELL if eps is None else f"{regime}-{format_epsilon(eps)}"
+            d = Path(baselines if regime == BASELINE else models) / cell / f"seed={seed}"
             if not (d / "meta.json").is_file():
                 raise DataError("trained model missing; run its train stage first", path=d)
             run_dirs.append((regime, eps, seed, d))
@@ -139,6 +144,9 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
         for regime, eps, seed, d in tqdm(run_dirs, desc="evaluate"):
             model, meta = load_baseline(d) if regime == BASELINE else load_classifier(d)
             thr = float(meta["threshold"])
+            every_budget = eps is None
+            if every_budget:
+                eps = math.inf
             per_run = {"regime": regime, "epsilon_target": eps, "epsilon": meta["epsilon"], "seed": seed,
                        "epsilon_total": served_epsilon(meta),  # end to end, or not_covered
                        "run_id": meta["run_id"], "threshold": thr, "splits": {}, "fairness": {}}
@@ -157,7 +165,9 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
                             fairness_rows.append({"regime": regime, "epsilon": meta["epsilon"], "epsilon_target": eps,
                                                   "seed": seed, "split": split, "attribute": attr, "group": str(g),
                                                   **{k: row[k] for k in ("n", "auroc", "auprc", "spd_auroc", "spd_auprc")}})
-            name = f"{regime}-{format_epsilon(eps)}-seed={seed}"
+            if every_budget:
+                per_run["reported_at_budgets"] = [format_epsilon(e) for e in cfg.train.epsilons]
+            name = f"{regime}-seed={seed}" if every_budget else f"{regime}-{format_epsilon(eps)}-seed={seed}"
             write_json(runs_tmp / f"{name}.json", per_run)
             fig = plot_pr_roc({SPLITS[k]: v for k, v in curves.items()})
             fig.savefig(fig_tmp / f"pr_roc_{name}.png", dpi=90)
@@ -170,7 +180,10 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
                     tracking.log_metrics({f"{split}_{k}": v for k, v in m.items()})
                 tracking.log_figure(fig, f"eval/pr_roc_{name}.png")
                 mlflow.log_dict(per_run, "eval/metrics.json")
-            records.append(per_run)
+            if every_budget:  # the same model's figures at every budget of the curve and tables
+                records.extend({**per_run, "epsilon_target": e} for e in cfg.train.epsilons)
+            else:
+                records.append(per_run)
 
         # Privacy-utility: mean over seeds per (regime, target epsilon, split).
         rows = []
@@ -206,7 +219,8 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
             attr0 = main["attribute"].iloc[0] if len(main) else None
             if attr0 is not None:
                 fdf = main[main["attribute"] == attr0].copy()
-                fdf["run"] = fdf["regime"] + " eps=" + fdf["epsilon_target"].map(format_epsilon)
+                fdf["run"] = [f"{r} (every budget)" if r == "synth" else f"{r} eps={format_epsilon(e)}"
+                              for r, e in zip(fdf["regime"], fdf["epsilon_target"])]
                 fdf = fdf.groupby(["run", "group"], as_index=False).agg(auroc=("auroc", "mean"), spd=("spd_auroc", "mean"))
                 fig_fair = plot_fairness(fdf, "auroc", group_col="group", run_col="run", spd_col="spd")
                 fig_fair.suptitle(f"Internal test AUROC by {attr0} (SPD annotated)")
@@ -219,7 +233,8 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     summary = {
         "privacy_utility": pu_mean.to_dict(orient="records"),  # inf stays "inf" (to_json would write null)
         "epsilon_spd_pearson": correlations,
-        "n_runs": len(records),
+        "n_runs": len(records),  # rows per (regime, budget, seed): synth counts once per budget
+        "n_models": len(run_dirs),
         "selection": "thresholds and checkpoints chosen on the validation split only",
         "privacy_note": "epsilon per run as recorded by its accountant; see each run's privacy/what_epsilon_covers.txt",
     }
@@ -240,7 +255,10 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
             if c.get("r") is not None and math.isfinite(c["r"]):
                 tracking.log_metrics({f"pearson_eps_spd/{key}".replace(" ", "_").replace("[", "").replace(")", "").replace(",", "-"): c["r"]})
     for r in records:
+        if "reported_at_budgets" in r and r["epsilon_target"] != cfg.train.epsilons[0]:
+            continue  # printed once
         i, e = r["splits"]["internal"], r["splits"]["external"]
-        print(f"{r['regime']:>28} eps={format_epsilon(r['epsilon_target']):>4} seed={r['seed']}: "
+        at = "every" if "reported_at_budgets" in r else format_epsilon(r["epsilon_target"])
+        print(f"{r['regime']:>28} eps={at:>5} seed={r['seed']}: "
               f"AUPRC internal {i['auprc']:.3f} external {e['auprc']:.3f} | AUROC {i['auroc']:.3f} / {e['auroc']:.3f}")
     return summary

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mammodp.config import Config, format_epsilon, parse_epsilon
@@ -100,6 +100,11 @@ class Candidate:
     tags: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+
+    @property
+    def budget_independent(self) -> bool:
+        """One model for every budget (tag `budget_independent`: the synth regime)."""
+        return str(self.tags.get("budget_independent", "")).lower() == "true"
 
     def rank(self) -> tuple:
         """Sort key: best validation AUPRC first, then the earlier run (deterministic)."""
@@ -203,9 +208,13 @@ def best_per_budget(candidates: list[Candidate]) -> dict[float, Candidate]:
     """The best-validation candidate per target budget among those covered end to end within
     it, budgets ascending (inf last)."""
     best: dict[float, Candidate] = {}
+    budgets = {c.epsilon for c in candidates}
     for c in sorted(candidates, key=Candidate.rank):
-        if c.covered_within(c.epsilon)[0]:
-            best.setdefault(c.epsilon, c)
+        # A budget-independent model (the synth regime: one model for every budget) competes at
+        # every budget its end-to-end epsilon fits, as if it were that budget's cell.
+        for b in (sorted(budgets) if c.budget_independent else (c.epsilon,)):
+            if c.covered_within(b)[0]:
+                best.setdefault(b, c if b == c.epsilon else replace(c, epsilon=b))
     return dict(sorted(best.items()))
 
 

@@ -4,10 +4,12 @@ Regimes:
 - `real`: real CBIS training patches only (DP-SGD unless epsilon = inf).
 - `real+synth`: real patches (private) plus synthetic ones mixed into every step at
   `train.synth_ratio`; synthetic records are public here and never enter the accountant.
-- `synth`: synthetic patches only; no real training record is touched, so the training
-  itself spends no budget on them (the generator's own epsilon, if any, is what covers them).
-- `synth-pretrain+dp-finetune`: non-private pretraining on synthetic patches, then
-  (DP-)fine-tuning on real patches.
+- `synth`: synthetic patches only (`train.pretrain_epochs`); no real training record is
+  touched, so the training spends no budget (the generator's own epsilon, if any, is what
+  covers it). It does not depend on the budget: ONE cell (`models/classifier/synth`, DVC
+  stage `train_synth`), reported at every budget.
+- `synth-pretrain+dp-finetune`: (DP-)fine-tuning on real patches of the `synth` model of the
+  same seed: that model is the shared synthetic pretraining, trained once for all budgets.
 
 Each seed is one MLflow run under the grid's parent run, tagged as DESIGN.md says.
 """
@@ -72,9 +74,25 @@ _COMMON_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "physical_batch_si
 REGIME_TRAIN_KEYS = {
     "real": _COMMON_KEYS,
     "real+synth": _COMMON_KEYS + ("synth_ratio",),
-    "synth": _COMMON_KEYS,
-    "synth-pretrain+dp-finetune": _COMMON_KEYS + ("pretrain_epochs",),
+    "synth": tuple(k if k != "epochs" else "pretrain_epochs" for k in _COMMON_KEYS),
+    "synth-pretrain+dp-finetune": _COMMON_KEYS,  # + the synth model's own keys, through its weights
 }
+# The one cell of the budget-independent regime (its folder, metrics and report name).
+SYNTH_CELL = "synth"
+
+
+def cell_name(regime: str, epsilon: float) -> str:
+    """`real-1`, `real+synth-inf`, ... and `synth` (one cell for every budget)."""
+    return SYNTH_CELL if regime == "synth" else f"{regime}-{format_epsilon(epsilon)}"
+
+
+def synth_model_dir(synth_model: Path, seed: int) -> Path:
+    """The saved `synth` model of one seed (the synthetic pretraining that is fine-tuned)."""
+    d = Path(synth_model) / f"seed={seed}"
+    if not (d / "meta.json").is_file():
+        raise DataError("the synth model of this seed is missing (the shared synthetic pretraining); "
+                        "run `mammodp train --regime synth` (DVC stage train_synth) first", path=d)
+    return d
 
 
 def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None, regime: str = "real"):
@@ -94,6 +112,8 @@ def fit_spec(cfg: Config, epsilon: float, seed: int, tuned: dict | None = None, 
         grad_chunk=dp.grad_chunk, per_sample_method=dp.per_sample_method, reproducible_noise=dp.reproducible_noise,
         synth_ratio=t.synth_ratio if regime == "real+synth" else 0.0,
     )
+    if regime == "synth":  # synthetic only: no DP, its own epoch count
+        spec = replace(spec, epsilon=math.inf, epochs=t.pretrain_epochs)
     if tuned:
         spec = replace(spec, **{k: v for k, v in tuned.items() if k in ("lr", "max_grad_norm", "noise_multiplier", "epochs")})
     return spec
@@ -170,9 +190,10 @@ def cell_metrics(summary: dict) -> dict[str, float]:
     return {k: v for k, v in out.items() if isinstance(v, int) or math.isfinite(v)}
 
 
-def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = False, device: str | None = None,
+def run(cfg: Config, regime: str, epsilon: float | None, seeds=None, resume: bool = False, device: str | None = None,
         out: Path | None = None, metrics_out: Path | None = None, report_out: Path | None = None,
-        tuned_path: Path | None = None, resume_if_valid: bool = False) -> dict:
+        tuned_path: Path | None = None, resume_if_valid: bool = False,
+        synth_model: Path = Path("models/classifier/synth")) -> dict:
     """Train one grid cell for every seed.
 
     Writes `out/seed=S/` models, a numbers-only metrics JSON (`metrics_out`, for
@@ -183,6 +204,9 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
     Checkpoints live in `out/.checkpoints/` (locked: one trainer per `out`). `resume` continues
     from them and refuses ones made with other settings; `resume_if_valid` (the pipeline's
     choice) continues from a checkpoint of identical settings and otherwise trains afresh.
+
+    `synth` takes no budget (`epsilon` None or inf): it is one cell for every budget.
+    `synth-pretrain+dp-finetune` fine-tunes `synth_model/seed=S` (the `synth` cell's output).
     """
     from mammodp.privacy import distributed
     from mammodp.runtime import claim_gpu, resolve_device
@@ -192,21 +216,28 @@ def run(cfg: Config, regime: str, epsilon: float, seeds=None, resume: bool = Fal
 
     if regime not in REGIMES:
         raise ConfigError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}", field="regime")
-    eps_txt = format_epsilon(epsilon)
-    out = Path(out or Path("models/classifier") / f"{regime}-{eps_txt}")
-    metrics_out = Path(metrics_out or Path("metrics/train") / f"{regime}-{eps_txt}.json")
-    report_out = Path(report_out or Path("reports/train") / f"{regime}-{eps_txt}.json")
+    if regime == "synth":
+        if epsilon is not None and math.isfinite(epsilon):
+            raise ConfigError("the synth regime touches no private record and spends no budget: it is trained "
+                              "once, without --epsilon, and reported at every budget", field="epsilon")
+        epsilon = math.inf
+    elif epsilon is None:
+        raise ConfigError(f"regime {regime} needs a target budget (--epsilon, inf = non-private)", field="epsilon")
+    name = cell_name(regime, epsilon)
+    out = Path(out or Path("models/classifier") / name)
+    metrics_out = Path(metrics_out or Path("metrics/train") / f"{name}.json")
+    report_out = Path(report_out or Path("reports/train") / f"{name}.json")
     dist = distributed.setup(device or cfg.train.device)  # None outside torchrun
     try:
         return _run_cell(cfg, regime, epsilon, seeds, resume, dist.device if dist else resolve_device(device or cfg.train.device),
-                         out, metrics_out, report_out, tuned_path, dist, resume_if_valid)
+                         out, metrics_out, report_out, tuned_path, dist, resume_if_valid, synth_model)
     finally:
         if dist is not None:
             distributed.shutdown()
 
 
 def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report_out, tuned_path, dist,
-              resume_if_valid: bool = False) -> dict:
+              resume_if_valid: bool = False, synth_model: Path = Path("models/classifier/synth")) -> dict:
     main = dist is None or dist.is_main
     eps_txt = format_epsilon(epsilon)
     seeds = list(seeds or cfg.train.seeds)
@@ -225,6 +256,10 @@ def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report
             raise DataError(f"synthetic patches are {synth.images.shape[-2:]} but real ones "
                             f"{val.images.shape[-2:]}; regenerate the synthetic set", path=sm)
     tuned = load_tuned(tuned_path)
+    if regime == "synth-pretrain+dp-finetune":  # fail before any training if a seed's pretraining is missing
+        inits = {seed: synth_model_dir(synth_model, seed) for seed in seeds}
+    else:
+        inits = {}
 
     results = []
     parent = grid_parent_run(cfg) if main else None
@@ -238,7 +273,7 @@ def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report
         for seed in seeds:
             results.append(_train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                                        dev, tmp_out / f"seed={seed}", ckpt_root / f"seed={seed}",
-                                       resume, parent, manifest, resume_mode, main=main))
+                                       resume, parent, manifest, resume_mode, main=main, init=inits.get(seed)))
     if not main:
         return {"regime": regime, "epsilon_target": epsilon, "runs": results, "rank": dist.rank}
     summary = {
@@ -247,10 +282,11 @@ def _run_cell(cfg, regime, epsilon, seeds, resume, dev, out, metrics_out, report
         "val_auprc_mean": float(np.nanmean([r["val_auprc"] for r in results])),
         "epsilon_spent_max": max(r["epsilon"] for r in results),
         "privacy_note": PRIVACY_NOTE, **provenance,
+        **({"budget_independent": True} if regime == "synth" else {}),
     }
     write_json(report_out, summary)
     write_json(metrics_out, cell_metrics(summary))
-    print(f"train {regime} eps={eps_txt}: val AUPRC {summary['val_auprc_mean']:.3f}, "
+    print(f"train {regime} {'(every budget)' if regime == 'synth' else 'eps=' + eps_txt}: val AUPRC {summary['val_auprc_mean']:.3f}, "
           f"epsilon spent {format_epsilon(summary['epsilon_spent_max']) if math.isinf(summary['epsilon_spent_max']) else round(summary['epsilon_spent_max'], 3)} "
           f"(target {eps_txt}) -> {out}")
     return summary
@@ -263,7 +299,7 @@ def _scratch_dir():
 
 
 def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned, dev, model_dir, ckpt_dir,
-                resume, parent, manifest, resume_mode="refuse", main: bool = True) -> dict:
+                resume, parent, manifest, resume_mode="refuse", main: bool = True, init: Path | None = None) -> dict:
     import mlflow
 
     from mammodp import tracking
@@ -277,6 +313,11 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
     seed_everything(seed)
     spec = fit_spec(cfg, epsilon, seed, tuned, regime)
     model = create_classifier(cfg.model.preset, pretrained_weights=cfg.model.pretrained_weights, mode=cfg.model.mode)
+    init_meta = _load_init(model, init, cfg) if init is not None else None
+    if init_meta is not None and str(init_meta.get("generator_run_id")) != str(provenance.get("generator_run_id")):
+        raise DataError(f"the synth model was trained on the synthetic set of generator run "
+                        f"{init_meta.get('generator_run_id')}, but data/synthetic now comes from "
+                        f"{provenance.get('generator_run_id')}; retrain it (DVC stage train_synth)", path=init)
     eps_txt = format_epsilon(epsilon)
     private_touched_without_dp = math.isinf(epsilon) and real is not None
     tags = {
@@ -285,6 +326,11 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         "private_data_without_dp": str(private_touched_without_dp or provenance["synthetic_privacy"] == "not_covered").lower(),
         "manifest_hash": tracking.manifest_hash(manifest), **provenance,
     }
+    if regime == "synth":
+        tags["budget_independent"] = "true"  # one model for every budget (promotion may use it at any it fits)
+    if init_meta is not None:
+        tags["init_run_id"] = init_meta["run_id"]  # lineage: the synth model (shared synthetic pretraining)
+        tags["init_model"] = str(init)
     desc = f"{regime} at target epsilon {eps_txt}, seed {seed}. {PRIVACY_NOTE}"
     if provenance["synthetic_privacy"] == "not_covered":
         desc += (" The synthetic data came from a generator trained on private data WITHOUT DP: "
@@ -296,7 +342,9 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
     run_settings = {"params": {k: v for k, v in flatten(cfg).items() if k not in grid_lists},
                     "cell": {"regime": regime, "epsilon": epsilon, "seed": seed, "tuned": tuned or {}},
                     "data": {"cbis_manifest": tags["manifest_hash"], **{k: provenance[k] for k in sorted(provenance)},
-                             **({"synthetic_n": len(synth)} if synth is not None else {})}}
+                             **({"synthetic_n": len(synth)} if synth is not None else {}),
+                             **({"init": {"run_id": init_meta["run_id"], "weights_sha256": init_meta["weights_sha256"]}}
+                                if init_meta is not None else {})}}
 
     def ckpt(name):
         return Checkpoint(ckpt_dir / name, {**run_settings, "phase": name}, on_mismatch=resume_mode)
@@ -326,18 +374,11 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             if main:
                 tracking.log_metrics({k: rec[k] for k in ("epsilon", "train_loss", "val_auprc")}, step=rec["epoch"] + offset)
 
-        if regime == "synth-pretrain+dp-finetune":
-            pre = replace(spec, epsilon=math.inf, epochs=cfg.train.pretrain_epochs)
-            pre_res = fit(model, pre, private=None, public=synth, val=val, device=dev,
-                          checkpoint=ckpt("pretrain.pt"), resume=resume,
-                          on_epoch=lambda r: main and tracking.log_metrics({"pretrain_val_auprc": r["val_auprc"],
-                                                                            "pretrain_loss": r["train_loss"]}, step=r["epoch"]),
-                          desc=f"pretrain seed={seed}")
-            model.load_state_dict(pre_res.best_state)
+        if regime == "synth-pretrain+dp-finetune":  # the synth model (loaded above) is the pretraining
             res = fit(model, spec, private=real, public=None, val=val, device=dev,
                       checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"finetune seed={seed}")
         elif regime == "synth":
-            res = fit(model, replace(spec, epsilon=math.inf), private=None, public=synth, val=val, device=dev,
+            res = fit(model, spec, private=None, public=synth, val=val, device=dev,
                       checkpoint=ckpt("last.pt"), resume=resume, on_epoch=on_epoch, desc=f"synth seed={seed}")
         elif regime == "real+synth":
             res = fit(model, spec, private=real, public=synth, val=val, device=dev,
@@ -362,6 +403,8 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
             "delta": cfg.dp.delta, "threshold": thr, "best_epoch": res.best_epoch, "run_id": run.info.run_id,
             "privacy": privacy, "privacy_note": PRIVACY_NOTE, **provenance, **end_to_end_meta(e2e),
             "serve": asdict(cfg.serve),  # the served model's request limits (mammodp.serving)
+            **({"budget_independent": True} if regime == "synth" else {}),
+            **({"init_run_id": init_meta["run_id"]} if init_meta is not None else {}),
         }
         save_classifier(model, meta, model_dir)
         mlflow.log_params({
@@ -385,6 +428,25 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
                 "epsilon": spent, "epsilon_total": e2e.text, "within_budget": within, "best_epoch": res.best_epoch,
                 "threshold": thr, "model_dir": str(Path(model_dir).name), **{k: privacy.get(k) for k in
                 ("noise_multiplier", "sample_rate", "steps", "accountant", "accountant_fallback")}}
+
+
+def _load_init(model, init: Path, cfg: Config) -> dict:
+    """Load the synth model of `init` (a `save_classifier` folder) into `model`; its meta plus
+    the weights' sha256 (a checkpoint of the fine-tune names the exact pretraining it started from)."""
+    import hashlib
+
+    import torch
+
+    from mammodp.inference import MODEL_META, MODEL_WEIGHTS
+
+    meta = json.loads((Path(init) / MODEL_META).read_text())
+    for key, want in (("preset", cfg.model.preset), ("mode", cfg.model.mode), ("patch_size", cfg.prepare.patch_size)):
+        if meta.get(key) != want:
+            raise DataError(f"the synth model was trained with {key}={meta.get(key)!r}, this run uses {want!r}; "
+                            "retrain it (DVC stage train_synth)", path=init)
+    weights = Path(init) / MODEL_WEIGHTS
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return {**meta, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
 
 
 # --------------------------------------------------------------------------- end-to-end privacy

@@ -93,6 +93,7 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     _run(["dvc", "repro"], repo, env)
     summary = json.loads((repo / "reports/eval/summary.json").read_text())
     assert summary["n_runs"] == 5 * 2  # 4 regimes + the radiomics-linear baseline x {1, inf} x 1 seed
+    assert summary["n_models"] == 4 * 2 + 1  # synth: one model, reported at both budgets
     for rec in summary["privacy_utility"]:
         if rec["epsilon"] != "inf" and rec["regime"] != "synth":
             assert float(rec["epsilon_spent"]) <= float(rec["epsilon"]) + 1e-9
@@ -125,20 +126,23 @@ def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project
     _run(["git", "commit", "-qm", "results"], repo, env)
 
     # A new budget leaves every existing cell up to date (only the new cells, evaluation and
-    # what follows it change).
+    # what follows it change): not the shared public pretraining, not the synth model (the
+    # shared synthetic pretraining), not the other budgets' fine-tunes.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["epsilons"] = [1, 3, "inf"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout))
-    assert {"train_real@3", "train@synth-3", "train_baseline@3"} <= changed, changed
-    assert not changed & {"train_real@1", "train_real@inf", "train@synth-1", "train@real+synth-inf",
+    assert {"train_real@3", "train@synth-pretrain+dp-finetune-3", "train@real+synth-3",
+            "train_baseline@3"} <= changed, changed
+    assert not changed & {"train_real@1", "train_real@inf", "train_synth", "train@synth-pretrain+dp-finetune-1",
+                          "train@synth-pretrain+dp-finetune-inf", "train@real+synth-inf",
                           "train_gan", "tune@6", "public_data", "pretrain", "features", "train_baseline@1",
                           "train_baseline@inf"}, changed
     _run(["git", "checkout", "params.yaml"], repo, env)
 
     res = _run(["dvc", "exp", "run", "-S", "gan.lr=0.0003"], repo, env)
     out = res.stdout + res.stderr
-    for stage in ("train_gan", "synthesize", "synth_quality", "train@synth-1"):
+    for stage in ("train_gan", "synthesize", "synth_quality", "train_synth", "train@synth-pretrain+dp-finetune-1"):
         assert f"Running stage '{stage}'" in out, stage
     for stage in ("prepare_cbis", "prepare_bcdr", "validate", "train_real@1", "train_real@inf", "features",
                   "train_baseline@1"):

@@ -96,7 +96,7 @@ def test_code_deps_are_exactly_the_imported_modules(name):
 def test_params_are_leaf_keys_or_whole_sections_read_whole():
     """A section may be listed whole only if the stage reads all of it."""
     whole_ok = {"train_gan": {"gan"}, "synthesize": {"synthesize"}, "synth_quality": {"synth_quality"},
-                "train_real": {"model", "dp"}, "train": {"model", "dp"}, "tune": {"model", "dp"},
+                "train_real": {"model", "dp"}, "train": {"model", "dp"}, "train_synth": {"model", "dp"}, "tune": {"model", "dp"},
                 "promote": {"promote"}}
     sections = {"phantom", "data", "prepare", "validate", "model", "dp", "train", "evaluate", "gan",
                 "synthesize", "synth_quality", "tune", "promote"}
@@ -112,9 +112,15 @@ def test_train_cells_list_exactly_their_regimes_train_keys():
     real = {k.split(".", 1)[1] for k in STAGES["train_real"]["params"] if k.startswith("train.")}
     assert real == set(REGIME_TRAIN_KEYS["real"])
     synth = {k.split(".", 1)[1] for k in STAGES["train"]["params"] if k.startswith("train.")}
-    union = set().union(*(REGIME_TRAIN_KEYS[r] for r in ("real+synth", "synth", "synth-pretrain+dp-finetune")))
+    union = set().union(*(REGIME_TRAIN_KEYS[r] for r in ("real+synth", "synth-pretrain+dp-finetune")))
     assert synth == union
-    assert "train.epsilons" not in STAGES["train_real"]["params"] + STAGES["train"]["params"]
+    once = {k.split(".", 1)[1] for k in STAGES["train_synth"]["params"] if k.startswith("train.")}
+    assert once == set(REGIME_TRAIN_KEYS["synth"]) and "epochs" not in once
+    for name in ("train_real", "train", "train_synth"):
+        assert "train.epsilons" not in STAGES[name]["params"], name
+    # The fine-tunes start from the one synth model; the synth cell takes no budget.
+    assert "models/classifier/synth" in STAGES["train"]["deps"]
+    assert "epsilon" not in STAGES["train_synth"]["cmd"] and "matrix" not in STAGES["train_synth"]
 
 
 def test_metrics_outputs_are_declared_apart_from_reports():
