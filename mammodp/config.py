@@ -122,6 +122,10 @@ class DPConfig:
     per_sample_method: Literal["auto", "vmap", "hooks", "mixed", "ghost"] = "auto"  # auto: mixed, checked vs vmap
 
 
+# The one cell (folder, metrics and report name) of the budget-independent `synth` regime.
+SYNTH_CELL = "synth"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Classifier training grid and loop (`mammodp train`)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mammodp.config import Config, format_epsilon
+from mammodp.config import SYNTH_CELL, Config, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
 from mammodp.data.manifest import manifest_path
 from mammodp.errors import DataError
@@ -123,8 +123,6 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
 
     tables, manifests = _tables(cfg)
     baseline_inputs = _baseline_inputs(tables, features)
-    from mammodp.stages.train import SYNTH_CELL
-
     regimes = tuple(cfg.train.regimes) + (BASELINE,)
     # `synth` is one model for every budget (eps None here): evaluated once, reported at each.
     cells = [(r, None) if r == "synth" else (r, e) for r in regimes

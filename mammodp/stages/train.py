@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mammodp.config import Config, flatten, format_epsilon
+from mammodp.config import SYNTH_CELL, Config, flatten, format_epsilon
 from mammodp.data.datasets import PatchTable, read_manifest_table
 from mammodp.data.manifest import manifest_path
 from mammodp.errors import ConfigError, DataError
@@ -77,8 +77,6 @@ REGIME_TRAIN_KEYS = {
     "synth": tuple(k if k != "epochs" else "pretrain_epochs" for k in _COMMON_KEYS),
     "synth-pretrain+dp-finetune": _COMMON_KEYS,  # + the synth model's own keys, through its weights
 }
-# The one cell of the budget-independent regime (its folder, metrics and report name).
-SYNTH_CELL = "synth"
 
 
 def cell_name(regime: str, epsilon: float) -> str:
