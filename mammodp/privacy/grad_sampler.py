@@ -162,12 +162,19 @@ class Recorder:
     def _hooks(self, sink, state: dict):
         handles, patched = [], []
 
-        def watch(call: LayerCall):
+        def watch(call: LayerCall, release: bool = False):
             state["pending"] += 1
 
             def on_grad(g):
                 sink(call, g)  # backward without create_graph runs hooks with grad mode off: no graph
                 state["fired"] += 1
+                if release:
+                    # The captured gradient of a backward input (a per-window bias copy, as large
+                    # as the attention map) would stay alive until backward returns: replace it by
+                    # a zero-strided view of one number, so that its storage is freed (and reused
+                    # by the allocator) as soon as the sink has consumed it.
+                    return g.new_zeros(()).expand(g.shape)
+                return None
 
             return on_grad
 
@@ -185,7 +192,7 @@ class Recorder:
                     # One copy per window, a leaf that backward is asked for: its gradient is
                     # the per-window one, and autograd computes no summed table gradient.
                     full = b.expand(batch["n"], -1, -1, -1).requires_grad_()
-                    full.register_hook(watch(LayerCall(key, mod, "window_attention", own, None)))
+                    full.register_hook(watch(LayerCall(key, mod, "window_attention", own, None), release=True))
                     state["roots"].append(full)
                     return full
 
