@@ -159,15 +159,26 @@ class Recorder:
         return frozen_features(self.features, x, self._autocast(x.device))
 
     @contextlib.contextmanager
-    def _hooks(self, sink, state: dict):
+    def _hooks(self, state: dict):
         handles, patched = [], []
 
-        def watch(call: LayerCall):
+        def watch(call: LayerCall, release: bool = False):
+            # The hook reaches its call and the sink only through `state`, which `run` empties
+            # afterwards (see there): it captures nothing else that holds tensors.
+            i = state["pending"]
             state["pending"] += 1
+            state["calls"].append(call)
 
             def on_grad(g):
-                sink(call, g)  # backward without create_graph runs hooks with grad mode off: no graph
+                state["sink"](state["calls"][i], g)  # backward without create_graph: grad mode off, no graph
                 state["fired"] += 1
+                if release:
+                    # The captured gradient of a backward input (a per-window bias copy, as large
+                    # as the attention map) would stay alive until backward returns: replace it by
+                    # a zero-strided view of one number, so that its storage is freed (and reused
+                    # by the allocator) as soon as the sink has consumed it.
+                    return g.new_zeros(()).expand(g.shape)
+                return None
 
             return on_grad
 
@@ -185,7 +196,7 @@ class Recorder:
                     # One copy per window, a leaf that backward is asked for: its gradient is
                     # the per-window one, and autograd computes no summed table gradient.
                     full = b.expand(batch["n"], -1, -1, -1).requires_grad_()
-                    full.register_hook(watch(LayerCall(key, mod, "window_attention", own, None)))
+                    full.register_hook(watch(LayerCall(key, mod, "window_attention", own, None), release=True))
                     state["roots"].append(full)
                     return full
 
@@ -219,22 +230,31 @@ class Recorder:
 
     def run(self, x: torch.Tensor, y: torch.Tensor, sink) -> torch.Tensor:
         """Forward + one backward over prepared inputs; returns detached per-sample losses (n,)."""
-        state = {"pending": 0, "fired": 0, "roots": [], "first": None}
-        with self._hooks(sink, state), self._autocast(x.device):
-            logits = self.module(x)
-        losses = self._per_sample_loss(logits.float(), y)  # (n,)
-        # One backward. Its inputs are the FIRST trainable layer's output (every later layer
-        # lies on the way to it) and the per-window bias copies; parameters are not asked
-        # for, so autograd skips every summed weight gradient, and the tensor hooks consume
-        # each layer's gradient as it passes.
-        inputs = ([state["first"]] if state["first"] is not None else []) + state["roots"]
-        if inputs:
-            torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-        if state["fired"] != state["pending"]:
-            raise RuntimeError(
-                f"hook-based per-sample gradients reached {state['fired']} of {state['pending']} layer calls; "
-                "this model's layers do not form one chain: use method='vmap'")
-        return losses.detach()
+        state = {"pending": 0, "fired": 0, "roots": [], "first": None, "calls": [], "sink": sink}
+        try:
+            with self._hooks(state), self._autocast(x.device):
+                logits = self.module(x)
+            losses = self._per_sample_loss(logits.float(), y)  # (n,)
+            # One backward. Its inputs are the FIRST trainable layer's output (every later layer
+            # lies on the way to it) and the per-window bias copies; parameters are not asked
+            # for, so autograd skips every summed weight gradient, and the tensor hooks consume
+            # each layer's gradient as it passes.
+            inputs = ([state["first"]] if state["first"] is not None else []) + state["roots"]
+            if inputs:
+                torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+            if state["fired"] != state["pending"]:
+                raise RuntimeError(
+                    f"hook-based per-sample gradients reached {state['fired']} of {state['pending']} layer calls; "
+                    "this model's layers do not form one chain: use method='vmap'")
+            return losses.detach()
+        finally:
+            # The hooks live on autograd nodes (C++), and what they reach -- each call's input
+            # activation, the sink's stored (a, g), the first output -- leads back to those
+            # nodes through grad_fn: a reference cycle that Python's garbage collector cannot
+            # see, which kept every step's graph and activations alive (~30 MiB a step leaked at
+            # swin_micro, batch 32, and the page faults of fresh memory every step). Emptying
+            # the state the hooks share breaks it.
+            state.clear()
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:

@@ -246,3 +246,24 @@ def test_hook_routes_under_bf16_autocast_on_cpu_match_the_loop(route):
     # without a GPU (vmap cannot differentiate CPU bf16 autocast); the CUDA test above covers
     # every route.
     _bf16_route_matches_the_loop(route, "cpu")
+
+
+@pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
+def test_hook_routes_free_the_step_graph_and_activations(route):
+    """Regression: the hooks on autograd nodes once reached (through the layer inputs and the
+    sink's stored activations) back to those nodes, a reference cycle through C++ that the
+    garbage collector cannot break: every step's graph and activations leaked."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = create_classifier("swin_micro", mode="full")
+    x, y = _batch(4, seed=3)
+    seen: list[weakref.ref] = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: seen.append(weakref.ref(inp[0])))
+               for m in model.modules() if isinstance(m, nn.Linear)]
+    clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1.0, method=route)
+    for h in handles:
+        h.remove()
+    gc.collect()
+    assert seen and all(r() is None for r in seen), f"{sum(r() is not None for r in seen)} of {len(seen)} alive"
