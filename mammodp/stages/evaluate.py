@@ -125,8 +125,7 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     baseline_inputs = _baseline_inputs(tables, features)
     regimes = tuple(cfg.train.regimes) + (BASELINE,)
     # `synth` is one model for every budget (eps None here): evaluated once, reported at each.
-    cells = [(r, None) if r == "synth" else (r, e) for r in regimes
-             for e in ((None,) if r == "synth" else cfg.train.epsilons)]
+    cells = [(r, e) for r in regimes for e in ((None,) if r == "synth" else cfg.train.epsilons)]
     run_dirs = []
     for regime, eps in cells:
         for seed in cfg.train.seeds:
