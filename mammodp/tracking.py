@@ -16,6 +16,7 @@ import functools
 import hashlib
 import math
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -232,4 +233,23 @@ def log_dataset(frame, manifest: str | Path, name: str, context: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(rows, source=str(manifest), name=name,
                                           targets="label" if "label" in rows.columns else None)
-    mlflow.log_input(dataset, context=context)
+    # Concurrent runs on one shared SQL store (queue jobs, torchrun ranks, Optuna workers) can all
+    # miss the dataset row and insert it at once: MLflow looks it up and inserts in one
+    # transaction, so the losers get a unique-key violation on `dataset_pk` and nothing of theirs
+    # is written. A retry then finds the winner's row and links this run to it.
+    for attempt in range(5):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            if attempt == 4 or not _is_dataset_insert_race(exc):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def _is_dataset_insert_race(exc: Exception) -> bool:
+    """Whether `exc` is the store's unique-key violation on the datasets table (PostgreSQL,
+    MySQL or SQLite wording), the one error a retry of `log_input` is known to resolve."""
+    text = str(exc)
+    return ("dataset_pk" in text or "datasets." in text or "INSERT INTO datasets" in text) and any(
+        k in text for k in ("UniqueViolation", "duplicate key", "Duplicate entry", "UNIQUE constraint"))
