@@ -225,3 +225,14 @@ def test_lint_params_fails_on_an_incomplete_plan(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mammodp", "lint-params", str(bad)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 1 and "dp.delta" in out.stdout
+
+
+def test_gan_public_warm_start_needs_a_public_set(tmp_path):
+    data = _params()
+    data["gan"]["dp"]["public_data"] = None
+    data["gan"]["dp"]["public_epochs"] = 3
+    with pytest.raises(ConfigError, match=r"gan\.dp\.public_epochs: a public warm start needs gan\.dp\.public_data"):
+        load_config(_write(tmp_path, data))
+    data["gan"]["dp"]["public_epochs"] = -1
+    with pytest.raises(ConfigError, match=r"gan\.dp\.public_epochs"):
+        load_config(_write(tmp_path, data))

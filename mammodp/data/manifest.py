@@ -204,3 +204,26 @@ __all__ = [
     "read_manifest",
     "resolve_image_paths",
 ]
+
+
+def private_manifests(prepared_dir: str | Path) -> list[Path]:
+    """The prepared private/test sets (CBIS, BCDR) present under `prepared_dir`."""
+    return [m for m in (manifest_path(prepared_dir, s) for s in ("cbis", "bcdr")) if m.is_file()]
+
+
+def check_public_disjoint(public: pd.DataFrame, public_manifest: Path, others: list[Path], knob: str) -> None:
+    """Refuse a public set that shares a patient with a private or test split.
+
+    Args:
+        knob: the setting that moves the public set's patient ids (named in the error).
+
+    Raises:
+        DataError: naming the manifest that shares patients, and a few of them.
+    """
+    mine = set(public["patient_id"].astype(str))
+    for m in others:
+        shared = sorted(mine & set(pd.read_parquet(m, columns=["patient_id"])["patient_id"].astype(str)))
+        if shared:
+            raise DataError(f"the public set {public_manifest} shares {len(shared)} patient(s) with "
+                            f"this private/test set, e.g. {', '.join(shared[:3])}; a public set must hold "
+                            f"no private patient ({knob})", path=m)

@@ -20,37 +20,16 @@ import math
 import time
 from pathlib import Path
 
-import pandas as pd
 
 from mammodp.config import Config
 from mammodp.data.datasets import PatchTable, read_manifest_table
-from mammodp.data.manifest import manifest_path
+from mammodp.data.manifest import check_public_disjoint, manifest_path, private_manifests
 from mammodp.errors import DataError
 from mammodp.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.pt"
-
-
-def private_manifests(cfg: Config) -> list[Path]:
-    """The prepared sets the public set must not share a patient with (those present)."""
-    return [m for m in (manifest_path(cfg.data.prepared_dir, s) for s in ("cbis", "bcdr")) if m.is_file()]
-
-
-def check_disjoint(public: pd.DataFrame, public_manifest: Path, others: list[Path]) -> None:
-    """Refuse a public set that shares a patient with a private or test split.
-
-    Raises:
-        DataError: naming the manifest that shares patients, and a few of them.
-    """
-    mine = set(public["patient_id"].astype(str))
-    for m in others:
-        shared = sorted(mine & set(pd.read_parquet(m, columns=["patient_id"])["patient_id"].astype(str)))
-        if shared:
-            raise DataError(f"the public pretraining set {public_manifest} shares {len(shared)} patient(s) with "
-                            f"this private/test set, e.g. {', '.join(shared[:3])}; a pretraining set must hold "
-                            "no private patient (pretrain.patient_offset)", path=m)
 
 
 def fit_spec(cfg: Config):
@@ -98,7 +77,7 @@ def run(cfg: Config, data: Path = Path("data/public"), out: Path = Path("models/
 
     manifest = manifest_path(Path(data) / "prepared")
     df = read_manifest_table(manifest)
-    check_disjoint(df, manifest, private_manifests(cfg))
+    check_public_disjoint(df, manifest, private_manifests(cfg.data.prepared_dir), "pretrain.patient_offset")
     tables = {split: PatchTable.from_frame(df[df["split"] == split]) for split in ("train", "val", "test")}
     dev = resolve_device(device or cfg.train.device)
     seed_everything(cfg.seed)

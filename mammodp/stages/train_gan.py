@@ -15,7 +15,10 @@ accountant history that `mammodp train` composes with the classifier's (end-to-e
 Under DP nothing computed on real patches leaves the run except through DP-SGD: no loss or
 D(real) over real batches is logged, divergence is watched on the generator loss only, and
 the real-data diversity yardstick of the mode-collapse check is not computed (sample
-diversity, a function of the generator alone, is logged instead). A non-private GAN logs all
+diversity, a function of the generator alone, is logged instead). With `gan.dp.public_data`
+a public in-domain set (disjoint patients) supplies that yardstick, and with
+`gan.dp.public_epochs` > 0 both networks are first trained on it without DP (warm start):
+from scratch, DP-SGD at demo size collapses the generator. A non-private GAN logs all
 of these; they are releases of private data without DP and its run says so
 (`privacy/what_epsilon_covers.txt`).
 
@@ -70,6 +73,11 @@ DP_NOTE = (
     "(real-data diversity) is not computed. Released without DP: the number of training images "
     "and the manifest hash (lineage)."
 )
+PUBLIC_NOTE = (
+    " Public data, outside what epsilon covers and needing none: the public set {manifest} ({n} patches, "
+    "sharing no patient with any private or test split) trained both networks without DP for {epochs} "
+    "epoch(s) before the DP epochs (warm start), and its diversity is the mode-collapse yardstick."
+)
 NON_DP_NOTE = (
     "NOT private: the GAN trained on the real CBIS training patches without DP, so no epsilon covers "
     "it or any synthetic data it makes. Its diagnostics are computed on real batches and released "
@@ -105,9 +113,6 @@ def load_training_images(cfg: Config, privacy_unit: str = "patch"):
 
     Record ids name each patch's privacy record: the patch itself, or its patient.
     """
-    import torch
-    from torch.nn import functional as F
-
     from mammodp.data.datasets import PatchTable
 
     table = PatchTable.load(manifest_path(cfg), splits=["train"])
@@ -115,10 +120,81 @@ def load_training_images(cfg: Config, privacy_unit: str = "patch"):
     labels = labels.clone()
     if set(np.unique(labels.numpy())) - {0, 1}:
         raise DataError("labels must be 0 (benign) or 1 (malignant)", path=manifest_path(cfg))
-    s = cfg.gan.image_size
-    if images.shape[-1] != s or images.shape[-2] != s:
-        images = F.interpolate(images, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-    return (images * 2.0 - 1.0).contiguous(), labels, table.record_ids(privacy_unit)
+    return _resize_for_gan(images, cfg.gan.image_size), labels, table.record_ids(privacy_unit)
+
+
+def _resize_for_gan(images, size: int):
+    """(N, 1, H, W) patches in [0, 1] -> (N, 1, size, size) in [-1, 1]."""
+    from torch.nn import functional as F
+
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (images * 2.0 - 1.0).contiguous()
+
+
+def load_public_images(cfg: Config):
+    """The public set of `gan.dp.public_data` (every split: all of it is public) for the GAN.
+
+    Returns (images (N,1,S,S) in [-1, 1], labels (N,), lineage dict).
+
+    Raises:
+        DataError: no prepared manifest in the folder (e.g. `pretrain.enabled: false` left it
+            empty), labels other than 0/1, or a patient shared with a private or test split.
+    """
+    from mammodp import tracking
+    from mammodp.data.datasets import PatchTable, read_manifest_table
+    from mammodp.data.manifest import check_public_disjoint, private_manifests
+    from mammodp.data.manifest import manifest_path as prepared_manifest
+
+    folder = Path(str(cfg.gan.dp.public_data))
+    path = prepared_manifest(folder / "prepared")
+    if not path.is_file():
+        raise DataError("gan.dp.public_data names no prepared public set (expected the output of "
+                        "`mammodp phantom --public` or a prepared public set here)", path=path)
+    df = read_manifest_table(path)
+    check_public_disjoint(df, path, private_manifests(cfg.data.prepared_dir), "pretrain.patient_offset")
+    table = PatchTable.from_frame(df)
+    images, labels = table.tensors()
+    if set(np.unique(labels.numpy())) - {0, 1}:
+        raise DataError("labels must be 0 (benign) or 1 (malignant)", path=path)
+    info = {"manifest": str(path), "manifest_hash": tracking.manifest_hash(path), "n_images": int(len(labels)),
+            "epochs": int(cfg.gan.dp.public_epochs)}
+    return _resize_for_gan(images, cfg.gan.image_size), labels.clone(), info
+
+
+def _public_warm_start(G, D, images, labels, cfg: Config, dev) -> list[dict[str, float]]:
+    """`gan.dp.public_epochs` non-private epochs on the public set; returns per-epoch mean losses.
+
+    Its own Adam pair (the DP phase starts with fresh optimiser state) and its own seeded
+    streams: nothing here reads a private record.
+    """
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from tqdm import tqdm
+
+    from mammodp.data.datasets import random_flips
+    from mammodp.models import mcgan
+
+    g = cfg.gan
+    opt_g = torch.optim.Adam(G.parameters(), lr=g.lr, betas=g.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=g.lr, betas=g.betas)
+    rng = torch.Generator().manual_seed(cfg.seed + 5)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=g.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed + 6), drop_last=False)
+    rows = []
+    for epoch in tqdm(range(g.dp.public_epochs), desc="train-gan public warm start", unit="epoch"):
+        sums = {"loss_d": 0.0, "loss_g": 0.0}
+        for x, y in loader:
+            x = random_flips(x, generator=rng).to(dev, non_blocking=True)
+            stats = mcgan.discriminator_step(D, G, opt_d, x, y.to(dev), label_range=g.real_label_range, generator=rng)
+            stats |= mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, generator=rng)
+            for k in sums:
+                sums[k] += stats[k]
+        rows.append({"epoch": epoch + 1, **{k: v / len(loader) for k, v in sums.items()}})
+        if not all(math.isfinite(v) for v in rows[-1].values()):
+            raise DataError(f"the public warm start diverged at epoch {epoch + 1} ({rows[-1]}); lower gan.lr "
+                            "or gan.dp.public_epochs", path=Path(str(g.dp.public_data)))
+    return rows
 
 
 def tile(images: np.ndarray, cols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -184,7 +260,7 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, spec) -> None:
     saved = ckpt["config"]
     now = flatten(cfg.gan) | {"privacy_unit": cfg.dp.privacy_unit}
     keys = ("image_size", "latent_dim", "width", "batch_size", "dp.enabled", "dp.epsilon", "dp.delta",
-            "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise")
+            "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise", "dp.public_data", "dp.public_epochs")
     for key in keys:
         if saved.get(key) != now.get(key):
             raise ConfigError(
@@ -310,6 +386,17 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
 
+    # Public data (DP only: a non-private run has the real patches themselves): the warm start
+    # and the mode-collapse yardstick. A resumed run's networks already hold the warm start.
+    public = None
+    if private and g.dp.public_data:
+        pub_images, pub_labels, public = load_public_images(cfg)
+        if g.dp.public_epochs > 0 and not resume:
+            public["history"] = _public_warm_start(G, D, pub_images, pub_labels, cfg, dev)
+            last = public["history"][-1]
+            log.info("train-gan: public warm start, %d epochs on %d public patches (loss_d %.3f, loss_g %.3f)",
+                     g.dp.public_epochs, public["n_images"], last["loss_d"], last["loss_g"])
+
     engine = None
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     loader = None
@@ -328,15 +415,18 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     rng_g = torch.Generator().manual_seed(cfg.seed + 4)
     fixed_z = torch.randn(GRID_PER_CLASS, g.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
 
-    # Real diversity per class, the yardstick of mode collapse: a statistic of real patches,
-    # so only without DP.
+    # Real diversity per class, the yardstick of mode collapse: a statistic of real patches, so
+    # without DP only; under DP it comes from the public set when there is one.
     real_div: dict[int, float] = {}
-    if not private:
+    yard_images, yard_labels = (images, labels) if not private else \
+        ((pub_images, pub_labels) if public is not None else (None, None))
+    if yard_images is not None:
         pick = torch.Generator().manual_seed(cfg.seed + 3)
         for c in (0, 1):
-            idx = torch.nonzero(labels == c).view(-1)
+            idx = torch.nonzero(yard_labels == c).view(-1)
             idx = idx[torch.randperm(len(idx), generator=pick)[:64]]
-            real_div[c] = mcgan.pairwise_diversity((images[idx] + 1) / 2)
+            if len(idx) > 1:
+                real_div[c] = mcgan.pairwise_diversity((yard_images[idx] + 1) / 2)
 
     start_epoch, step, history, run_id, warns = 0, 0, [], None, []
     if ckpt is not None:
@@ -365,6 +455,9 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         tags["private_data_without_dp"] = "false"
         tags.update({"delta": g.dp.delta, "accountant": g.dp.accountant, "privacy_unit": cfg.dp.privacy_unit,
                      "noise_seeded": str(not secret).lower()})
+        if public is not None:
+            tags["public_data"] = f"{public['manifest']} sha256:{public['manifest_hash']} n={public['n_images']}"
+            tags["public_warm_start_epochs"] = g.dp.public_epochs
     else:
         # Same flag as every other run that touched private data without DP.
         tags["private_data_without_dp"] = "true"
@@ -421,14 +514,18 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         for _ in range(engine.steps_per_epoch):
             yield dp_step(), ("loss_g",)  # only public quantities are watched under DP
 
+    note = DP_NOTE if private else NON_DP_NOTE
+    if public is not None:
+        note += PUBLIC_NOTE.format(manifest=public["manifest"], n=public["n_images"], epochs=g.dp.public_epochs)
     t0 = time.perf_counter()
     with tracking.start_run(
         cfg.experiment, "train_gan", name=tracking.run_name("train_gan", epsilon=target_eps, seed=cfg.seed),
         tags=tags, params=None if run_id else params, run_id=run_id,
-        description="MCGAN (malignancy-conditioned DCGAN) on real CBIS training patches. "
-                    + (DP_NOTE if private else NON_DP_NOTE),
+        description="MCGAN (malignancy-conditioned DCGAN) on real CBIS training patches. " + note,
     ) as mlrun:
         run_id = mlrun.info.run_id
+        for row in (public or {}).get("history", []) if ckpt is None else []:
+            tracking.log_metrics({f"public_epoch_{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         G.train()
         D.train()
         bar = tqdm(range(start_epoch, g.epochs), initial=start_epoch, total=g.epochs, desc="train-gan",
@@ -505,6 +602,7 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             "delta": g.dp.delta if engine is not None else None,
             "privacy": privacy,
             "trained_on": lineage,
+            "public_data": public,
             "image_size": spec.image_size, "latent_dim": spec.latent_dim, "width": spec.width,
             "dp": spec.dp, "epochs": epochs_done, "steps": step, "seed": cfg.seed,
             "device": dev.type, "train_seconds": round(elapsed, 2), "warnings": warns,
@@ -515,7 +613,7 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         tracking.log_metrics({"train_seconds": elapsed})
         import mlflow
 
-        mlflow.log_text(DP_NOTE if private else NON_DP_NOTE, "privacy/what_epsilon_covers.txt")
+        mlflow.log_text(note, "privacy/what_epsilon_covers.txt")
         if engine is not None:
             mlflow.log_dict(privacy, "privacy/record.json")
     final_tags = {"final_epsilon": format_epsilon(privacy["epsilon"]) if engine else "non-private",

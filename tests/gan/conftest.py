@@ -70,3 +70,16 @@ def gan_project(tmp_path, monkeypatch):
         synth_quality=SynthQualityConfig(subsets=2, subset_size=4, inception_weights=None, seed=0),
     )
     return tmp_path, cfg
+
+
+@pytest.fixture
+def public_set(gan_project):
+    """Writes a tiny public set laid out as `mammodp phantom --public` does (`data/public/prepared`);
+    `source` sets the patient ids (`cbis-ddsm` reuses the private set's). Returns the folder name."""
+    root, _ = gan_project
+
+    def write(source: str = "phantom-public") -> str:
+        write_manifest(root / "data/public/prepared", {"train": 12, "val": 4, "test": 4}, source, seed=5)
+        return "data/public"
+
+    return write

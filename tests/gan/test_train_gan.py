@@ -258,3 +258,41 @@ def test_non_private_checkpoint_loads_without_pickle(gan_project):
     train_gan.run(cfg, out=root / "m")
     ckpt = torch.load(root / "m/checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["dp"] is None and ckpt["epoch"] == 1
+
+
+def test_dp_gan_public_warm_start_trains_on_public_data_only_and_says_so(gan_project, public_set):
+    root, cfg = gan_project
+    folder = public_set()
+    base = _dp(cfg, reproducible_noise=True)
+    cold = train_gan.run(base, out=root / "cold")
+    warm_cfg = _dp(cfg, reproducible_noise=True, public_data=folder, public_epochs=2)
+    warm = train_gan.run(warm_cfg, out=root / "warm")
+
+    # The warm start changed the networks; the DP phase and its accounting did not change.
+    a, _ = mcgan.load_generator(root / "cold/generator.pt")
+    b, _ = mcgan.load_generator(root / "warm/generator.pt")
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert warm["privacy"]["steps"] == cold["privacy"]["steps"] == warm["steps"]
+    assert warm["epsilon"] == pytest.approx(cold["epsilon"], rel=1e-12)
+    pub = warm["public_data"]
+    assert pub["n_images"] == 20 and pub["epochs"] == 2 and len(pub["history"]) == 2  # every split: all public
+    assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in pub["history"])
+    assert cold["public_data"] is None
+
+    import mlflow
+
+    run = mlflow.get_run(warm["run_id"])
+    assert run.data.tags["public_warm_start_epochs"] == "2"
+    assert "n=20" in run.data.tags["public_data"] and pub["manifest_hash"] in run.data.tags["public_data"]
+    assert len(mlflow.MlflowClient().get_metric_history(warm["run_id"], "public_epoch_loss_d")) == 2
+    statement = mlflow.artifacts.load_text(f"runs:/{warm['run_id']}/privacy/what_epsilon_covers.txt")
+    assert "outside what epsilon covers" in statement and "warm start" in statement
+
+
+def test_dp_gan_public_set_sharing_a_patient_is_refused(gan_project, public_set):
+    root, cfg = gan_project
+    folder = public_set("cbis-ddsm")  # same patient ids as the private CBIS set
+    with pytest.raises(DataError, match="shares .* patient"):
+        train_gan.run(_dp(cfg, public_data=folder, public_epochs=1), out=root / "bad")
+    with pytest.raises(DataError, match="names no prepared public set"):
+        train_gan.run(_dp(cfg, public_data="data/nowhere", public_epochs=1), out=root / "none")
