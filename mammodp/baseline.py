@@ -114,7 +114,7 @@ def _extractor(classes: Sequence[str], bin_count: int):
 
 
 def radiomics_features(images: np.ndarray, classes: Sequence[str] = FEATURE_CLASSES, bin_count: int = 32,
-                       *, progress: bool = False) -> tuple[np.ndarray, list[str]]:
+                       *, progress: bool = False, workers: int = 1) -> tuple[np.ndarray, list[str]]:
     """Radiomics features of each patch inside its `lesion_mask`.
 
     Args:
@@ -122,6 +122,8 @@ def radiomics_features(images: np.ndarray, classes: Sequence[str] = FEATURE_CLAS
         classes: pyradiomics feature classes (a subset of FEATURE_CLASSES).
         bin_count: grey levels of the texture matrices.
         progress: show a tqdm bar.
+        workers: processes sharing the patches (`mammodp.runtime.map_chunks`); a patch's
+            features depend on that patch alone, so the result is the same for any number.
 
     Returns:
         (float64 (N, F) features, their F names, e.g. `original_glcm_Contrast`).
@@ -140,6 +142,14 @@ def radiomics_features(images: np.ndarray, classes: Sequence[str] = FEATURE_CLAS
         x = x[:, 0]
     if x.ndim != 3 or len(x) == 0:
         raise ValueError(f"images must be (N, H, W) or (N, 1, H, W) with N >= 1, got shape {np.shape(images)}")
+    if workers > 1 and len(x) > 1:
+        import functools
+
+        from mammodp.runtime import map_chunks
+
+        parts = map_chunks(functools.partial(radiomics_features, classes=tuple(classes), bin_count=bin_count),
+                           x, workers, desc="radiomics" if progress else None, unit="patch")
+        return np.concatenate([f for f, _ in parts]), parts[0][1]
     ex = _extractor(classes, bin_count)
     rows, names = [], None
     for i in tqdm(range(len(x)), desc="radiomics", unit="patch", disable=not progress):

@@ -186,6 +186,7 @@ class BaselineConfig:
     weight_decay: float = 1e-3  # AdamW weight decay of the private linear model
     epochs: int = 30  # DP-SGD epochs (calibrates the noise with batch_size)
     batch_size: int = 64  # expected records per Poisson batch of the private linear model
+    workers: int = 2  # processes extracting features (per-patch work: the result does not depend on it)
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ class SynthQualityConfig:
     # Show the real training patches in the closest-pairs grid (MLflow + dvc plots): a release of
     # private data without DP; false withholds them (the synthetic row and distances stay).
     show_real_pairs: bool = False
+    workers: int = 2  # processes extracting radiomics features (the figures do not depend on it)
     seed: int = 0
 
 
@@ -574,7 +576,7 @@ def _check(obj: Any, prefix: str) -> None:
         if len(set(obj.features)) != len(obj.features):
             bad("features", "lists a class twice")
         at_least(2, "bin_count")
-        at_least(1, "epochs", "batch_size")
+        at_least(1, "epochs", "batch_size", "workers")
         at_least(0, "public_patches")
         text("scaler_source")
         finite("C", "lr", "weight_decay")
@@ -623,7 +625,7 @@ def _check(obj: Any, prefix: str) -> None:
         at_least(1, "n_per_class")
         seed("seed")
     if isinstance(obj, SynthQualityConfig):
-        at_least(1, "subsets", "closest_pairs")
+        at_least(1, "subsets", "closest_pairs", "workers")
         if obj.subset_size < 2:
             bad("subset_size", "must be >= 2 (a covariance needs two images)")
         at_least(4, "memorisation_size")

@@ -70,3 +70,38 @@ def claim_gpu(lock_dir: str | None = None) -> str | None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu
             return gpu
         time.sleep(1.0)
+
+
+def map_chunks(fn, items, workers: int, *, desc: str | None = None, unit: str = "item") -> list:
+    """`fn` over consecutive chunks of `items` in up to `workers` processes; the results
+    (one list or array per chunk, as `fn` returns them) in order.
+
+    For work that is independent per item and CPU-bound in Python (radiomics extraction):
+    `fn` must be picklable (a module-level function or a `functools.partial` of one). With
+    `workers <= 1` (or a single chunk) everything runs in this process. A progress bar
+    (`desc`) advances as chunks finish. An exception in a worker is raised here.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    n = len(items)
+    if n == 0:
+        return []
+    n_chunks = 1 if workers <= 1 else min(n, 4 * workers)  # a few chunks each: balance, and progress
+    bounds = np.linspace(0, n, n_chunks + 1).astype(int)
+    chunks = [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    bar = tqdm(total=n, desc=desc, unit=unit, disable=desc is None)
+    try:
+        if n_chunks == 1:
+            out = [fn(chunks[0])]
+            bar.update(n)
+            return out
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(fn, c) for c in chunks]
+            for fut, c in zip(futures, chunks):
+                fut.result()  # in order: the bar moves as the earliest pending chunk is done
+                bar.update(len(c))
+            return [f.result() for f in futures]
+    finally:
+        bar.close()

@@ -85,6 +85,9 @@ def test_features_are_deterministic_and_per_patch(project):
     c, _ = radiomics_features(imgs[2:3], cfg.baseline.features, cfg.baseline.bin_count)
     assert names == names_b and len(names) == a.shape[1] > 50
     assert np.array_equal(a, b[::-1]) and np.array_equal(a[2:3], c)
+    # Shared among processes (baseline.workers): the same rows, in order.
+    d, names_d = radiomics_features(imgs, cfg.baseline.features, cfg.baseline.bin_count, workers=2)
+    assert names_d == names and np.array_equal(d, a)
     assert np.isfinite(a).all()
     assert any("shape2D" in n for n in names) and any("glcm" in n for n in names)
     # The shape features see a real lesion mask: masses of different sizes give different areas.

@@ -65,13 +65,16 @@ def _check_version(version: str) -> None:
         raise ValueError(f"unknown FRD version {version!r}; known: {list(VERSIONS)}")
 
 
-def radiomics_features(images: np.ndarray, version: str = "v0", *, progress: bool = False) -> np.ndarray:
+def radiomics_features(images: np.ndarray, version: str = "v0", *, progress: bool = False,
+                       workers: int = 1) -> np.ndarray:
     """Radiomics feature vectors of greyscale images, as frd-score extracts them.
 
     Args:
         images: (N, H, W) or (N, 1, H, W) floats in [0, 1].
         version: `v0` or `v1` (frd-score's feature sets).
         progress: show a tqdm bar.
+        workers: processes sharing the images (`mammodp.runtime.map_chunks`); per-image
+            features, so the result does not depend on it.
 
     Returns:
         float64 (N, F) (F = 102 for v0 on 2-D images).
@@ -89,6 +92,14 @@ def radiomics_features(images: np.ndarray, version: str = "v0", *, progress: boo
         x = x[:, 0]
     if x.ndim != 3:
         raise ValueError(f"images must be (N, H, W) or (N, 1, H, W), got shape {np.shape(images)}")
+    if workers > 1 and len(x) > 1:
+        import functools
+
+        from mammodp.runtime import map_chunks
+
+        parts = map_chunks(functools.partial(radiomics_features, version=version), x, workers,
+                           desc=f"radiomics {version}" if progress else None, unit="img")
+        return np.concatenate(parts)
     import frd_score.frd as frd
     import radiomics
 

@@ -61,7 +61,8 @@ def run(cfg: Config, out: Path = Path("data/features"), metrics_out: Path = Path
         for name, frame in frames.items():
             table = PatchTable.from_frame(frame)
             t0 = time.perf_counter()
-            feats, names = radiomics_features(table.images, b.features, b.bin_count, progress=True)
+            feats, names = radiomics_features(table.images, b.features, b.bin_count, progress=True,
+                                              workers=b.workers)
             seconds = time.perf_counter() - t0
             feature_frame(table.frame, feats, names).to_parquet(tmp / f"{name}.parquet", index=False)
             numbers[f"{name}/patches"] = len(table)

@@ -247,7 +247,8 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
     frd_result: dict[str, Any] = {"version": q.frd_version, "package": frd_info if ok else None}
     if ok:
         feats = {s: _features_for(images[s][:, 0], need[s],
-                                  lambda x: frdm.radiomics_features(x, q.frd_version, progress=True))
+                                  lambda x: frdm.radiomics_features(x, q.frd_version, progress=True,
+                                                                     workers=q.workers))
                  for s in images}
         frd_result.update(score_table(plan, feats, lambda a, b: frdm.frd_from_features(a, b, q.frd_version)))
         frd_result["skipped"] = None

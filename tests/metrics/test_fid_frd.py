@@ -129,6 +129,7 @@ def test_frd_zero_for_identical_larger_for_shifted_and_equal_to_frd_score(tmp_pa
     a, b, c = _images(rng, 12), _images(rng, 12), _images(rng, 12, shift=0.3)
     fa, fb, fc = (frd.radiomics_features(x) for x in (a, b, c))
     assert fa.shape == (12, 102)
+    assert np.array_equal(frd.radiomics_features(a, workers=3), fa)  # synth_quality.workers: same rows, in order
     assert abs(frd.frd_from_features(fa, fa)) < 1e-3
     assert frd.frd_from_features(fa, fc) > frd.frd_from_features(fa, fb)
 
