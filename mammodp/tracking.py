@@ -193,6 +193,25 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(clean, step=step)
 
 
+def log_metric_steps(rows: list[tuple[int, dict[str, float]]]) -> None:
+    """Log many steps' metrics of the active run in a few batched calls (`rows`: (step, metrics)).
+
+    One `log_metrics` per training step costs a store round trip each (~10 ms on SQLite, more
+    on a server): a GAN epoch's steps go in one batch instead. Non-finite values are skipped,
+    as in `log_metrics`.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(step)) for step, values in rows for k, v in values.items()
+               if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    run_id = mlflow.active_run().info.run_id
+    client = mlflow.MlflowClient()
+    for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+
+
 def log_figure(fig: Any, artifact_file: str) -> None:
     """Log a matplotlib figure as an artifact (PNG) of the active run."""
     import mlflow
