@@ -220,6 +220,16 @@ class GanDPConfig:
     #   from the private ones. 0 epochs = yardstick only.
     public_data: str | None = None
     public_epochs: int = 0
+    # The DP discriminator's optimiser. Under DP-SGD its gradient is mostly noise per coordinate
+    # at demo size (noise std sigma*C/B = 0.023 per coordinate against ~0.002 of clipped signal);
+    # Adam divides each coordinate by its own running RMS, so every weight moves ~lr per step
+    # whatever the signal and the discriminator random-walks: the generator collapsed (FRD
+    # real-synth 2053 with the public warm start; Adam at lr 5e-5 too: 2061). Plain SGD keeps the
+    # noise zero-mean in the update so the signal accumulates over steps (`sgd`, lr 1.0,
+    # momentum 0.5: FRD 220, no collapse; 2026-12-03). `adam` uses gan.lr / gan.betas.
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 1.0  # SGD learning rate of the DP discriminator (on the clipped, noised mean gradient)
+    momentum: float = 0.5  # SGD momentum of the DP discriminator
 
 
 @dataclass(frozen=True)
@@ -619,6 +629,10 @@ def _check(obj: Any, prefix: str) -> None:
         if not obj.max_grad_norm > 0:
             bad("max_grad_norm", f"must be > 0, got {obj.max_grad_norm}")
         at_least(0, "public_epochs")
+        finite("lr", "momentum")
+        if not obj.lr > 0:
+            bad("lr", f"must be > 0, got {obj.lr}")
+        within("momentum", 0, 1, closed="[)")
         if obj.public_epochs > 0 and not obj.public_data:
             bad("public_epochs", "a public warm start needs gan.dp.public_data (the public set's folder)")
     if isinstance(obj, SynthesizeConfig):

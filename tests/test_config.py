@@ -236,3 +236,11 @@ def test_gan_public_warm_start_needs_a_public_set(tmp_path):
     data["gan"]["dp"]["public_epochs"] = -1
     with pytest.raises(ConfigError, match=r"gan\.dp\.public_epochs"):
         load_config(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("key, value", [("lr", 0.0), ("momentum", 1.0), ("momentum", -0.1), ("optimizer", "rmsprop")])
+def test_gan_dp_discriminator_optimiser_settings_are_checked(tmp_path, key, value):
+    data = _params()
+    data["gan"]["dp"][key] = value
+    with pytest.raises(ConfigError, match=rf"gan\.dp\.{key}"):
+        load_config(_write(tmp_path, data))

@@ -260,7 +260,8 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, spec) -> None:
     saved = ckpt["config"]
     now = flatten(cfg.gan) | {"privacy_unit": cfg.dp.privacy_unit}
     keys = ("image_size", "latent_dim", "width", "batch_size", "dp.enabled", "dp.epsilon", "dp.delta",
-            "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise", "dp.public_data", "dp.public_epochs")
+            "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise", "dp.public_data", "dp.public_epochs",
+            "dp.optimizer", "dp.lr", "dp.momentum")
     for key in keys:
         if saved.get(key) != now.get(key):
             raise ConfigError(
@@ -377,7 +378,9 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     # CPU a demo step takes 110 ms instead of 175 ms, with the same numbers up to rounding.
     G, D = (m.to(dev, memory_format=torch.channels_last) for m in (G, D))
     opt_g = torch.optim.Adam(G.parameters(), lr=g.lr, betas=g.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=g.lr, betas=g.betas)
+    # DP: the discriminator's optimiser by gan.dp.optimizer (why SGD: config.GanDPConfig).
+    opt_d = (torch.optim.SGD(D.parameters(), lr=g.dp.lr, momentum=g.dp.momentum)
+             if private and g.dp.optimizer == "sgd" else torch.optim.Adam(D.parameters(), lr=g.lr, betas=g.betas))
 
     ckpt = None
     if resume:

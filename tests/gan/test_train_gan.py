@@ -296,3 +296,19 @@ def test_dp_gan_public_set_sharing_a_patient_is_refused(gan_project, public_set)
         train_gan.run(_dp(cfg, public_data=folder, public_epochs=1), out=root / "bad")
     with pytest.raises(DataError, match="names no prepared public set"):
         train_gan.run(_dp(cfg, public_data="data/nowhere", public_epochs=1), out=root / "none")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_dp_discriminator_optimiser_follows_params(gan_project, optimizer):
+    root, cfg = gan_project
+    cfg = _dp(cfg, optimizer=optimizer, lr=0.3, momentum=0.5)
+    train_gan.run(cfg, out=root / optimizer)
+    ckpt = torch.load(root / optimizer / "checkpoint.pt", map_location="cpu", weights_only=True)
+    group = ckpt["opt_d"]["param_groups"][0]
+    state = next(iter(ckpt["opt_d"]["state"].values()))
+    if optimizer == "sgd":  # gan.dp.lr / momentum: SGD on the noised clipped mean
+        assert group["lr"] == 0.3 and group["momentum"] == 0.5 and "momentum_buffer" in state
+    else:  # Adam with the non-private gan.lr / betas
+        assert group["lr"] == cfg.gan.lr and "exp_avg" in state
+    # The generator keeps Adam either way (it never sees private data).
+    assert "exp_avg" in next(iter(ckpt["opt_g"]["state"].values()))
