@@ -75,12 +75,19 @@ class MammoClassifier(mlflow.pyfunc.PythonModel):
             DataFrame with `p_malignant` (float), `label` (int), `epsilon` (text).
         """
         from mammodp.errors import MammoDPError
+        from mammodp.runtime import release_free_memory
 
         try:
-            patches = request_to_patches(model_input, self.meta)
-        except MammoDPError as exc:
-            raise RequestRejected(f"bad request: {exc}") from None
-        p = predict_proba(self.model, patches)
+            try:
+                patches = request_to_patches(model_input, self.meta)
+            except MammoDPError as exc:
+                raise RequestRejected(f"bad request: {exc}") from None
+            p = predict_proba(self.model, patches)
+            del patches
+        finally:
+            # A full mammogram decoded and cropped frees ~100-300 MB; give it back to the OS
+            # so the server's resident size stays flat from request to request.
+            release_free_memory()
         thr = float(self.meta.get("threshold", 0.5))
         return pd.DataFrame({
             "p_malignant": p.astype(np.float64),
