@@ -284,7 +284,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--routes", default=None,
                     help=f"comma-separated DP routes to measure beside auto (default: {','.join(ROUTES)} on CPU, "
                          f"{','.join(CUDA_ROUTES)} on CUDA)")
+    ap.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                    help="keep: glibc keeps freed memory, as `mammodp train` sets it on CPU "
+                         "(runtime.keep_freed_memory), for every variant alike; default: glibc's defaults")
     args = ap.parse_args(argv)
+    if args.allocator == "keep":
+        from mammodp.runtime import keep_freed_memory
+
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     runs: list[tuple[str, torch.device]]

@@ -1,4 +1,6 @@
-"""`runtime.release_free_memory`: freed heap pages go back to the OS (the server's flat RSS)."""
+"""glibc's allocator, both ways: a server gives freed memory back (`runtime.release_free_memory`,
+its RSS stays flat), a training process keeps it for the next step (`runtime.keep_freed_memory`,
+no page faults on memory it had a step ago)."""
 
 import ctypes.util
 import subprocess
@@ -45,3 +47,36 @@ def test_is_a_safe_no_op_to_call_twice():
     from mammodp.runtime import release_free_memory
 
     assert release_free_memory() == release_free_memory()
+
+
+KEEP = textwrap.dedent("""
+    import sys
+    from mammodp.runtime import keep_freed_memory
+
+    def rss_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+    ok = keep_freed_memory() if sys.argv[1] == "keep" else None
+    base = rss_mib()
+    # 300 MB in 1 MB blocks (a step's activations): above glibc's default mmap threshold
+    # (128 KiB), so by default each is its own mapping and is unmapped when freed.
+    blocks = [bytearray(b"x" * 1_000_000) for _ in range(300)]
+    del blocks
+    print(ok, round(base), round(rss_mib()))
+""")
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_training_keeps_freed_memory_for_the_next_step():
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", KEEP, mode], capture_output=True, text=True, check=True).stdout
+        ok, base, after = out.split()
+        return ok, int(after) - int(base)
+
+    ok, kept = run("keep")
+    _, default = run("default")
+    assert ok == "True"
+    assert default < 50, default  # glibc's defaults: freed 1 MB blocks went back to the OS
+    assert kept > 250, kept  # kept: the next step reuses them without faulting them in
