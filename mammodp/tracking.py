@@ -212,10 +212,20 @@ def log_metric_steps(rows: list[tuple[int, dict[str, float]]]) -> None:
         client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
 
 
-def log_figure(fig: Any, artifact_file: str) -> None:
-    """Log a matplotlib figure as an artifact (PNG) of the active run."""
+def log_figure(fig: Any, artifact_file: str, saved: str | Path | None = None) -> None:
+    """Log a matplotlib figure as an artifact (PNG) of the active run.
+
+    `saved`: the PNG this figure was already written to (the DVC plot): it is logged as it
+    is, so MLflow shows the very file DVC tracks and the figure is not rendered twice.
+    Its file name must be `artifact_file`'s.
+    """
     import mlflow
 
+    if saved is not None and Path(saved).is_file():
+        folder, _, name = artifact_file.rpartition("/")
+        if Path(saved).name == name:
+            mlflow.log_artifact(str(saved), folder or None)
+            return
     mlflow.log_figure(fig, artifact_file)
 
 

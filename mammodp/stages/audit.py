@@ -355,7 +355,7 @@ def _run(cfg: Config, models: Path, promoted: Path, out: Path, report: Path, plo
                             params={f"audit.{k}": v for k, v in flatten(a).items()},
                             description=" ".join(statements)):
         tracking.log_metrics(numbers)
-        tracking.log_figure(fig, "audit/claim_vs_bound.png")
+        tracking.log_figure(fig, "audit/claim_vs_bound.png", saved=plots / "claim_vs_bound.png")
         mlflow.log_dict(full, "audit/report.json")
         mlflow.log_table(pd.DataFrame([{"budget": format_epsilon(r["epsilon_target"]),
                                         "claimed_epsilon": format_epsilon(r["claimed_epsilon"])

@@ -175,7 +175,7 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
                     tracking.log_dataset(tables[split].frame, manifests[split], name_ds, "test")
                 for split, m in per_run["splits"].items():
                     tracking.log_metrics({f"{split}_{k}": v for k, v in m.items()})
-                tracking.log_figure(fig, f"eval/pr_roc_{name}.png")
+                tracking.log_figure(fig, f"eval/pr_roc_{name}.png", saved=fig_tmp / f"pr_roc_{name}.png")
                 mlflow.log_dict(per_run, "eval/metrics.json")
             if every_budget:  # the same model's figures at every budget of the curve and tables
                 records.extend({**per_run, "epsilon_target": e} for e in cfg.train.epsilons)
@@ -244,9 +244,9 @@ def run(cfg: Config, models: Path = Path("models/classifier"), out: Path = Path(
     with tracking.start_run(cfg.experiment, "evaluate", name="evaluate",
                             params={"bootstrap": cfg.evaluate.bootstrap, "n_runs": len(records)}):
         mlflow.log_artifact(str(plots / "privacy_utility.csv"), "plots")
-        tracking.log_figure(fig_pu, "plots/privacy_utility.png")
+        tracking.log_figure(fig_pu, "plots/privacy_utility.png", saved=plots / "figures" / "privacy_utility.png")
         if fig_fair is not None:
-            tracking.log_figure(fig_fair, "plots/fairness.png")
+            tracking.log_figure(fig_fair, "plots/fairness.png", saved=plots / "figures" / "fairness.png")
         mlflow.log_dict(summary, "summary.json")
         for key, c in correlations.items():
             if c.get("r") is not None and math.isfinite(c["r"]):

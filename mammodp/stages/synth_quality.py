@@ -312,7 +312,7 @@ def run(cfg: Config, out: Path = Path("metrics/synthesis.json"), plots: Path = P
         mlflow.log_text(RELEASE_NOTE + ("" if q.show_real_pairs else " " + WITHHELD_NOTE),
                         "privacy/what_epsilon_covers.txt")
         for name, fig in figures.items():
-            tracking.log_figure(fig, f"synthesis/{name}")
+            tracking.log_figure(fig, f"synthesis/{name}", saved=plots / name)
     _log_table(results)
     return results
 

@@ -579,7 +579,7 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
                     fig = _grid_figure(grid, f"{cname}, epoch {epoch + 1}")
                     name = f"samples/epoch-{epoch + 1:04d}-{cname}.png"
                     fig.savefig(out / name, dpi=80)
-                    tracking.log_figure(fig, name)
+                    tracking.log_figure(fig, name, saved=out / name)
                     div = mcgan.pairwise_diversity(grid)
                     epoch_metrics[f"sample_diversity_{cname}"] = div
                     if c in real_div:  # non-private only
