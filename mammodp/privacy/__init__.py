@@ -28,10 +28,23 @@ A training loop (x, y: all training patches; patient_codes: one patient index pe
     privacy_record = dp.summary()
 """
 
-from mammodp.privacy.accountant import ACCOUNTANTS, PrivacyAccountant, calibrate_noise, make_accountant
-from mammodp.privacy.engine import DPSGD, make_private
-from mammodp.privacy.per_sample import clipped_grad_sum, per_sample_gradients
-from mammodp.privacy.sampler import PoissonSampler, split_physical, steps_per_epoch
+import importlib
+
+# Names resolved on first use (PEP 562), so that importing one submodule, e.g. `compose` in
+# the model server or `engine` in a non-private run, does not import Opacus (~2 s a process).
+_HOME = {
+    "ACCOUNTANTS": "accountant", "PrivacyAccountant": "accountant", "calibrate_noise": "accountant",
+    "make_accountant": "accountant", "DPSGD": "engine", "make_private": "engine",
+    "clipped_grad_sum": "per_sample", "per_sample_gradients": "per_sample",
+    "PoissonSampler": "sampler", "split_physical": "sampler", "steps_per_epoch": "sampler",
+}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"mammodp.privacy.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'mammodp.privacy' has no attribute {name!r}")
+
 
 __all__ = [
     "ACCOUNTANTS",

@@ -34,14 +34,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from mammodp.errors import PrivacyError
-from mammodp.privacy.accountant import PrivacyAccountant, calibrate_noise, make_accountant
 from mammodp.privacy.per_sample import (
     LossFn,
     clip_factors,
@@ -53,6 +52,9 @@ from mammodp.privacy.per_sample import (
     trainable_named_parameters,
 )
 from mammodp.privacy.sampler import PoissonSampler, split_physical, steps_per_epoch
+
+if TYPE_CHECKING:  # the accountants (Opacus) are imported by private engines only
+    from mammodp.privacy.accountant import PrivacyAccountant
 
 log = logging.getLogger(__name__)
 
@@ -560,6 +562,8 @@ def make_private(
     acc: PrivacyAccountant | None = None
     sigma = 0.0
     if private:
+        from mammodp.privacy.accountant import calibrate_noise, make_accountant
+
         acc = make_accountant(accountant)
         if noise_multiplier is not None:
             if noise_multiplier < 0:
