@@ -306,7 +306,7 @@ def make_dp_discriminator(D, opt_d, cfg: Config, record_ids: np.ndarray, dev):
     Poisson sampling and noise are seeded from the OS unless `gan.dp.reproducible_noise`.
     """
     from mammodp.models import mcgan
-    from mammodp.privacy import make_private
+    from mammodp.privacy.engine import make_private
 
     g = cfg.gan
     seed = cfg.seed if g.dp.reproducible_noise else None
