@@ -63,7 +63,7 @@ class PrepareConfig:
     val_fraction: float = 0.15  # fraction of CBIS-train patients held out for validation
     stratify: str = "breast_density"  # manifest column the val split is stratified on
     on_error: Literal["fail", "skip"] = "fail"  # skip: bad files are listed in a report
-    workers: int = 2  # processes decoding files in parallel
+    workers: int = 2  # processes decoding files in parallel; also rendering the phantom (same bytes for any number)
     seed: int = 0  # split seed
 
 

@@ -34,7 +34,7 @@ import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from scipy import ndimage
 
 from mammodp.config import PhantomConfig
-from mammodp.errors import ConfigError
+from mammodp.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- constants
 
@@ -794,9 +794,153 @@ def _series_folder(description: str, uid: str) -> str:
     return f"1.000000-{description}-{uid[-5:]}"
 
 
+@dataclass
+class _CbisPatientJob:
+    """What one CBIS patient's images need: its draws, generator and per-image/ROI flags."""
+
+    tree: Path
+    prefix: str
+    patient: Any
+    rng: np.random.Generator
+    shape: tuple[int, int]
+    mono1: np.ndarray  # per image (view)
+    no_rescale: np.ndarray
+    off_size: np.ndarray  # per ROI, views x lesions
+    separate: np.ndarray
+    mask_second_on_disk: np.ndarray
+    mask_second_in_csv: np.ndarray
+
+
+def _write_cbis_patient(job: _CbisPatientJob) -> tuple[list[dict], list[str]]:
+    """Render and write one patient's images, masks and crops; (CSV rows, UIDs drawn).
+
+    Everything is drawn from the patient's own generator, so patients can be written in any
+    order, in any process, with the same bytes.
+    """
+    patient, rng, tree, prefix = job.patient, job.rng, job.tree, job.prefix
+    h, w = job.shape
+    used: set[str] = set()
+    rows = []
+    pid = f"P_{patient.number:05d}"
+    for iv, view in enumerate(patient.views):
+        folder = f"{prefix}_{pid}_{patient.laterality}_{view}"
+        image, breast, thickness, geometry = render_breast(
+            rng, (h, w), patient.laterality, view, patient.density, CBIS_STYLE
+        )
+        shapes = [lesion.shape for lesion in patient.lesions]
+        places = _place_lesions(rng, geometry, (h, w), shapes, 1.0)
+        for shape, place in zip(shapes, places):
+            sl, add = lesion_intensity(shape, place, (h, w))
+            image[sl] += thickness[sl] * add * CBIS_STYLE.lesion_gain
+        pixels = np.rint(finish_image(rng, image, breast, CBIS_STYLE) * 65535.0).astype(np.uint16)
+        study, series, sop = (_uid(rng, used) for _ in range(3))
+        photometric = "MONOCHROME1" if job.mono1[iv] else "MONOCHROME2"
+        stored = (65535 - pixels).astype(np.uint16) if job.mono1[iv] else pixels
+        _write_dicom(
+            tree / folder / _tcia_folder(FULL_STUDY_DATE[1], study)
+            / _series_folder("full mammogram images", series) / "1-1.dcm",
+            stored,
+            patient_id=folder,
+            study_uid=study,
+            series_uid=series,
+            sop_uid=sop,
+            study_date=FULL_STUDY_DATE[0],
+            series_description="full mammogram images",
+            instance_number=1,
+            photometric=photometric,
+            rescale=not job.no_rescale[iv],
+        )
+        image_path = f"{folder}/{study}/{series}/000000.dcm"
+
+        for k, (lesion, place) in enumerate(zip(patient.lesions, places)):
+            ri = iv * len(patient.lesions) + k
+            roi_folder = f"{folder}_{k + 1}"
+            mask = lesion_mask(lesion.shape, place, (h, w))
+            rows_, cols_ = np.nonzero(mask)
+            margin = int(rng.integers(6, 24))
+            y0, y1 = max(0, rows_.min() - margin), min(h, rows_.max() + margin + 1)
+            x0, x1 = max(0, cols_.min() - margin), min(w, cols_.max() + margin + 1)
+            crop = pixels[y0:y1, x0:x1].copy()
+            mask_px = mask.astype(np.uint8) * 255
+            if job.off_size[ri]:
+                # Real CBIS has a few masks some rows/cols off their image: pad or cut at
+                # the bottom/right so the lesion stays where it is.
+                dr, dc = 0, 0
+                while dr == 0 and dc == 0:
+                    dr, dc = (int(v) for v in rng.integers(-4, 5, size=2))
+                resized = np.zeros((h + dr, w + dc), dtype=np.uint8)
+                ch, cw = min(h, h + dr), min(w, w + dc)
+                resized[:ch, :cw] = mask_px[:ch, :cw]
+                mask_px = resized
+            roi_study, mask_series, mask_sop, crop_sop = (_uid(rng, used) for _ in range(4))
+            study_dir = tree / roi_folder / _tcia_folder(ROI_STUDY_DATE[1], roi_study)
+            common = dict(patient_id=roi_folder, study_uid=roi_study, study_date=ROI_STUDY_DATE[0])
+            if job.separate[ri]:
+                crop_series = _uid(rng, used)
+                mask_file = study_dir / _series_folder("ROI mask images", mask_series) / "1-1.dcm"
+                crop_file = study_dir / _series_folder("cropped images", crop_series) / "1-1.dcm"
+                mask_csv = f"{roi_folder}/{roi_study}/{mask_series}/000000.dcm\n"
+                crop_csv = f"{roi_folder}/{roi_study}/{crop_series}/000000.dcm\n"
+                mask_no, crop_no, crop_desc = 1, 1, "cropped images"
+            else:
+                crop_series = mask_series
+                series_dir = study_dir / _series_folder("ROI mask images", mask_series)
+                mask_no, crop_no = (2, 1) if job.mask_second_on_disk[ri] else (1, 2)
+                mask_file, crop_file = series_dir / f"1-{mask_no}.dcm", series_dir / f"1-{crop_no}.dcm"
+                m_name, c_name = ("000001", "000000") if job.mask_second_in_csv[ri] else ("000000", "000001")
+                mask_csv = f"{roi_folder}/{roi_study}/{mask_series}/{m_name}.dcm\n"
+                crop_csv = f"{roi_folder}/{roi_study}/{crop_series}/{c_name}.dcm\n"
+                crop_desc = "ROI mask images"
+            _write_dicom(
+                mask_file, mask_px, series_uid=mask_series, sop_uid=mask_sop,
+                series_description="ROI mask images", instance_number=mask_no, **common,
+            )
+            _write_dicom(
+                crop_file, crop, series_uid=crop_series, sop_uid=crop_sop,
+                series_description=crop_desc, instance_number=crop_no, **common,
+            )
+            rows.append(
+                {
+                    "patient_id": pid,
+                    "breast_density": patient.density,
+                    "left or right breast": patient.laterality,
+                    "image view": view,
+                    "abnormality id": k + 1,
+                    "abnormality type": "mass",
+                    "mass shape": lesion.shape.mass_shape,
+                    "mass margins": lesion.shape.margins,
+                    "assessment": lesion.assessment,
+                    "pathology": lesion.pathology,
+                    "subtlety": lesion.subtlety,
+                    "image file path": image_path,
+                    "cropped image file path": crop_csv,
+                    "ROI mask file path": mask_csv,
+                }
+            )
+
+    return rows, sorted(used)
+
+
+def _map_patients(fn, jobs: list, workers: int, progress: Callable[[int], None] | None):
+    """`fn` over `jobs` (in up to `workers` processes), results in order, `progress(1)` each."""
+    if workers <= 1 or len(jobs) < 2:
+        for job in jobs:
+            yield fn(job)
+            if progress is not None:
+                progress(1)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
+            yield result
+            if progress is not None:
+                progress(1)
+
+
 def _write_cbis_split(
     root: Path, split: str, cfg: PhantomConfig, used_uids: set[str], progress: Callable[[int], None] | None,
-    patient_offset: int = 0,
+    patient_offset: int = 0, workers: int = 1,
 ) -> tuple[int, int, int]:
     """Write one split's CSV and DICOM files; returns (rows, images, malignant rows)."""
     code = {"train": 1, "test": 2}[split]
@@ -835,108 +979,24 @@ def _write_cbis_split(
     roi_index = {(p.number, v, k): i for i, (p, v, k) in enumerate(rois)}
 
     tree = root / "CBIS-DDSM"
-    rows = []
-    h, w = cfg.image_height, cfg.image_width
+    jobs = []
     for patient, rng in patients:
-        pid = f"P_{patient.number:05d}"
-        for view in patient.views:
-            ii = image_index[(patient.number, view)]
-            folder = f"{prefix}_{pid}_{patient.laterality}_{view}"
-            image, breast, thickness, geometry = render_breast(
-                rng, (h, w), patient.laterality, view, patient.density, CBIS_STYLE
-            )
-            shapes = [lesion.shape for lesion in patient.lesions]
-            places = _place_lesions(rng, geometry, (h, w), shapes, 1.0)
-            for shape, place in zip(shapes, places):
-                sl, add = lesion_intensity(shape, place, (h, w))
-                image[sl] += thickness[sl] * add * CBIS_STYLE.lesion_gain
-            pixels = np.rint(finish_image(rng, image, breast, CBIS_STYLE) * 65535.0).astype(np.uint16)
-            study, series, sop = (_uid(rng, used_uids) for _ in range(3))
-            photometric = "MONOCHROME1" if mono1[ii] else "MONOCHROME2"
-            stored = (65535 - pixels).astype(np.uint16) if mono1[ii] else pixels
-            _write_dicom(
-                tree / folder / _tcia_folder(FULL_STUDY_DATE[1], study)
-                / _series_folder("full mammogram images", series) / "1-1.dcm",
-                stored,
-                patient_id=folder,
-                study_uid=study,
-                series_uid=series,
-                sop_uid=sop,
-                study_date=FULL_STUDY_DATE[0],
-                series_description="full mammogram images",
-                instance_number=1,
-                photometric=photometric,
-                rescale=not no_rescale[ii],
-            )
-            image_path = f"{folder}/{study}/{series}/000000.dcm"
-
-            for k, (lesion, place) in enumerate(zip(patient.lesions, places)):
-                ri = roi_index[(patient.number, view, k)]
-                roi_folder = f"{folder}_{k + 1}"
-                mask = lesion_mask(lesion.shape, place, (h, w))
-                rows_, cols_ = np.nonzero(mask)
-                margin = int(rng.integers(6, 24))
-                y0, y1 = max(0, rows_.min() - margin), min(h, rows_.max() + margin + 1)
-                x0, x1 = max(0, cols_.min() - margin), min(w, cols_.max() + margin + 1)
-                crop = pixels[y0:y1, x0:x1].copy()
-                mask_px = mask.astype(np.uint8) * 255
-                if off_size[ri]:
-                    # Real CBIS has a few masks some rows/cols off their image: pad or cut at
-                    # the bottom/right so the lesion stays where it is.
-                    dr, dc = 0, 0
-                    while dr == 0 and dc == 0:
-                        dr, dc = (int(v) for v in rng.integers(-4, 5, size=2))
-                    resized = np.zeros((h + dr, w + dc), dtype=np.uint8)
-                    ch, cw = min(h, h + dr), min(w, w + dc)
-                    resized[:ch, :cw] = mask_px[:ch, :cw]
-                    mask_px = resized
-                roi_study, mask_series, mask_sop, crop_sop = (_uid(rng, used_uids) for _ in range(4))
-                study_dir = tree / roi_folder / _tcia_folder(ROI_STUDY_DATE[1], roi_study)
-                common = dict(patient_id=roi_folder, study_uid=roi_study, study_date=ROI_STUDY_DATE[0])
-                if separate[ri]:
-                    crop_series = _uid(rng, used_uids)
-                    mask_file = study_dir / _series_folder("ROI mask images", mask_series) / "1-1.dcm"
-                    crop_file = study_dir / _series_folder("cropped images", crop_series) / "1-1.dcm"
-                    mask_csv = f"{roi_folder}/{roi_study}/{mask_series}/000000.dcm\n"
-                    crop_csv = f"{roi_folder}/{roi_study}/{crop_series}/000000.dcm\n"
-                    mask_no, crop_no, crop_desc = 1, 1, "cropped images"
-                else:
-                    crop_series = mask_series
-                    series_dir = study_dir / _series_folder("ROI mask images", mask_series)
-                    mask_no, crop_no = (2, 1) if mask_second_on_disk[ri] else (1, 2)
-                    mask_file, crop_file = series_dir / f"1-{mask_no}.dcm", series_dir / f"1-{crop_no}.dcm"
-                    m_name, c_name = ("000001", "000000") if mask_second_in_csv[ri] else ("000000", "000001")
-                    mask_csv = f"{roi_folder}/{roi_study}/{mask_series}/{m_name}.dcm\n"
-                    crop_csv = f"{roi_folder}/{roi_study}/{crop_series}/{c_name}.dcm\n"
-                    crop_desc = "ROI mask images"
-                _write_dicom(
-                    mask_file, mask_px, series_uid=mask_series, sop_uid=mask_sop,
-                    series_description="ROI mask images", instance_number=mask_no, **common,
-                )
-                _write_dicom(
-                    crop_file, crop, series_uid=crop_series, sop_uid=crop_sop,
-                    series_description=crop_desc, instance_number=crop_no, **common,
-                )
-                rows.append(
-                    {
-                        "patient_id": pid,
-                        "breast_density": patient.density,
-                        "left or right breast": patient.laterality,
-                        "image view": view,
-                        "abnormality id": k + 1,
-                        "abnormality type": "mass",
-                        "mass shape": lesion.shape.mass_shape,
-                        "mass margins": lesion.shape.margins,
-                        "assessment": lesion.assessment,
-                        "pathology": lesion.pathology,
-                        "subtlety": lesion.subtlety,
-                        "image file path": image_path,
-                        "cropped image file path": crop_csv,
-                        "ROI mask file path": mask_csv,
-                    }
-                )
-        if progress is not None:
-            progress(1)
+        ii = [image_index[(patient.number, v)] for v in patient.views]
+        ri = [roi_index[(patient.number, v, k)] for v in patient.views for k in range(len(patient.lesions))]
+        jobs.append(_CbisPatientJob(
+            tree, prefix, patient, rng, (cfg.image_height, cfg.image_width),
+            mono1[ii], no_rescale[ii], off_size[ri], separate[ri], mask_second_on_disk[ri], mask_second_in_csv[ri],
+        ))
+    rows = []
+    for patient_rows, uids in _map_patients(_write_cbis_patient, jobs, workers, progress):
+        rows.extend(patient_rows)
+        clash = used_uids.intersection(uids)
+        if clash or len(set(uids)) < len(uids):
+            # Each patient's UIDs are drawn from its own generator (unique within the patient);
+            # two patients drawing the same 30-40 random digits does not happen in practice.
+            raise DataError(f"phantom: two patients drew the same DICOM UID {sorted(clash)[:1]}; "
+                            "change phantom.seed", field="phantom.seed")
+        used_uids.update(uids)
 
     table = pd.DataFrame(rows, columns=list(CBIS_COLUMNS))
     table = table.sort_values(
@@ -1152,7 +1212,7 @@ non-mass (calcification) rows.
 
 def write_phantom(
     root: str | Path, cfg: PhantomConfig, progress: Callable[[int], None] | None = None, *,
-    patient_offset: int = 0, bcdr: bool = True,
+    patient_offset: int = 0, bcdr: bool = True, workers: int = 1,
 ) -> PhantomSummary:
     """Write the phantom data set below `root` (`cbis-ddsm/`, `bcdr/`, `PHANTOM.md`).
 
@@ -1166,6 +1226,8 @@ def write_phantom(
             (the public pretraining set) drawn with another seed gets patients disjoint from
             the first's (whose numbers stay below 3 x patients + 20).
         bcdr: also write the BCDR-layout external set (the public set has none).
+        workers: processes rendering CBIS patients (each patient has its own generator:
+            the same bytes for any number of workers).
 
     Returns:
         Counts of what was written.
@@ -1180,7 +1242,7 @@ def write_phantom(
     used: set[str] = set()
     rows, imgs, mal = {}, {}, {}
     for split in ("train", "test"):
-        rows[split], imgs[split], mal[split] = _write_cbis_split(cbis, split, cfg, used, progress, patient_offset)
+        rows[split], imgs[split], mal[split] = _write_cbis_split(cbis, split, cfg, used, progress, patient_offset, workers)
     ext = _write_bcdr(root / "bcdr", cfg, progress) if bcdr else {
         f.name: {} for f in fields(PhantomSummary) if f.name.startswith("bcdr_")}
     summary = PhantomSummary(cbis_rows=rows, cbis_images=imgs, cbis_malignant=mal, **ext)

@@ -45,7 +45,7 @@ def run_public(cfg: Config, out: Path) -> None:
             return
         with tqdm(total=pc.cbis_train_patients + pc.cbis_test_patients, desc="public phantom", unit="patient") as bar:
             summary = write_phantom(tmp / "raw", pc, progress=bar.update, patient_offset=cfg.pretrain.patient_offset,
-                                    bcdr=False)
+                                    bcdr=False, workers=cfg.prepare.workers)
         # ...and imported exactly as the private CBIS set is (same patch geometry and splits).
         df, _ = import_source(cfg, "cbis-ddsm", tmp / "raw" / "cbis-ddsm", tmp / "prepared")
     print(f"phantom --public: wrote {out} (seed {pc.seed}, patients from P_{cfg.pretrain.patient_offset:05d}): "
@@ -75,7 +75,7 @@ def run(cfg: Config, out: Path, if_missing: bool = False) -> None:
     pc = cfg.phantom
     total = pc.cbis_train_patients + pc.cbis_test_patients + pc.bcdr_patients
     with atomic_dir(out) as tmp, tqdm(total=total, desc="phantom", unit="patient") as bar:
-        summary = write_phantom(tmp, pc, progress=bar.update)
+        summary = write_phantom(tmp, pc, progress=bar.update, workers=cfg.prepare.workers)
     print(
         f"phantom: wrote {out} (seed {pc.seed}): CBIS-DDSM "
         f"{summary.cbis_rows['train']} train / {summary.cbis_rows['test']} test masses on "

@@ -88,6 +88,16 @@ def test_same_seed_gives_a_byte_identical_tree_and_another_seed_differs(small, t
     assert not set(first.values()) & {v for k, v in third.items() if k.endswith((".dcm", ".png"))}
 
 
+def test_rendering_in_worker_processes_writes_the_same_bytes(small, tmp_path):
+    """`workers` (prepare.workers) renders patients in processes: same tree, same progress count."""
+    root, _ = small
+    ticks = []
+    parallel = tmp_path / "parallel"
+    phantom.write_phantom(parallel, SMALL, progress=ticks.append, workers=2)
+    assert tree_digest(parallel) == tree_digest(root)
+    assert len(ticks) == SMALL.cbis_train_patients + SMALL.cbis_test_patients + SMALL.bcdr_patients
+
+
 # --------------------------------------------------------------------------- CBIS-DDSM
 
 
