@@ -78,7 +78,7 @@ class FitResult:
     best_val_auprc: float
     history: list[dict]
     privacy: dict
-    val_probs: np.ndarray
+    val_probs: np.ndarray | None  # None when trained without a validation set
     selection: str = "best validation AUPRC (validation split only)"
     extra: dict = field(default_factory=dict)
 
@@ -215,7 +215,7 @@ def fit(
     *,
     private: PatchTable | None,
     public: PatchTable | None,
-    val: PatchTable,
+    val: PatchTable | None,
     device,
     checkpoint: Checkpoint | Path | None = None,
     resume: bool = False,
@@ -234,7 +234,9 @@ def fit(
         private: real training patches (records are sampled with Poisson sampling when
             private); None for synthetic-only training.
         public: synthetic patches mixed into each step (never counted as private records).
-        val: validation patches: the only data used for model selection.
+        val: validation patches: the only data used for model selection. None: no
+            selection and no per-epoch scoring; the result holds the final weights (what an
+            audit attacks).
         device: torch device.
         checkpoint: the per-epoch checkpoint (model, optimiser, accountant, RNGs): a
             `mammodp.checkpoint.Checkpoint` (file + the settings it must match) or a bare path.
@@ -322,7 +324,8 @@ def fit(
         model.eval()
         f_s = FrozenFeatures(split[0], x_s, device, amp_dtype, flips=spec.flip)
         f_pub = FrozenFeatures(split[0], x_pub, device, amp_dtype, flips=spec.flip) if n_pub else None
-        f_val = FrozenFeatures(split[0], val.images, device, None, flips=False)  # scored in fp32, as predict_proba
+        if val is not None:  # scored in fp32, as predict_proba
+            f_val = FrozenFeatures(split[0], val.images, device, None, flips=False)
 
     def augment(j):
         """Public samples `j` (drawn with replacement), flipped."""
@@ -342,6 +345,8 @@ def fit(
         return apply_flips(x_s[idx], h[idx], v[idx])
 
     def score():
+        if val is None:
+            return None, float("nan")
         if f_val is None:
             return _score(model, val, device)
         from mammodp.metrics.classification import classification_metrics
@@ -403,9 +408,10 @@ def fit(
         if on_epoch is not None:
             on_epoch(record)
 
-    if best["probs"] is None:  # every epoch had NaN AUPRC (one-class val): keep the last weights
+    if best["probs"] is None:  # no validation set, or NaN AUPRC every epoch (one-class val): the last weights
         best = {"state": copy.deepcopy(model.state_dict()), "epoch": spec.epochs - 1,
                 "auprc": float("nan"), "probs": score()[0]}
     privacy = privacy_record(dp_engine, private)
     return FitResult(best_state=best["state"], best_epoch=best["epoch"], best_val_auprc=best["auprc"],
-                     history=history, privacy=privacy, val_probs=best["probs"])
+                     history=history, privacy=privacy, val_probs=best["probs"],
+                     **({} if val is not None else {"selection": "final weights (no validation set)"}))

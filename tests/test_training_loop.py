@@ -129,3 +129,26 @@ def test_learning_rate_warms_up_then_decays_by_step_count():
     assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] < 0.01
     assert _spec(lr=0.3).lr_at(17, total, per_epoch) == 0.3  # no schedule: constant
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen_backbone"])
+def test_without_a_validation_set_the_run_trains_the_same_and_returns_its_final_weights(mode):
+    """`val=None` (the audit's models): no scoring, no selection; same updates as a scored run."""
+    private, val = _table(12, 0), _table(6, 2)
+    spec = _spec(epochs=3, epsilon=4.0)
+    runs = []
+    for v in (val, None):
+        torch.manual_seed(0)
+        model = create_classifier("swin_micro", mode=mode)
+        res = fit(model, spec, private=private, public=None, val=v, device="cpu", progress=False,
+                  optimizer_factory=lambda p: torch.optim.SGD(p, lr=spec.lr))
+        runs.append((model, res))
+    (m_val, r_val), (m_none, r_none) = runs
+    for (name, a), b in zip(m_val.state_dict().items(), m_none.state_dict().values()):
+        assert torch.equal(a, b), name  # scoring the validation set never touched training
+    assert r_none.best_epoch == spec.epochs - 1 and r_none.val_probs is None
+    assert all(math.isnan(h["val_auprc"]) for h in r_none.history) and len(r_none.history) == spec.epochs
+    assert r_none.selection.startswith("final weights")
+    for (name, a), b in zip(m_none.state_dict().items(), r_none.best_state.values()):
+        assert torch.equal(a, b), name
+    assert r_none.privacy["epsilon"] == r_val.privacy["epsilon"] <= 4.0

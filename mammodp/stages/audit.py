@@ -69,19 +69,18 @@ def _attack_dict(res) -> dict[str, Any]:
             **{f"tpr_at_fpr_{_fpr_key(f)}": t for f, t in res.tpr_at_fpr.items()}}
 
 
-def audit_pool(cfg: Config) -> tuple[PatchTable, PatchTable, PatchTable, PatchTable]:
-    """(real patches an audit model may train on, CBIS train, CBIS test, CBIS val) from the
-    prepared CBIS manifest; val only serves `fit`'s per-epoch scoring."""
+def audit_pool(cfg: Config) -> tuple[PatchTable, PatchTable, PatchTable]:
+    """(real patches an audit model may train on, CBIS train, CBIS test) from the prepared
+    CBIS manifest."""
     manifest = Path(cfg.data.prepared_dir) / "cbis" / "manifest.parquet"
     df = read_manifest_table(manifest)
-    train, test, val = (df[df["split"] == s] for s in ("train", "test", "val"))
-    if not len(train) or not len(test) or not len(val):
-        raise DataError("the audit needs the train, val and test splits", path=manifest)
+    train, test = (df[df["split"] == s] for s in ("train", "test"))
+    if not len(train) or not len(test):
+        raise DataError("the audit needs the train and test splits", path=manifest)
     both = pd.concat([train, test])
     rng = np.random.default_rng(cfg.audit.seed)
     pick = np.sort(rng.permutation(len(both))[: min(cfg.audit.real_records, len(both))])
-    return (PatchTable.from_frame(both.iloc[pick]), PatchTable.from_frame(train), PatchTable.from_frame(test),
-            PatchTable.from_frame(val))
+    return PatchTable.from_frame(both.iloc[pick]), PatchTable.from_frame(train), PatchTable.from_frame(test)
 
 
 def _coins(frame: pd.DataFrame, unit: str, seed: int) -> np.ndarray:
@@ -94,7 +93,7 @@ def _coins(frame: pd.DataFrame, unit: str, seed: int) -> np.ndarray:
     return coin_flips(len(frame), seed)
 
 
-def train_audit_model(cfg: Config, epsilon: float, k: int, real: PatchTable, val: PatchTable, device) -> dict:
+def train_audit_model(cfg: Config, epsilon: float, k: int, real: PatchTable, device) -> dict:
     """Train audit model k at `epsilon`; return its scores, coins and privacy claim."""
     import torch
 
@@ -130,11 +129,12 @@ def train_audit_model(cfg: Config, epsilon: float, k: int, real: PatchTable, val
     # With Adam a coordinate moves ~lr per step: this scale keeps a canary's gradient clipped all run.
     model = A.DiracCanaryModel(classifier, a.canaries, scale=1.0 / (t.lr * steps))
     t0 = time.perf_counter()
-    res = fit(model, spec, private=table, public=None, val=val, device=device, progress=False,
+    # No validation set: the audit attacks the final weights, so nothing is selected or scored.
+    res = fit(model, spec, private=table, public=None, val=None, device=device, progress=False,
               desc=f"audit eps={format_epsilon(epsilon)} model {k}")
     log.info("audit model %d at eps=%s: %d records, %.1f s", k, format_epsilon(epsilon), len(np.unique(patients)),
              time.perf_counter() - t0)
-    model.to("cpu").eval()  # the final weights (the audit attacks what training released)
+    model.to("cpu").eval()  # the final weights: what training released
     p_real = predict_proba(model, real.images)
     p_noise = predict_proba(model, noise_x)
     claimed = float(res.privacy["epsilon"]) if math.isfinite(epsilon) else math.inf
@@ -148,12 +148,12 @@ def train_audit_model(cfg: Config, epsilon: float, k: int, real: PatchTable, val
     }
 
 
-def audit_budget(cfg: Config, epsilon: float, real: PatchTable, val: PatchTable, device) -> dict:
+def audit_budget(cfg: Config, epsilon: float, real: PatchTable, device) -> dict:
     """Canary target + shadows at one budget: one-run bounds and membership inference."""
     from mammodp.privacy import audit as A
 
     a = cfg.audit
-    models = [train_audit_model(cfg, epsilon, k, real, val, device) for k in range(a.models)]
+    models = [train_audit_model(cfg, epsilon, k, real, device) for k in range(a.models)]
     target = models[0]
     bounds = {}
     for kind, scores, inc in (("whitebox", target["dirac_scores"], target["dirac_in"]),
@@ -256,11 +256,11 @@ def _run(cfg: Config, models: Path, promoted: Path, out: Path, report: Path, plo
     if not Path(promoted).is_file():
         raise DataError("promotion record not found (run `mammodp promote` first)", path=promoted)
     aliases = json.loads(Path(promoted).read_text()).get("aliases", {})
-    real, train, test, val = audit_pool(cfg)
+    real, train, test = audit_pool(cfg)
 
     # 1. Canary models per audited budget, and the non-private power model.
     budgets = [float(e) for e in a.epsilons] + [math.inf]
-    audited = {b: audit_budget(cfg, b, real, val, dev) for b in budgets}
+    audited = {b: audit_budget(cfg, b, real, dev) for b in budgets}
 
     # 2. Loss attack on every grid model; 3. LiRA-style on promoted models at audited budgets.
     grid = _grid_models(models)

@@ -203,14 +203,14 @@ def test_power_on_a_non_private_canary_model_and_bound_below_claim_under_dp(audi
     from mammodp.stages import audit
 
     cfg = audit_cfg
-    real, _, _, val = audit.audit_pool(cfg)
-    plain = audit.train_audit_model(cfg, math.inf, 0, real, val, "cpu")
+    real, _, _ = audit.audit_pool(cfg)
+    plain = audit.train_audit_model(cfg, math.inf, 0, real, "cpu")
     power = A.one_run_audit(plain["dirac_scores"], plain["dirac_in"], significance=0.025, delta=cfg.dp.delta)
     # Without DP an excluded canary's coordinate never moves and an included one always does.
     assert (plain["dirac_scores"][~plain["dirac_in"]] == 0).all() and (plain["dirac_scores"][plain["dirac_in"]] > 0).all()
     assert power.epsilon > 1.0 and power.correct == min(power.guesses, power.included)
 
-    private = audit.train_audit_model(cfg, 2.0, 0, real, val, "cpu")
+    private = audit.train_audit_model(cfg, 2.0, 0, real, "cpu")
     assert 0 < private["claimed"] <= 2.0 + 1e-9
     for scores, inc in ((private["dirac_scores"], private["dirac_in"]), (private["noise_loss"], private["noise_in"])):
         assert A.one_run_audit(scores, inc, significance=0.025, delta=cfg.dp.delta).epsilon <= private["claimed"]
