@@ -17,8 +17,12 @@ def _figure():
 
 
 def test_saved_png_is_the_logged_artifact(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
+    # Process-wide in MLflow (restored after each test by conftest): this store, its own experiment.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("figures")
     fig = _figure()
     saved = tmp_path / "plots" / "curve.png"
     saved.parent.mkdir()
@@ -31,7 +35,7 @@ def test_saved_png_is_the_logged_artifact(tmp_path, monkeypatch):
         tracking.log_figure(fig, "eval/renamed.png", saved=other)  # another name: rendered
     plt.close(fig)
     got = tmp_path / "got"
-    mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(got))
+    mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(got), tracking_uri=uri)
     assert (got / "eval" / "curve.png").read_bytes() == saved.read_bytes()
     assert (got / "top.png").is_file()
     assert (got / "eval" / "renamed.png").is_file()
