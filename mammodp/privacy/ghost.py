@@ -52,7 +52,12 @@ batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tab
   thread) the DP step costs ~6-10 ms over a ~33 ms plain one: backward rules +2 ms over
   plain's weight gradients, post-backward clipping / book-keeping ~2.7 ms of operators,
   noise ~0.3-1 ms, forward hooks ~1 ms, and 2,000-2,800 page faults a step where the plain
-  step has none (glibc trims the heap top when the step's last tensors are freed).
+  step has none (glibc trims the heap top when the step's last tensors are freed). Since
+  2026-12-04 `training.fit` keeps freed memory on CPU (`runtime.keep_freed_memory`): full-model
+  DP 1.25-1.37x -> 1.15-1.27x plain in six paired bench runs. What is left in the profile:
+  ghost Gram and per-sample products (bmm, +~5 ms a step) and the same elementwise kernels
+  running ~2x slower than in the plain step (gelu_backward, copy_: memory traffic of the
+  stored (a, g) pairs).
 
 Records with several samples (privacy unit `patient`): a record's gradient sums its
 samples', so ghost Grams run over the concatenated tokens of each record (zero-padded to
