@@ -39,8 +39,10 @@ data: $(STAMP)
 	$(BIN)/mammodp phantom --out data/raw --if-missing
 	$(BIN)/dvc commit --force --quiet data.dvc
 
+# `mammodp preload`: the stages run as forks of one process that imported torch, timm and
+# MLflow once (README, "Set-up"), instead of ~26 processes importing them again.
 repro: data
-	$(BIN)/dvc repro
+	$(BIN)/mammodp preload -- $(BIN)/dvc repro
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/demo_report.py            # after `make repro`: read the outputs
     .venv/bin/python bench/demo_report.py --repro    # time `dvc repro --force` stage by stage first
+    .venv/bin/python bench/demo_report.py --repro --no-preload   # the same, one process per stage
 
 Prints, from `metrics/` of the workspace:
 - internal / external AUROC [95% CI] of every regime at every budget (`metrics/eval/`);
@@ -12,7 +13,8 @@ Prints, from `metrics/` of the workspace:
 - FRD real-synth against internal-external and real-real (target: real-synth below
   internal-external, the paper's order) and the `synth` regime's internal AUROC (target >= 0.75).
 
-With --repro it first runs `dvc repro --force` (every stage, in the order DVC chooses), reads
+With --repro it first runs `mammodp preload -- dvc repro --force` as `make repro` does (every
+stage, in the order DVC chooses; --no-preload: plain `dvc repro --force`), reads
 DVC's "Running stage" lines as they come and prints each stage's wall time, process start-up
 included (what a user waits for), and the total. Wall times depend on the machine and on what
 else runs on it: compare runs made side by side, not across days.
@@ -118,9 +120,12 @@ def report(root: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repro", action="store_true", help="run `dvc repro --force` first and time each stage")
+    ap.add_argument("--no-preload", action="store_true",
+                    help="with --repro: every stage in a process of its own (not `mammodp preload`, as make repro runs)")
     args = ap.parse_args()
     if args.repro:
-        times = time_stages(["dvc", "repro", "--force"])
+        cmd = ["dvc", "repro", "--force"]
+        times = time_stages(cmd if args.no_preload else ["mammodp", "preload", "--", *cmd])
         print("\nper-stage wall time (s), process start-up included:")
         for stage, seconds in times.items():
             print(f"  {stage:45s} {seconds:7.1f}")

@@ -326,6 +326,30 @@ def server(
             typer.echo("stopping")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def preload(
+    ctx: typer.Context,
+    log: Optional[Path] = typer.Option(None, help="Append the server's log (one line per command served) here."),
+):
+    """Run a command (e.g. `dvc repro`) with torch, timm and MLflow preloaded for every `mammodp` it starts.
+
+    Usage: mammodp preload -- dvc repro [ARGS]. Each `mammodp` stage then runs in a fork of
+    one process that imported those libraries once (seconds saved per stage); one whose
+    import-time environment differs runs on its own. MAMMODP_PRELOAD=0 turns it off.
+    """
+    from mammodp.preload import run_with_server
+
+    if not ctx.args:
+        typer.echo("error: no command given (usage: mammodp preload -- dvc repro)", err=True)
+        raise typer.Exit(2)
+    try:
+        rc = run_with_server(list(ctx.args), log_path=str(log) if log else None)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: cannot run {ctx.args[0]!r}: {exc.strerror}", err=True)
+        raise typer.Exit(127) from None
+    raise typer.Exit(rc)
+
+
 @app.command()
 @_user_errors
 def collect(

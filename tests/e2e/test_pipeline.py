@@ -90,7 +90,11 @@ def test_data_stages_repro_and_rerun_only_what_changed(project):
 
 def test_whole_pipeline_and_gan_change_reruns_only_the_synthetic_pathway(project):
     repo, env = project
-    _run(["dvc", "repro"], repo, env)
+    # As `make repro` runs it: the stages served by one preloaded process (mammodp.preload).
+    log = repo.parent / "preload.log"
+    _run(["mammodp", "preload", "--log", str(log), "--", "dvc", "repro"], repo, env)
+    served = log.read_text()
+    assert "served ['train'" in served and "served ['evaluate'" in served and "declined" not in served
     summary = json.loads((repo / "reports/eval/summary.json").read_text())
     assert summary["n_runs"] == 5 * 2  # 4 regimes + the radiomics-linear baseline x {1, inf} x 1 seed
     assert summary["n_models"] == 4 * 2 + 1  # synth: one model, reported at both budgets
