@@ -262,6 +262,9 @@ def log_dataset(frame, manifest: str | Path, name: str, context: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(rows, source=str(manifest), name=name,
                                           targets="label" if "label" in rows.columns else None)
+        # The dataset's schema is inferred when it is logged; MLflow then hints that integer
+        # columns (label, density) cannot hold missing values: about a schema nobody enforces.
+        _ = dataset.schema
     # Concurrent runs on one shared SQL store (queue jobs, torchrun ranks, Optuna workers) can all
     # miss the dataset row and insert it at once: MLflow looks it up and inserts in one
     # transaction, so the losers get a unique-key violation on `dataset_pk` and nothing of theirs

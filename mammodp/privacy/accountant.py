@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -59,14 +60,19 @@ class CachedPRVAccountant(PRVAccountant):
 
     def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
         # Opacus 1.6's compute_safe_domain_size, with CachedRDPAccountant in place of RDPAccountant.
+        # These RDP bounds only size the grid (any upper bound will do), so Opacus' advice to
+        # widen the orders when the best one is the largest is noise here: silenced (it came
+        # once per epoch of every DP run).
         total = sum(num_self_compositions)
-        rdp = CachedRDPAccountant()
-        rdp.history = [(prv.noise_multiplier, prv.sample_rate, n) for prv, n in zip(prvs, num_self_compositions)]
-        size = rdp.get_epsilon(delta_error / 4)
-        for prv in prvs:
-            one = CachedRDPAccountant()
-            one.history = [(prv.noise_multiplier, prv.sample_rate, 1)]
-            size = max(size, one.get_epsilon(delta=delta_error / (8 * total)))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+            rdp = CachedRDPAccountant()
+            rdp.history = [(prv.noise_multiplier, prv.sample_rate, n) for prv, n in zip(prvs, num_self_compositions)]
+            size = rdp.get_epsilon(delta_error / 4)
+            for prv in prvs:
+                one = CachedRDPAccountant()
+                one.history = [(prv.noise_multiplier, prv.sample_rate, 1)]
+                size = max(size, one.get_epsilon(delta=delta_error / (8 * total)))
         half_width = max(size, eps_error) + 3
         mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
         return Domain.create_aligned(-half_width, half_width, mesh_size)

@@ -420,8 +420,9 @@ def _train_seed(cfg, regime, epsilon, seed, real, synth, val, provenance, tuned,
         mlflow.log_dict(meta, "privacy/meta.json")
         mlflow.log_text(what_epsilon_covers(e2e, tuning_statement(tuned)), "privacy/what_epsilon_covers.txt")
         log_classifier(model_dir, val.images[0, 0])
-        if not within:
-            log.warning("run %s spent epsilon %.3f above its target %s", run.info.run_id, spent, eps_txt)
+        if not within:  # the end-to-end total, which may differ from the classifier's own `spent`
+            log.warning("run %s is not within its budget epsilon %s end to end (the classifier's own DP-SGD "
+                        "spent %.3f): %s", run.info.run_id, eps_txt, spent, e2e.statement())
         return {"seed": seed, "run_id": run.info.run_id, "val_auprc": res.best_val_auprc,
                 "epsilon": spent, "epsilon_total": e2e.text, "within_budget": within, "best_epoch": res.best_epoch,
                 "threshold": thr, "model_dir": str(Path(model_dir).name), **{k: privacy.get(k) for k in
