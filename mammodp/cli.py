@@ -266,12 +266,16 @@ def tune(
 def promote(
     out: Path = typer.Option(Path("metrics/promote.json"), help="Numbers of what was promoted (DVC metric)."),
     report: Path = typer.Option(Path("reports/promote.json"), help="Full record: aliases, why, what epsilon covers."),
+    models: Path = typer.Option(Path("models/classifier"), help="Only the runs of the classifiers saved here compete "
+                                                                "(the pipeline's current models)."),
+    all_runs: bool = typer.Option(False, "--all-runs", help="Every finished train run of the experiment competes, "
+                                                            "also those of earlier code, data or params."),
     params: Path = ParamsOpt,
 ):
     """Register the best covered validation run per budget and set registry aliases."""
     from mammodp.stages import promote as stage
 
-    stage.run(_cfg(params), out=out, report=report)
+    stage.run(_cfg(params), out=out, report=report, models=None if all_runs else models)
 
 
 @app.command()

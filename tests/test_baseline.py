@@ -263,6 +263,6 @@ def test_baseline_is_tracked_evaluated_and_skipped_by_promotion(env, project, ru
     assert "radiomics-linear" in set(pd.read_csv(project / "plots/eval/privacy_utility.csv")["regime"])
 
     # Promotion skips the baseline with its reason (no servable model), not an error.
-    candidates, skipped = promote.collect_candidates(env.experiment)
+    candidates, skipped, _ = promote.collect_candidates(env.experiment)
     assert not [c for c in candidates if c.tags.get("regime") == "radiomics-linear"]
     assert any("radiomics-linear" in s["reason"] for s in skipped)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mammodp.config import load_config
-from mammodp.errors import PrivacyError
+from mammodp.errors import DataError, PrivacyError
 from mammodp.stages import promote
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_run_without_privacy_record_is_refused(store):
     raw["model"].update(pretrained_weights=None, mode="full")  # no pretrain stage here: random init, all trained
     raw["experiment"] = exp
     (store / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(app, ["promote", "--out", str(store / "promote.json")])
+    result = CliRunner().invoke(app, ["promote", "--all-runs", "--out", str(store / "promote.json")])
     assert result.exit_code == 1
     assert bad in result.output and "lacks its privacy record" in result.output
     assert not (store / "promote.json").exists()
@@ -232,3 +232,50 @@ def test_a_budget_independent_synth_model_competes_at_every_budget_it_fits(store
     assert plain_synth not in {by_alias["eps-1"], by_alias["eps-6"], by_alias["champion"]}
     v6 = client.get_model_version_by_alias(NAME, "eps-6")
     assert float(v6.tags["epsilon_total"]) <= 6.0
+
+
+def _params(experiment: str) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["model"].update(pretrained_weights=None, mode="full")  # no pretrain stage here
+    raw["experiment"] = experiment
+    raw["promote"].update(model_name=NAME, max_epsilon=6.0)
+    return raw
+
+
+def test_only_the_pipelines_current_models_compete(store, model_dir):
+    """A run of an earlier pipeline execution (still FINISHED, better validation) neither wins
+    an alias over the current models nor keeps the one it held; `--all-runs` restores it."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from mammodp.cli import app
+
+    exp = "test-promote-scope"
+    old = train_run(exp, "6", 0.90, model_dir=model_dir)  # earlier code/data: its folder was overwritten
+    out, report = store / "metrics" / "promote.json", store / "reports" / "promote.json"
+    assert promote.run(cfg(exp), out=out, report=report)["aliases"]["eps-6"]["run_id"] == old
+    current = train_run(exp, "6", 0.70, model_dir=model_dir)
+    models = store / "models" / "classifier"
+    (models / "real-6" / "seed=0").mkdir(parents=True)
+    (models / "real-6" / "seed=0" / "meta.json").write_text(json.dumps({"run_id": current}))
+
+    record = promote.run(cfg(exp), out=out, report=report, models=models)
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias(NAME, "eps-6").run_id == current
+    assert client.get_model_version_by_alias(NAME, "champion").run_id == current
+    assert record["candidates"] == 1 and json.loads(out.read_text())["other_runs"] == 1
+    assert "1 other finished train run(s)" in record["scope"]
+
+    # The CLI defaults to models/classifier (here: the store's folder, the working directory).
+    (store / "params.yaml").write_text(yaml.safe_dump(_params(exp)))
+    res = CliRunner().invoke(app, ["promote", "--params", str(store / "params.yaml"), "--all-runs"])
+    assert res.exit_code == 0, res.output
+    assert client.get_model_version_by_alias(NAME, "eps-6").run_id == old
+    res = CliRunner().invoke(app, ["promote", "--params", str(store / "params.yaml")])
+    assert res.exit_code == 0, res.output
+    assert client.get_model_version_by_alias(NAME, "eps-6").run_id == current
+
+    empty = store / "nothing"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no trained classifiers to promote"):
+        promote.run(cfg(exp), out=out, report=report, models=empty)

@@ -174,17 +174,6 @@ def audit_budget(cfg: Config, epsilon: float, real: PatchTable, device) -> dict:
     return out
 
 
-def _grid_models(models_dir: Path) -> list[tuple[Path, dict]]:
-    """(folder, meta) of every saved classifier under models/classifier/*/seed=*."""
-    found = []
-    for meta in sorted(Path(models_dir).glob("*/seed=*/meta.json")):
-        try:
-            found.append((meta.parent, json.loads(meta.read_text())))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"unreadable model record: {exc}", path=meta) from exc
-    return found
-
-
 def claim_vs_bound_figure(rows: list[dict]):
     """Claimed epsilon vs the empirical lower bounds, one group of bars per audited budget."""
     from matplotlib.figure import Figure
@@ -250,7 +239,7 @@ def _run(cfg: Config, models: Path, promoted: Path, out: Path, report: Path, plo
     from mammodp import tracking
     from mammodp.io import atomic_dir, write_json
     from mammodp.privacy import audit as A
-    from mammodp.inference import load_classifier, predict_proba
+    from mammodp.inference import load_classifier, predict_proba, saved_classifiers
 
     a = cfg.audit
     if not Path(promoted).is_file():
@@ -263,7 +252,7 @@ def _run(cfg: Config, models: Path, promoted: Path, out: Path, report: Path, plo
     audited = {b: audit_budget(cfg, b, real, dev) for b in budgets}
 
     # 2. Loss attack on every grid model; 3. LiRA-style on promoted models at audited budgets.
-    grid = _grid_models(models)
+    grid = saved_classifiers(models)
     if not grid:
         raise DataError("no trained classifiers to audit (run the train stages first)", path=models)
     by_run = {meta.get("run_id"): (d, meta) for d, meta in grid}

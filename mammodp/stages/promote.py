@@ -15,7 +15,12 @@ budget. For a finite budget E a run qualifies only if
 Any run is within the budget inf (non-private). Runs of the `radiomics-linear` baseline (tag
 `model_kind`) are skipped with their reason: the served pyfunc takes images, not radiomics features.
 
-For every target budget E found among the finished train runs of `cfg.experiment`:
+Which runs compete: in the pipeline (`--models models/classifier`, the CLI's default) only the
+runs that trained the classifiers saved there, i.e. the models `dvc.lock` describes and `audit`
+audits; a FINISHED run of earlier code, data or params stays in the experiment but can neither
+win nor keep an alias (the report counts them). `--all-runs`: every finished train run.
+
+For every target budget E found among the competing runs:
 - the qualifying run with the highest validation AUPRC is registered as a version of
   `promote.model_name` (or its existing version is reused: one version per run);
 - the version gets the privacy record as tags (epsilon, epsilon_total and its method, delta,
@@ -166,12 +171,20 @@ def check_privacy_record(run) -> None:
             "(retrain it with `mammodp train`, or delete the run)", field="run")
 
 
-def collect_candidates(experiment: str) -> tuple[list[Candidate], list[dict]]:
+def collect_candidates(experiment: str, only: set[str] | None = None) -> tuple[list[Candidate], list[dict], int]:
     """Finished train runs of `experiment` with their validation AUPRC; plus skipped runs.
+
+    Args:
+        experiment: the MLflow experiment.
+        only: if given, the run ids that may compete (the pipeline's current models); other
+            finished train runs (earlier code, data or params) are left out and only counted.
+
+    Returns:
+        (candidates, skipped runs with their reason, number of runs left out by `only`).
 
     Raises:
         DataError: the experiment has no finished train run.
-        PrivacyError: a run lacks its privacy record.
+        PrivacyError: a competing run lacks its privacy record.
     """
     import mlflow
 
@@ -184,11 +197,14 @@ def collect_candidates(experiment: str) -> tuple[list[Candidate], list[dict]]:
     if not runs:
         raise DataError(f"no finished train runs in MLflow experiment {experiment!r}; run `mammodp train` first",
                         field="experiment")
-    candidates, skipped = [], []
+    candidates, skipped, other = [], [], 0
     for run in runs:
-        check_privacy_record(run)
         tags, metrics = run.data.tags, run.data.metrics
         rid = run.info.run_id
+        if only is not None and rid not in only:
+            other += 1
+            continue
+        check_privacy_record(run)
         if tags.get("model_kind") in NOT_SERVABLE:
             skipped.append({"run_id": rid, "reason": NOT_SERVABLE[tags["model_kind"]]})
             continue
@@ -201,7 +217,7 @@ def collect_candidates(experiment: str) -> tuple[list[Candidate], list[dict]]:
             val_auprc=float(metrics[name]), val_metric=name, start_time=int(run.info.start_time or 0),
             tags=dict(tags), params=dict(run.data.params), metrics=dict(metrics),
         ))
-    return candidates, sorted(skipped, key=lambda s: s["run_id"])
+    return candidates, sorted(skipped, key=lambda s: s["run_id"]), other
 
 
 def best_per_budget(candidates: list[Candidate]) -> dict[float, Candidate]:
@@ -381,8 +397,15 @@ def _why(alias: str, c: Candidate, pool: list[Candidate]) -> str:
             f"covered end to end within it")
 
 
-def run(cfg: Config, out: Path = Path("metrics/promote.json"), report: Path = Path("reports/promote.json")) -> dict:
+def run(cfg: Config, out: Path = Path("metrics/promote.json"), report: Path = Path("reports/promote.json"),
+        models: Path | None = None) -> dict:
     """Promote the best covered validation run per budget; write what was promoted.
+
+    With `models` (the pipeline passes `models/classifier`), only the runs that trained the
+    classifiers saved there compete: the pipeline's current models. A run of earlier code,
+    data or params, still FINISHED in the experiment, can then neither win an alias over them
+    nor keep one (its model would not be what `dvc.lock` describes, nor what `audit` audits).
+    Without it, every finished train run of the experiment competes.
 
     Writes `out` (numbers only: a DVC metric) and `report` (the full record: aliases, versions,
     why each won, what its epsilon covers, runs that qualified for no budget).
@@ -402,7 +425,14 @@ def run(cfg: Config, out: Path = Path("metrics/promote.json"), report: Path = Pa
     if not p.max_epsilon > 0:
         raise ConfigError(f"must be > 0 (inf allows non-private champions), got {p.max_epsilon}",
                           field="promote.max_epsilon")
-    candidates, skipped = collect_candidates(cfg.experiment)
+    only = None
+    if models is not None:
+        from mammodp.inference import saved_classifiers
+
+        only = {str(meta.get("run_id")) for _, meta in saved_classifiers(models) if meta.get("run_id")}
+        if not only:
+            raise DataError("no trained classifiers to promote (run the train stages first)", path=models)
+    candidates, skipped, other = collect_candidates(cfg.experiment, only)
     if not candidates:
         raise DataError("no train run can be promoted: " + "; ".join(f"{s['run_id']}: {s['reason']}" for s in skipped),
                         field="experiment")
@@ -454,10 +484,13 @@ def run(cfg: Config, out: Path = Path("metrics/promote.json"), report: Path = Pa
         "candidates": len(candidates),
         "not_eligible": not_eligible,
         "skipped": skipped,
+        "scope": (f"the runs of the {len(only)} classifiers under {models}; {other} other finished train run(s) "
+                  "of the experiment (earlier code, data or params) left out" if only is not None
+                  else "every finished train run of the experiment"),
         "uri": f"models:/{p.model_name}@{CHAMPION}",
     }
     numbers: dict[str, float] = {"candidates": len(candidates), "not_eligible": len(not_eligible),
-                                 "skipped": len(skipped)}
+                                 "skipped": len(skipped), "other_runs": other}
     for alias, r in promoted.items():
         numbers[f"{alias}/version"] = int(r["version"])
         numbers[f"{alias}/val_auprc"] = float(r["val_auprc"])
