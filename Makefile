@@ -40,7 +40,7 @@ data: $(STAMP)
 	$(BIN)/dvc commit --force --quiet data.dvc
 
 # `mammodp preload`: the stages run as forks of one process that imported torch, timm and
-# MLflow once (README, "Set-up"), instead of ~26 processes importing them again.
+# MLflow once (README, "Set-up"), instead of 27 stage processes importing them again.
 repro: data
 	$(BIN)/mammodp preload -- $(BIN)/dvc repro
 

@@ -1,6 +1,6 @@
 """Preloaded stage processes: import torch, timm and MLflow once, fork one worker per command.
 
-A demo `dvc repro` starts ~26 `mammodp` processes. Each used to spend 6-9 s importing torch,
+A demo `dvc repro` starts 27 `mammodp` processes. Each used to spend 6-9 s importing torch,
 timm (which pulls in torchvision and torch._dynamo), MLflow's SQL store, scikit-learn and
 pandas before doing a second of its own work: about a third of the demo's wall time.
 
