@@ -351,6 +351,9 @@ def preload(
     except FileNotFoundError as exc:
         typer.echo(f"error: cannot run {ctx.args[0]!r}: {exc.strerror}", err=True)
         raise typer.Exit(127) from None
+    except PermissionError as exc:
+        typer.echo(f"error: cannot run {ctx.args[0]!r}: {exc.strerror}", err=True)
+        raise typer.Exit(126) from None
     raise typer.Exit(rc)
 
 
