@@ -466,7 +466,7 @@ def sample(
         float32 (N, 1, S, S) in [0, 1].
     """
     device = next(G.parameters()).device
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    labels = torch.tensor(np.asarray(labels), dtype=torch.int64)  # a copy: the caller's array may be read-only
     if z is None:
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
         z = torch.randn(len(labels), G.spec.latent_dim, generator=gen)
