@@ -115,3 +115,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def saved_classifiers(models_dir: str | Path) -> list[tuple[Path, dict]]:
+    """(folder, meta) of every classifier saved under `models_dir/<cell>/seed=<s>/` (the grid's
+    layout), sorted by path. Each meta names the MLflow run that trained it (`run_id`).
+
+    Raises:
+        DataError: a `meta.json` that cannot be read (naming the file).
+    """
+    from mammodp.errors import DataError
+
+    found = []
+    for meta in sorted(Path(models_dir).glob("*/seed=*/meta.json")):
+        try:
+            found.append((meta.parent, json.loads(meta.read_text())))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"unreadable model record: {exc}", path=meta) from exc
+    return found

@@ -134,7 +134,10 @@ def served(tmp_path):
 
     def popen(*args, **kw):
         return subprocess.Popen([sys.executable, str(tmp_path / "client.py"), *args], cwd=tmp_path,
-                                env=client_env(), stdout=subprocess.PIPE, text=True, **kw)
+                                env=client_env(), stdout=subprocess.PIPE, text=True,
+                                # a background job (nohup, CI) inherits SIGINT ignored, and so, rightly,
+                                # would its worker: these tests need Ctrl-C to count
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
     run.tmp, run.sock, run.log, run.env, run.popen, run.server = tmp_path, sock, log, env, popen, proc
     yield run

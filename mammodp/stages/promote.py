@@ -427,7 +427,7 @@ def run(cfg: Config, out: Path = Path("metrics/promote.json"), report: Path = Pa
                           field="promote.max_epsilon")
     only = None
     if models is not None:
-        from mammodp.inference import saved_classifiers
+        from mammodp.io import saved_classifiers
 
         only = {str(meta.get("run_id")) for _, meta in saved_classifiers(models) if meta.get("run_id")}
         if not only:
