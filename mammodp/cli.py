@@ -339,7 +339,7 @@ def preload(
 
     Usage: mammodp preload -- dvc repro [ARGS]. Each `mammodp` stage then runs in a fork of
     one process that imported those libraries once (seconds saved per stage); one whose
-    import-time environment differs runs on its own. MAMMODP_PRELOAD=0 turns it off.
+    environment differs from the server's runs on its own. MAMMODP_PRELOAD=0 turns it off.
     """
     from mammodp.preload import run_with_server
 

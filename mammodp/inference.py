@@ -234,4 +234,3 @@ __all__ = [
     "decode_image_bytes",
     "image_to_patch",
 ]
-

@@ -305,19 +305,20 @@ def console_main() -> None:
 
 # ----------------------------------------------------------------------------- server
 
+def _stamp(path: str) -> tuple[int, int]:
+    """(mtime_ns, size) of a file; (0, -1) when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
 def _own_module_files() -> dict[str, tuple[int, int]]:
-    """(mtime_ns, size) of the files of mammodp modules the server has loaded besides this one
+    """`_stamp` of the files of mammodp modules the server has loaded besides this one
     (MLflow loads `mammodp.mlflow_plugin` through its entry point while it imports)."""
-    out = {}
-    for name, mod in list(sys.modules.items()):
-        path = getattr(mod, "__file__", None)
-        if name.startswith("mammodp.") and name != __name__ and path:
-            try:
-                st = os.stat(path)
-                out[path] = (st.st_mtime_ns, st.st_size)
-            except OSError:
-                out[path] = (0, -1)
-    return out
+    return {mod.__file__: _stamp(mod.__file__) for name, mod in list(sys.modules.items())
+            if name.startswith("mammodp.") and name != __name__ and getattr(mod, "__file__", None)}
 
 
 def _decline_reason(request: dict, identity: dict, env: dict[str, str], state: dict,
@@ -337,12 +338,7 @@ def _decline_reason(request: dict, identity: dict, env: dict[str, str], state: d
         if server_hard != -1 and (hard == -1 or hard > server_hard):
             return f"{name} hard limit {hard} above the server's {server_hard}"
     for path, stamp in own_files.items():
-        try:
-            st = os.stat(path)
-            now = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            now = (0, -1)
-        if now != stamp:
+        if _stamp(path) != stamp:
             return f"{path} changed since the server loaded it"
     return None
 

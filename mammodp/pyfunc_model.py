@@ -23,6 +23,7 @@ covers its training data, e.g. synthetic data from a generator trained without D
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -96,8 +97,6 @@ def log_classifier(model_dir: str | Path, example_patch: np.ndarray, name: str =
     buf = io.BytesIO()
     Image.fromarray(to_uint16(np.asarray(example_patch))).save(buf, format="PNG")
     example = pd.DataFrame({IMAGE_COL: [base64.b64encode(buf.getvalue()).decode("ascii")]})
-    import warnings
-
     # MLflow suggests type hints on `predict` to infer a signature: the signature is given
     # explicitly, so that advice is dropped. (MLflow inserts its own "once" filter while
     # loading the model, ahead of any "ignore" filter, hence record and replay the others.)

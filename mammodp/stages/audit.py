@@ -237,10 +237,9 @@ def _run(cfg: Config, models: Path, promoted: Path, out: Path, report: Path, plo
     import mlflow
 
     from mammodp import tracking
-    from mammodp.io import atomic_dir, write_json
+    from mammodp.io import atomic_dir, saved_classifiers, write_json
     from mammodp.privacy import audit as A
     from mammodp.inference import load_classifier, predict_proba
-    from mammodp.io import saved_classifiers
 
     a = cfg.audit
     if not Path(promoted).is_file():
