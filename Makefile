@@ -67,7 +67,7 @@ GPU_PY ?= 3.12
 gpu-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  -d .whl opacus==1.6.0 pydicom==3.0.2
+	  -d .whl opacus==1.6.0 pydicom==3.0.2 timm==1.0.31  # timm: the pinned Swin code
 
 gpu-check:
 	bash bench/gpu_check.sh

@@ -1,7 +1,7 @@
 """DP-SGD overhead: private step time and peak memory relative to a plain step.
 
     python bench/dp_overhead.py [--preset swin_micro] [--steps N] [--batch B] [--device cpu|cuda]
-                                [--threads 1] [--profile]
+                                [--threads 1] [--profile] [--amp bf16]
 
 Without --preset it measures swin_micro on CPU and, when CUDA is present, swin_tiny
 (224 px) on CUDA. For each model it times, side by side in interleaved repetitions
@@ -116,9 +116,15 @@ def _opacus_held(params: list[torch.nn.Parameter]) -> Callable[[], int]:
 
 
 def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, size: int,
-              routes: tuple[str, ...] = ROUTES):
+              routes: tuple[str, ...] = ROUTES, amp: torch.dtype | None = None):
     """name -> step function, name -> DP engine, and name -> bytes held between steps, for
-    one preset. Every model starts from the same weights."""
+    one preset. Every model starts from the same weights. `amp`: the forward of every variant
+    under autocast to that dtype (as `train.amp` runs it), else float32."""
+    import contextlib
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, size, size, generator=g).to(device)
@@ -137,7 +143,9 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
 
         def plain_step(model=plain, opt=plain_opt):
             opt.zero_grad(set_to_none=True)
-            LOSS(model(x), y).backward()
+            with autocast():
+                logits = model(x)
+            LOSS(logits.float(), y).backward()
             opt.step()
 
         steps[f"{tag}/plain"] = plain_step
@@ -147,7 +155,7 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
             engine = make_private(private, private_opt, record_ids=records, expected_batch_size=batch, delta=1e-5,
                                   epochs=1, max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp",
                                   privacy_unit="patch", sampler_seed=0, grad_chunk=grad_chunk,
-                                  physical_batch_size=batch, per_sample_method=method)
+                                  physical_batch_size=batch, per_sample_method=method, autocast_dtype=amp)
 
             def dp_step(engine=engine, opt=private_opt):
                 idx = engine.sample_batch()  # q = 1: all B samples, in order (x[idx] is x: no copy)
@@ -171,8 +179,8 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
                                  max_grad_norm=1.0, expected_batch_size=batch, loss_reduction="mean")
 
             def opacus_step(model=op_model, gsm=gsm, opt=op_opt):
-                with torch.no_grad():
-                    feats = model.backbone(model.preprocess(x))  # frozen: no graph
+                with torch.no_grad(), autocast():
+                    feats = model.backbone(model.preprocess(x)).float()  # frozen: no graph
                 opt.zero_grad(set_to_none=True)
                 with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients"
                     warnings.simplefilter("ignore", UserWarning)
@@ -184,15 +192,24 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
     return steps, engines, held
 
 
-def _profile(steps: dict[str, Callable[[], None]], names: list[str], rows: int = 12) -> None:
+def _profile(steps: dict[str, Callable[[], None]], names: list[str], device: torch.device, rows: int = 20) -> None:
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for name in names:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=acts) as prof:
             for _ in range(3):
                 steps[name]()
+            _sync(device)
+        avg = prof.key_averages()
         print(f"## torch.profiler, {name}, 3 steps (profiler overhead inflates small ops)")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+        if cuda:  # GPU kernels' time, and the kernel count (launch-bound steps have many small ones)
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.device_time_total for e in avg if e.device_type == torch.autograd.DeviceType.CUDA)
+            print(f"# {len(kernels) // 3} GPU kernels per step, {busy / 3e3:.1f} ms of kernel time per step")
+        print(avg.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
+                        max_name_column_width=48))
 
 
 def _time_interleaved(steps: dict[str, Callable[[], None]], reps: int, device: torch.device):
@@ -211,12 +228,12 @@ def _time_interleaved(steps: dict[str, Callable[[], None]], reps: int, device: t
 
 
 def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int, profile: bool = False,
-          routes: tuple[str, ...] | None = None) -> None:
+          routes: tuple[str, ...] | None = None, amp: torch.dtype | None = None) -> None:
     """Measure and print the ratios for one preset on one device."""
     size = PRESETS[preset]["img_size"]
     routes = routes or (ROUTES if device.type == "cpu" else CUDA_ROUTES)
     routes = ("auto",) + tuple(r for r in routes if r != "auto")  # the default route is always measured
-    steps, engines, held = _variants(preset, device, batch, grad_chunk, size, routes)
+    steps, engines, held = _variants(preset, device, batch, grad_chunk, size, routes, amp)
     for fn in steps.values():  # warm-up: lazy imports, vmap set-up, the auto check, cuDNN autotuning
         fn()
         fn()
@@ -239,8 +256,9 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
     mem_how = "torch.cuda.max_memory_allocated" if not cpu else "torch.profiler live-tensor peak"
     time_how = "CPU time (process_time)" if cpu else "wall time"
     n_full = sum(p.numel() for p in create_classifier(preset).parameters())
+    precision = f"autocast {str(amp).removeprefix('torch.')}" if amp is not None else "float32"
     print(f"# {preset} ({n_full / 1e6:.2f}M params) on {device} ({torch.get_num_threads()} CPU threads), "
-          f"batch {batch}, grad_chunk {grad_chunk}, {size} px, median of {reps} interleaved steps; "
+          f"batch {batch}, grad_chunk {grad_chunk}, {size} px, {precision}, median of {reps} interleaved steps; "
           f"time: {time_how}; memory: {mem_how} (+ DP buffers held between steps)")
     auto = engines["full/dp-auto"]
     route = getattr(auto, "_route", None)
@@ -267,7 +285,7 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
     if "head/dp-vmap" in steps:
         line("head-only DP (vmap route)", "head/dp-vmap", "head/plain2", "head/plain")
     if profile:
-        _profile(steps, ["full/plain", "full/dp-auto"])
+        _profile(steps, ["full/plain", "full/dp-auto"] + (["full/dp-hooks"] if "full/dp-hooks" in steps else []), device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--routes", default=None,
                     help=f"comma-separated DP routes to measure beside auto (default: {','.join(ROUTES)} on CPU, "
                          f"{','.join(CUDA_ROUTES)} on CUDA)")
+    ap.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                    help="forward under autocast in this dtype for every variant (as train.amp runs it on CUDA)")
     ap.add_argument("--allocator", choices=("keep", "default"), default="keep",
                     help="keep: glibc keeps freed memory, as `mammodp train` sets it on CPU "
                          "(runtime.keep_freed_memory), for every variant alike; default: glibc's defaults")
@@ -303,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(("swin_tiny", torch.device("cuda")))
     for preset, device in runs:
         routes = tuple(r for r in args.routes.split(",") if r) if args.routes else None
-        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes, amp)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,11 @@ def _mlflow_global_uri_restored():
     MLFLOW_TRACKING_URI), so one test's store would otherwise receive every later test's runs."""
     import os
 
-    from mlflow.tracking._tracking_service import utils
+    try:
+        from mlflow.tracking._tracking_service import utils
+    except ModuleNotFoundError:  # the GPU machine's training-core tests run without MLflow
+        yield
+        return
 
     env, glob = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
     yield

@@ -263,10 +263,14 @@ def calibrate_noise(
         The noise multiplier.
 
     Raises:
-        PrivacyError: the budget cannot be met (sigma would exceed 1e6) or is not finite.
+        PrivacyError: the budget cannot be met (sigma would exceed 1e6) or is not finite, or
+            the sample rate is outside (0, 1].
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise PrivacyError(f"cannot calibrate noise to epsilon={target_epsilon}", field="epsilon")
+    if not 0 < sample_rate <= 1:
+        raise PrivacyError(f"sample rate must be in (0, 1], got {sample_rate:.4g} (a batch larger than the "
+                           "data?)", field="train.batch_size")
     acc = make_accountant(accountant) if isinstance(accountant, str) else accountant
     try:
         return _search_sigma(acc.mechanism, target_epsilon, delta, sample_rate, steps, epsilon_tolerance)

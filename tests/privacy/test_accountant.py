@@ -37,6 +37,14 @@ def test_calibration_equals_opacus_get_noise_multiplier():
         assert eps - 0.01 <= a.epsilon(1e-5) <= eps
 
 
+@pytest.mark.parametrize("q", [0.0, 128 / 55, -0.1])
+def test_calibration_refuses_a_sample_rate_outside_0_1(q):
+    # q > 1 (a batch larger than the data) once surfaced as "rdp raised ValueError: math domain error".
+    with pytest.raises(PrivacyError, match="sample rate must be in") as err:
+        calibrate_noise(6.0, 1e-4, q, 10, "rdp")
+    assert err.value.field == "train.batch_size"
+
+
 def _independent_rdp_epsilon(history, delta):
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in history)
