@@ -18,7 +18,9 @@ backward (`grad_sampler.Recorder`: output gradients only, no summed weight gradi
 2. The clipped sum by book-keeping (Bu et al.'s BK): with clip factors c_r known, a ghost
    layer's sum is ONE matrix product (c . g)^T a over all tokens (the cost of a plain
    weight gradient), a materialised one is c^T G (records x parameters), both accumulated
-   in place into the caller's fp32 buffers.
+   in place into the caller's fp32 buffers. The ghost product runs in full float32 even
+   under autocast (and with TF32 switched off for the block): a clipped record must add at
+   most C, which holds only if what is added is exactly what the norm measured.
 
 What guided the choice (torch.profiler, op / call counts and per-layer timings, swin_micro,
 batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tables):
@@ -66,6 +68,8 @@ the largest record of the pack; padding rows contribute nothing to a Gram).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -82,6 +86,20 @@ from mammodp.privacy.per_sample import LossFn, clip_factors
 
 ROUTES = ("mixed", "ghost")
 _SMALL = 1024  # a per-record gradient of at most this many numbers is joined with the others
+
+
+@contextlib.contextmanager
+def _full_float32_matmul():
+    """float32 matrix products in full float32 (no TF32) inside the block; restored after."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def use_ghost(tokens: int, d_in: int, d_out: int, route: str) -> bool:
@@ -102,8 +120,10 @@ def ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _product_operands(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g and a in the precision of the weight-gradient product: g's low-precision dtype under
-    autocast (bf16 / fp16, as autocast ran the layer's matmul), else float32."""
+    """g and a in the precision of a materialised per-record product: g's low-precision dtype
+    under autocast (bf16 / fp16, as autocast ran the layer's matmul), else float32. Exact for
+    DP: the record's norm is taken of that rounded product, and that product is what is added.
+    (A ghost layer's book-keeping product is float32 always: its norm comes from the Grams.)"""
     if g.dtype in (torch.bfloat16, torch.float16):
         return g, a.to(g.dtype)
     return f32(g), f32(a)
@@ -234,7 +254,10 @@ class MixedClipper:
                 self.choices[call.key] = "materialise"
 
         losses = self.recorder.run(x, y, sink)
-        with torch.no_grad():  # the stored activations belong to the graph: build nothing more
+        # No graph (the stored activations belong to it), and float32 products in full float32:
+        # a process-wide TF32 setting (`torch.set_float32_matmul_precision("high")`) would round
+        # the Grams and the book-keeping products differently from each other.
+        with torch.no_grad(), _full_float32_matmul():
             sq = torch.zeros(n_records, device=x.device, dtype=torch.float32)
             # The many small gradients side by side (~32 KiB a record at swin_micro): one norm, one product.
             small_names = list(small)
@@ -259,17 +282,19 @@ class MixedClipper:
             for name, calls in ghosts.items():
                 target = out[name].view(out[name].shape[0], -1)  # (d_out, d_in)
                 for a, g in calls:
-                    g2, a2 = _product_operands(g, a)
-                    c = per_sample.view(-1, 1, 1).to(g2.dtype)  # each token times its record's factor:
+                    # Float32, also under autocast: the norm above is that of the float32 product
+                    # of these (a, g), so the clipped contribution must be that same product times
+                    # its factor. In bf16 the factor and the batch's summed product were rounded
+                    # to 8 bits: a record could add ~0.3% more than C, and the sum's rounding was
+                    # bounded by no single record (tests/privacy/test_routes.py).
+                    g2, a2 = f32(g), f32(a)
+                    c = per_sample.view(-1, 1, 1)  # each token times its record's factor:
                     if a2.shape[-1] < g2.shape[-1]:  # on the smaller operand
                         a2 = a2 * c
                     else:
                         g2 = g2 * c
                     g2, a2 = g2.reshape(-1, g2.shape[-1]).t(), a2.reshape(-1, a2.shape[-1])  # (d_out, nT), (nT, d_in)
-                    if g2.dtype == torch.float32:
-                        target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
-                    else:
-                        target.add_(g2 @ a2)  # in autocast's precision, summed in float32
+                    target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
         return norms, losses
 
 

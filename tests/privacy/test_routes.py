@@ -267,3 +267,62 @@ def test_hook_routes_free_the_step_graph_and_activations(route):
         h.remove()
     gc.collect()
     assert seen and all(r() is None for r in seen), f"{sum(r() is not None for r in seen)} of {len(seen)} alive"
+
+
+def _clipped_excess(route: str, device: str, autocast_dtype, precision: str = "highest") -> float:
+    """Largest relative excess over C of single clipped records' contributions (6 records)."""
+    torch.manual_seed(6)
+    model = create_classifier("swin_micro").to(device)
+    x, y = _batch(6, seed=6)
+    x, y = x.to(device), y.to(device)
+    C = 1e-3
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        results = [clipped_grad_sum(model, LOSS, x[i : i + 1], y[i : i + 1], max_grad_norm=C,
+                                    autocast_dtype=autocast_dtype, method=route) for i in range(6)]
+        assert torch.get_float32_matmul_precision() == precision  # the clipping block restored it
+    finally:
+        torch.set_float32_matmul_precision(before)
+    excess = []
+    for res in results:
+        assert float(res.norms[0]) > C  # clipped
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in res.grads.values()))
+        excess.append(norm / C - 1.0)
+    return max(excess)
+
+
+@pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
+def test_a_clipped_record_adds_at_most_C_under_bf16_autocast(route):
+    """The sensitivity bound holds in low precision too: a clipped record's contribution to
+    the sum has norm <= C up to float32 rounding. Regression: the book-keeping product of a
+    ghost layer ran in bf16 (clip factor and the summed product rounded to 8 bits), so a
+    record added up to 0.3% more than C (measured here), and the rounding of the whole
+    batch's sum was bounded by no single record."""
+    excess = _clipped_excess(route, "cpu", torch.bfloat16)
+    assert excess <= 1e-5, f"clipped contributions exceed C by up to {excess:.2e}"
+
+
+def test_the_clipping_block_runs_float32_products_in_full_float32():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 allowed, process-wide
+        with ghost._full_float32_matmul():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+        with pytest.raises(RuntimeError), ghost._full_float32_matmul():
+            raise RuntimeError("boom")
+        assert torch.get_float32_matmul_precision() == "high"  # restored on errors too
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("route", ["mixed", "ghost"])
+def test_a_clipped_record_adds_at_most_C_on_cuda_with_tf32_allowed(route, autocast_dtype):
+    # With TF32 allowed process-wide, the Grams and the book-keeping product would round
+    # their inputs to 10 bits, each differently: the clipping block switches it off.
+    excess = _clipped_excess(route, "cuda", autocast_dtype, precision="high")
+    assert excess <= 1e-5, f"clipped contributions exceed C by up to {excess:.2e}"
