@@ -37,8 +37,10 @@ Opacus' per-sample and summed gradients left on the parameters until the next ze
 Batches are the same for every variant: q = 1 over B records, so each Poisson batch holds
 all B samples and the DP step does exactly the work of a B-sample step.
 
---profile prints torch.profiler's top operators (self CPU time) of the plain and the
-default DP step: the profile that guided the mixed route (see `mammodp/privacy/ghost.py`).
+--profile prints torch.profiler's top operators of the plain and the default DP step (and of
+the hooks route when it is measured): self CPU time on CPU, the profile that guided the mixed
+route (see `mammodp/privacy/ghost.py`); on CUDA self GPU time, with the GPU time and the
+number of device events (kernels, memcpy, memset) per step.
 """
 
 from __future__ import annotations
@@ -180,11 +182,13 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
 
             def opacus_step(model=op_model, gsm=gsm, opt=op_opt):
                 with torch.no_grad(), autocast():
-                    feats = model.backbone(model.preprocess(x)).float()  # frozen: no graph
+                    feats = model.backbone(model.preprocess(x))  # frozen: no graph
                 opt.zero_grad(set_to_none=True)
                 with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients"
                     warnings.simplefilter("ignore", UserWarning)
-                    LOSS(gsm(feats), y).backward()
+                    with autocast():  # the head in the same precision as ours
+                        logits = gsm(feats)
+                    LOSS(logits.float(), y).backward()
                 opt.step()
 
             steps["head/opacus"] = opacus_step
@@ -207,7 +211,8 @@ def _profile(steps: dict[str, Callable[[], None]], names: list[str], device: tor
         if cuda:  # GPU kernels' time, and the kernel count (launch-bound steps have many small ones)
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             busy = sum(e.device_time_total for e in avg if e.device_type == torch.autograd.DeviceType.CUDA)
-            print(f"# {len(kernels) // 3} GPU kernels per step, {busy / 3e3:.1f} ms of kernel time per step")
+            print(f"# {len(kernels) // 3} device events (kernels, memcpy, memset) per step, {busy / 3e3:.1f} ms of "
+                  "device time per step")
         print(avg.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
                         max_name_column_width=48))
 
@@ -302,8 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--routes", default=None,
                     help=f"comma-separated DP routes to measure beside auto (default: {','.join(ROUTES)} on CPU, "
                          f"{','.join(CUDA_ROUTES)} on CUDA)")
-    ap.add_argument("--amp", choices=("bf16", "fp16"), default=None,
-                    help="forward under autocast in this dtype for every variant (as train.amp runs it on CUDA)")
+    ap.add_argument("--amp", choices=("bf16",), default=None,
+                    help="every variant's forward under bf16 autocast (as train.amp runs it on CUDA)")
     ap.add_argument("--allocator", choices=("keep", "default"), default="keep",
                     help="keep: glibc keeps freed memory, as `mammodp train` sets it on CPU "
                          "(runtime.keep_freed_memory), for every variant alike; default: glibc's defaults")
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(("swin_tiny", torch.device("cuda")))
     for preset, device in runs:
         routes = tuple(r for r in args.routes.split(",") if r) if args.routes else None
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        amp = torch.bfloat16 if args.amp == "bf16" else None
         bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes, amp)
 
 

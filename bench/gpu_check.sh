@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check in one call (about 5 minutes on one H200, every part under its own timeout): the
+# GPU check in one call (about 3 minutes on one H200, every part under its own timeout): the
 # CUDA-only tests, the DP overhead benchmark of Swin-T at 224 px (batch 32 in float32, batch 128
 # under bf16 autocast; the default and the hooks routes), and three epochs of the paper plan
 # (full-model and head-only DP beside plain training).

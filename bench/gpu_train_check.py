@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--preset", default=None, help="override the plan's model.preset (e.g. swin_micro on CPU)")
     ap.add_argument("--out", default=None, help="work folder (default: a temp dir)")
     args = ap.parse_args()
+    if args.epochs < 2:
+        ap.error("--epochs must be at least 2: the ratios are of the epochs after the first")
 
     cfg = load_config(args.plan)
     cfg = dataclasses.replace(
@@ -88,8 +90,8 @@ def main() -> int:
     # Warm-up, not timed: CUDA context, cuDNN autotuning and lazy imports would otherwise be
     # charged to the first (plain) run and flatter the DP/plain ratios.
     t = time.perf_counter()
-    fit(create_classifier(cfg.model.preset, mode="full"), fit_spec(cfg, math.inf, 0, None), private=train,
-        public=None, val=val, device=dev, progress=False)
+    fit(create_classifier(cfg.model.preset, mode="full"), dataclasses.replace(fit_spec(cfg, math.inf, 0, None), epochs=1),
+        private=train, public=None, val=val, device=dev, progress=False)
     print(f"warm-up epoch (not timed in the ratios): {time.perf_counter() - t:.1f} s")
     for mode in ("full", "frozen_backbone"):
         for eps in (math.inf, args.epsilon):
@@ -98,6 +100,7 @@ def main() -> int:
             model = create_classifier(cfg.model.preset, mode=mode)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             marks = [time.perf_counter()]
 
@@ -117,6 +120,7 @@ def main() -> int:
                   f"({n / later:7.1f} samples/s)  peak {peak:8.0f} MiB  epsilon {res.privacy['epsilon']:.3f}  "
                   f"sigma {res.privacy['noise_multiplier']:.3f}  steps {res.privacy['steps']}  "
                   f"route {res.privacy['per_sample_method']}")
+            del res, model  # the next run's peak must not hold this run's weights and best state
     for mode in ("full", "frozen_backbone"):
         (tp, mp), (td, md) = results[(mode, math.inf)], results[(mode, args.epsilon)]
         print(f"{mode}: DP/plain time of the later epochs {td / tp:.2f}x (throughput {tp / td:.2f}x), "

@@ -19,8 +19,9 @@ backward (`grad_sampler.Recorder`: output gradients only, no summed weight gradi
    layer's sum is ONE matrix product (c . g)^T a over all tokens (the cost of a plain
    weight gradient), a materialised one is c^T G (records x parameters), both accumulated
    in place into the caller's fp32 buffers. The ghost product runs in full float32 even
-   under autocast (and with TF32 switched off for the block): a clipped record must add at
-   most C, which holds only if what is added is exactly what the norm measured.
+   under autocast (`per_sample.exact_arithmetic`: autocast and TF32 off for the block): a
+   clipped record must add at most C, which holds only if what is added is exactly what the
+   norm measured.
 
 What guided the choice (torch.profiler, op / call counts and per-layer timings, swin_micro,
 batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tables):
@@ -68,8 +69,6 @@ the largest record of the pack; padding rows contribute nothing to a Gram).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -82,24 +81,10 @@ from mammodp.privacy.grad_sampler import (
     layer_norm_grads,
     linear_io,
 )
-from mammodp.privacy.per_sample import LossFn, clip_factors
+from mammodp.privacy.per_sample import LossFn, clip_factors, exact_arithmetic
 
 ROUTES = ("mixed", "ghost")
 _SMALL = 1024  # a per-record gradient of at most this many numbers is joined with the others
-
-
-@contextlib.contextmanager
-def _full_float32_matmul():
-    """float32 matrix products in full float32 (no TF32) inside the block; restored after."""
-    before = torch.get_float32_matmul_precision()
-    if before == "highest":
-        yield
-        return
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def use_ghost(tokens: int, d_in: int, d_out: int, route: str) -> bool:
@@ -254,10 +239,9 @@ class MixedClipper:
                 self.choices[call.key] = "materialise"
 
         losses = self.recorder.run(x, y, sink)
-        # No graph (the stored activations belong to it), and float32 products in full float32:
-        # a process-wide TF32 setting (`torch.set_float32_matmul_precision("high")`) would round
-        # the Grams and the book-keeping products differently from each other.
-        with torch.no_grad(), _full_float32_matmul():
+        # No graph (the stored activations belong to it), no autocast, float32 products in full
+        # float32: a clipped record must add exactly what its norm measured (`exact_arithmetic`).
+        with exact_arithmetic(x.device.type):
             sq = torch.zeros(n_records, device=x.device, dtype=torch.float32)
             # The many small gradients side by side (~32 KiB a record at swin_micro): one norm, one product.
             small_names = list(small)

@@ -292,6 +292,44 @@ def per_sample_gradients(
     return grads, keys
 
 
+def _matmul_precision_backends() -> list:
+    """torch's per-backend float32 matmul settings (`fp32_precision`, torch >= 2.9), if any."""
+    out = []
+    for name in ("cuda", "mkldnn"):
+        backend = getattr(getattr(torch.backends, name, None), "matmul", None)
+        if backend is not None and hasattr(backend, "fp32_precision"):
+            out.append(backend)
+    return out
+
+
+@contextlib.contextmanager
+def exact_arithmetic(device_type: str):
+    """Clipping arithmetic as exact as float32 allows, whatever the caller set: no autograd
+    graph, autocast off (an enclosing `torch.autocast` would run Grams and products in bf16),
+    and float32 matrix products without TF32 / bf16 shortcuts (a process-wide
+    `torch.set_float32_matmul_precision("high")` or `torch.backends.cuda.matmul.fp32_precision
+    = "tf32"` would round a norm and the product it bounds differently). The precision
+    settings are process-wide: they are restored on exit, also on errors; two threads clipping
+    at once could see each other's restore (nothing here clips from two threads).
+    """
+    backends = _matmul_precision_backends()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        if backends:
+            saved = [b.fp32_precision for b in backends]
+            if any(v != "ieee" for v in saved):
+                for b in backends:
+                    b.fp32_precision = "ieee"
+                stack.callback(lambda: [setattr(b, "fp32_precision", v) for b, v in zip(backends, saved)])
+        else:  # older torch: the one process-wide setting
+            before = torch.get_float32_matmul_precision()
+            if before != "highest":
+                torch.set_float32_matmul_precision("highest")
+                stack.callback(torch.set_float32_matmul_precision, before)
+        yield
+
+
 def record_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """L2 norm of each record's gradient over all parameters: (R,) from {name: (R, *shape)}."""
     per_param = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1).float(), dim=1) for g in grads.values()]
@@ -394,11 +432,12 @@ def clipped_grad_sum(
             # A book-keeping route materialises a record larger than one pass (several passes).
             ps = fn.materialiser() if bookkeeping else fn
             grads, losses = _record_grads(ps, trainable, x, y, local, n_rec, grad_chunk)
-            norms = record_norms(grads)  # (n_rec,)
-            factors = clip_factors(norms, max_grad_norm)
-            for name, g in grads.items():
-                # sum_r factor_r * g_r as one matrix-vector product, in place: (P, R) @ (R,)
-                total[name].view(-1).addmv_(g.reshape(n_rec, -1).float().t(), factors)
+            with exact_arithmetic(x.device.type):
+                norms = record_norms(grads)  # (n_rec,)
+                factors = clip_factors(norms, max_grad_norm)
+                for name, g in grads.items():
+                    # sum_r factor_r * g_r as one matrix-vector product, in place: (P, R) @ (R,)
+                    total[name].view(-1).addmv_(g.reshape(n_rec, -1).float().t(), factors)
         norms_all.append(norms.detach())
         loss_sum += losses.detach().sum()  # stays on the device: no sync per pack
     norms_cat = torch.cat(norms_all)

@@ -269,58 +269,95 @@ def test_hook_routes_free_the_step_graph_and_activations(route):
     assert seen and all(r() is None for r in seen), f"{sum(r() is not None for r in seen)} of {len(seen)} alive"
 
 
-def _clipped_excess(route: str, device: str, autocast_dtype, precision: str = "highest") -> float:
-    """Largest relative excess over C of single clipped records' contributions (6 records)."""
+def _clipped_excess(route: str, device: str, autocast_dtype, *, precision: str | None = None, mode: str = "full",
+                    per_record: int = 1, grad_chunk: int = 32, outer_autocast: bool = False) -> float:
+    """Largest relative excess over C of single clipped records' contributions (6 records of
+    `per_record` samples each, one record per call)."""
     torch.manual_seed(6)
-    model = create_classifier("swin_micro").to(device)
-    x, y = _batch(6, seed=6)
+    model = create_classifier("swin_micro", mode=mode).to(device)
+    x, y = _batch(6 * per_record, seed=6)
     x, y = x.to(device), y.to(device)
     C = 1e-3
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
     try:
-        results = [clipped_grad_sum(model, LOSS, x[i : i + 1], y[i : i + 1], max_grad_norm=C,
-                                    autocast_dtype=autocast_dtype, method=route) for i in range(6)]
-        assert torch.get_float32_matmul_precision() == precision  # the clipping block restored it
+        results = []
+        for i in range(6):
+            sl = slice(i * per_record, (i + 1) * per_record)
+            rec = torch.full((per_record,), 7 + i) if per_record > 1 else None
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=outer_autocast):
+                results.append(clipped_grad_sum(model, LOSS, x[sl], y[sl], max_grad_norm=C, record_ids=rec,
+                                                grad_chunk=grad_chunk, autocast_dtype=autocast_dtype, method=route))
+        if precision is not None:
+            assert torch.get_float32_matmul_precision() == precision  # the clipping block restored it
     finally:
         torch.set_float32_matmul_precision(before)
     excess = []
     for res in results:
-        assert float(res.norms[0]) > C  # clipped
+        assert res.n_records == 1 and float(res.norms[0]) > C  # one record, clipped
         norm = math.sqrt(sum(float(g.double().square().sum()) for g in res.grads.values()))
         excess.append(norm / C - 1.0)
     return max(excess)
 
 
+@pytest.mark.parametrize("case", [
+    {},  # one patch a record
+    {"per_record": 3},  # patient records: ghost Grams over a record's concatenated tokens
+    {"per_record": 3, "grad_chunk": 1},  # a record larger than a pass: the materialising fallback
+    {"mode": "frozen_backbone"},  # head-only (the paper's mode)
+    {"outer_autocast": True, "autocast_dtype": None},  # the caller's own autocast around the call
+], ids=["patch", "patient", "patient-over-chunks", "head-only", "caller-autocast"])
 @pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
-def test_a_clipped_record_adds_at_most_C_under_bf16_autocast(route):
+def test_a_clipped_record_adds_at_most_C_under_bf16_autocast(route, case):
     """The sensitivity bound holds in low precision too: a clipped record's contribution to
     the sum has norm <= C up to float32 rounding. Regression: the book-keeping product of a
     ghost layer ran in bf16 (clip factor and the summed product rounded to 8 bits), so a
     record added up to 0.3% more than C (measured here), and the rounding of the whole
-    batch's sum was bounded by no single record."""
-    excess = _clipped_excess(route, "cpu", torch.bfloat16)
+    batch's sum was bounded by no single record; a caller's autocast around the step put the
+    Grams in bf16 (up to 0.1% over C)."""
+    case = {"autocast_dtype": torch.bfloat16, **case}
+    excess = _clipped_excess(route, "cpu", **case)
     assert excess <= 1e-5, f"clipped contributions exceed C by up to {excess:.2e}"
 
 
-def test_the_clipping_block_runs_float32_products_in_full_float32():
-    before = torch.get_float32_matmul_precision()
+@pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
+def test_clipping_arithmetic_runs_without_autocast_and_in_full_float32(route, monkeypatch):
+    """Inside the clipping block: autocast off and float32 products in IEEE float32, whatever
+    the process set (the legacy and the per-backend precision APIs); both restored after."""
+    import mammodp.privacy.per_sample as per_sample
+
+    seen = []
+    original = per_sample.clip_factors
+
+    def spy(norms, c):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.backends.cuda.matmul.fp32_precision,
+                     torch.backends.mkldnn.matmul.fp32_precision))
+        return original(norms, c)
+
+    monkeypatch.setattr(ghost, "clip_factors", spy)  # mixed / ghost
+    monkeypatch.setattr(per_sample, "clip_factors", spy)  # hooks (materialised per-record gradients)
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+    torch.manual_seed(0)
+    model = create_classifier("swin_micro")
+    x, y = _batch(4, seed=0)
     try:
-        torch.set_float32_matmul_precision("high")  # TF32 allowed, process-wide
-        with ghost._full_float32_matmul():
-            assert torch.get_float32_matmul_precision() == "highest"
-        assert torch.get_float32_matmul_precision() == "high"
-        with pytest.raises(RuntimeError), ghost._full_float32_matmul():
-            raise RuntimeError("boom")
-        assert torch.get_float32_matmul_precision() == "high"  # restored on errors too
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1e-3, method=route)
+            assert torch.is_autocast_enabled("cpu")  # the caller's autocast is back
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == (
+            "tf32", "bf16")  # restored
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = saved
+    assert seen and all(s == (False, "ieee", "ieee") for s in seen), seen
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("route", ["mixed", "ghost"])
+@pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
 def test_a_clipped_record_adds_at_most_C_on_cuda_with_tf32_allowed(route, autocast_dtype):
     # With TF32 allowed process-wide, the Grams and the book-keeping product would round
     # their inputs to 10 bits, each differently: the clipping block switches it off.
