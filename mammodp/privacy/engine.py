@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -573,6 +574,11 @@ def make_private(
             sigma = calibrate_noise(target_epsilon, delta, sample_rate, total_steps, acc)
         if delta > 1.0 / n_records:
             log.warning("delta=%g exceeds 1/records=%g: the guarantee is weak", delta, 1.0 / n_records)
+        if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "") not in ("", "0"):
+            # cuBLAS then uses TF32 whatever `per_sample.exact_arithmetic` asks: a record's norm and
+            # what it adds are rounded differently (10-bit inputs), so C bounds it only approximately.
+            log.warning("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set: CUDA float32 products use TF32 and the "
+                        "clipping bound C holds only up to TF32 rounding; unset it for exact clipping")
         log.info("DP-SGD: %d %s records, q=%.4g, sigma=%.4g, C=%g, %d steps, accountant %s%s",
                  n_records, privacy_unit, sample_rate, sigma, max_grad_norm, total_steps, acc.mechanism,
                  f" ({acc.fallback_reason})" if acc.fallback_reason else "")

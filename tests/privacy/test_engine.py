@@ -267,3 +267,18 @@ def test_private_step_on_cuda_with_bf16_autocast():
     opt.step()
     assert math.isfinite(loss) or idx.numel() == 0
     assert all(p.grad.device.type == "cuda" and torch.isfinite(p.grad).all() for p in trainable_parameters(model))
+
+
+def test_a_forced_cublas_tf32_override_is_stated(monkeypatch, caplog):
+    # cuBLAS' override beats any precision setting: the engine cannot make clipping exact then.
+    model, opt = _setup("frozen_backbone")
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    with caplog.at_level("WARNING", logger="mammodp.privacy.engine"):
+        _engine(model, opt, np.arange(8), noise_multiplier=1.0, max_grad_norm=1.0)
+    assert any("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.delenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
+    with caplog.at_level("WARNING", logger="mammodp.privacy.engine"):
+        _engine(model, torch.optim.AdamW(trainable_parameters(model), lr=1e-3), np.arange(8), noise_multiplier=1.0,
+                max_grad_norm=1.0)
+    assert not any("TF32" in r.getMessage() for r in caplog.records)
