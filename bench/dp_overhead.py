@@ -46,6 +46,7 @@ number of device events (kernels, memcpy, memset) per step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -122,7 +123,6 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
     """name -> step function, name -> DP engine, and name -> bytes held between steps, for
     one preset. Every model starts from the same weights. `amp`: the forward of every variant
     under autocast to that dtype (as `train.amp` runs it), else float32."""
-    import contextlib
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -290,7 +290,8 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
     if "head/dp-vmap" in steps:
         line("head-only DP (vmap route)", "head/dp-vmap", "head/plain2", "head/plain")
     if profile:
-        _profile(steps, ["full/plain", "full/dp-auto"] + (["full/dp-hooks"] if "full/dp-hooks" in steps else []), device)
+        names = ["full/plain", "full/dp-auto"] + (["full/dp-hooks"] if "full/dp-hooks" in steps else [])
+        _profile(steps, names, device)
 
 
 def main(argv: list[str] | None = None) -> None:

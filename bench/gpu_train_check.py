@@ -90,8 +90,9 @@ def main() -> int:
     # Warm-up, not timed: CUDA context, cuDNN autotuning and lazy imports would otherwise be
     # charged to the first (plain) run and flatter the DP/plain ratios.
     t = time.perf_counter()
-    fit(create_classifier(cfg.model.preset, mode="full"), dataclasses.replace(fit_spec(cfg, math.inf, 0, None), epochs=1),
-        private=train, public=None, val=val, device=dev, progress=False)
+    one_epoch = dataclasses.replace(fit_spec(cfg, math.inf, 0, None), epochs=1)
+    fit(create_classifier(cfg.model.preset, mode="full"), one_epoch, private=train, public=None, val=val,
+        device=dev, progress=False)
     print(f"warm-up epoch (not timed in the ratios): {time.perf_counter() - t:.1f} s")
     for mode in ("full", "frozen_backbone"):
         for eps in (math.inf, args.epsilon):
