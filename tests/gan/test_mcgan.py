@@ -245,3 +245,37 @@ def test_resize_then_convolve_upsampling_paints_no_checkerboard(how):
     G, _, spec = mcgan.create_gan("tiny", upsample=how)
     assert spec.upsample == how
     assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in G.main[3:]) == (how == "transposed")
+
+
+def test_generator_ema_averages_parameters_and_recollects_batchnorm_statistics():
+    G, _, _ = mcgan.create_gan("tiny")
+    ema = mcgan.GeneratorEMA(G, 0.75)
+    before = [p.detach().clone() for p in G.parameters()]
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(1.0)
+    ema.update(G)
+    for avg, old, new in zip(ema.average.parameters(), before, G.parameters()):
+        torch.testing.assert_close(avg, 0.75 * old + 0.25 * new)
+        assert not avg.requires_grad
+    # finalize: each BatchNorm's running mean is the mean over the passes' batch means.
+    first = next(m for m in ema.average.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    means = []
+    hook = first.register_forward_hook(lambda mod, inp, out: means.append(inp[0].mean((0, 2, 3))))
+    G2 = ema.finalize(batches=3, batch=8, seed=5)
+    hook.remove()
+    assert len(means) == 3 and not G2.training and first.momentum == 0.1
+    torch.testing.assert_close(first.running_mean, torch.stack(means).mean(0))
+    # Same seed, same statistics; live generator untouched.
+    again = mcgan.GeneratorEMA(G, 0.75)
+    again.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(again.finalize(batches=3, batch=8, seed=5).state_dict()["main.1.running_var"],
+                               G2.state_dict()["main.1.running_var"])
+    assert G.training
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.1])
+def test_generator_ema_refuses_a_decay_outside_the_open_interval(decay):
+    G, _, _ = mcgan.create_gan("tiny")
+    with pytest.raises(ConfigError, match="gan.ema_decay"):
+        mcgan.GeneratorEMA(G, decay)

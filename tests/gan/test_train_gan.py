@@ -72,9 +72,11 @@ def _crash_after(monkeypatch, n_calls):
     monkeypatch.setattr(mcgan, "generator_step", step)
 
 
-@pytest.mark.parametrize("private", [False, True], ids=["non-private", "dp"])
-def test_resume_continues_training_and_accountant(gan_project, monkeypatch, private):
+@pytest.mark.parametrize(("private", "ema"), [(False, 0.0), (True, 0.0), (False, 0.9), (True, 0.9)],
+                         ids=["non-private", "dp", "non-private-ema", "dp-ema"])
+def test_resume_continues_training_and_accountant(gan_project, monkeypatch, private, ema):
     root, cfg = gan_project
+    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, ema_decay=ema))
     if private:
         cfg = _dp(cfg, reproducible_noise=True)  # so that two runs can be compared bit for bit
     full = train_gan.run(cfg, out=root / "full")
@@ -312,3 +314,39 @@ def test_dp_discriminator_optimiser_follows_params(gan_project, optimizer):
         assert group["lr"] == cfg.gan.lr and "exp_avg" in state
     # The generator keeps Adam either way (it never sees private data).
     assert "exp_avg" in next(iter(ckpt["opt_g"]["state"].values()))
+
+
+def test_saved_generator_is_the_moving_average_of_the_iterates(gan_project, monkeypatch):
+    root, cfg = gan_project
+    decay = 0.8
+    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, ema_decay=decay))
+    iterates = []
+    real = mcgan.generator_step
+
+    def step(G, *args, **kwargs):
+        stats = real(G, *args, **kwargs)
+        iterates.append({k: v.detach().clone() for k, v in G.named_parameters()})
+        return stats
+
+    monkeypatch.setattr(mcgan, "generator_step", step)
+    start = {}
+    real_ema = mcgan.GeneratorEMA
+
+    def ema(G, d):  # the weights the average starts from
+        start.update({k: v.detach().clone() for k, v in G.named_parameters()})
+        return real_ema(G, d)
+
+    monkeypatch.setattr(mcgan, "GeneratorEMA", ema)
+    info = train_gan.run(cfg, out=root / "m")
+    assert info["ema_decay"] == decay and len(iterates) == info["steps"] > 2
+    saved, _ = mcgan.load_generator(root / "m/generator.pt")
+    for name, p in saved.named_parameters():
+        expect = start[name]
+        for it in iterates:
+            expect = decay * expect + (1 - decay) * it[name]
+        torch.testing.assert_close(p, expect, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(p, iterates[-1][name])  # not the last iterate
+    # Its BatchNorm statistics are its own (recollected), not the live generator's.
+    live = torch.load(root / "m/checkpoint.pt", weights_only=True)["G"]
+    stats = [k for k in live if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(saved.state_dict()[k], live[k]) for k in stats)
