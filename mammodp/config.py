@@ -242,6 +242,9 @@ class GanConfig:
     # generator x2 upsampling: resize_conv (nearest + 3x3 conv, no checkerboard artefacts) or
     # transposed (the paper's stride-2 ConvTranspose)
     upsample: Literal["resize_conv", "transposed"] = "resize_conv"
+    # A stride-1 3x3 conv at full resolution at the head of the discriminator, so that it sees
+    # pixel-scale texture (the paper's first layer is a stride-2 6x6 conv); see mcgan.GanSpec.d_stem.
+    d_stem: bool = False
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-4

@@ -375,7 +375,7 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     n = len(labels)
     lineage = trained_on(cfg, n)
     G, D, spec = mcgan.create_gan(image_size=g.image_size, latent_dim=g.latent_dim, width=g.width, dp=private,
-                                     upsample=g.upsample)
+                                     upsample=g.upsample, d_stem=g.d_stem)
     # channels_last: oneDNN's (and cuDNN's) preferred layout for these small convolutions; on
     # CPU a demo step takes 110 ms instead of 175 ms, with the same numbers up to rounding.
     G, D = (m.to(dev, memory_format=torch.channels_last) for m in (G, D))

@@ -14,9 +14,12 @@ from mammodp.errors import ConfigError, WeightsError
 from mammodp.models import mcgan
 
 
+@pytest.mark.parametrize("d_stem", [False, True], ids=["no-stem", "stem"])
 @pytest.mark.parametrize("size", [16, 32, 64, 128])
-def test_shapes_for_each_image_size(size):
-    G, D, spec = mcgan.create_gan(image_size=size, latent_dim=8, width=4)
+def test_shapes_for_each_image_size(size, d_stem):
+    G, D, spec = mcgan.create_gan(image_size=size, latent_dim=8, width=4, d_stem=d_stem)
+    first = D.main[0]
+    assert (first.kernel_size, first.stride) == (((3, 3), (1, 1)) if d_stem else ((6, 6), (2, 2)))
     z = torch.randn(3, 8)
     y = torch.tensor([0, 1, 1])
     with torch.no_grad():
@@ -72,22 +75,23 @@ def test_activations_are_out_of_place_and_dp_discriminator_is_opacus_valid():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in D_dp.modules())
 
 
-def _paired_inputs(n: int, size: int = 16, latent: int = 8, seed: int = 0):
+def _paired_inputs(n: int, size: int = 16, latent: int = 8, seed: int = 0, d_stem: bool = False):
     """Packed (real, fake) pairs of a tiny generator, as the DP step builds them."""
     g = torch.Generator().manual_seed(seed)
-    G, D, _ = mcgan.create_gan(image_size=size, latent_dim=latent, width=4, dp=True)
+    G, D, _ = mcgan.create_gan(image_size=size, latent_dim=latent, width=4, dp=True, d_stem=d_stem)
     real, labels = torch.rand(n, 1, size, size, generator=g) * 2 - 1, torch.randint(0, 2, (n,), generator=g)
     draws = mcgan.draw_per_sample(n, latent, (0.7, 1.2), flips=True, generator=g)
     inputs, targets = mcgan.dp_batch(G, real, labels, draws, torch.device("cpu"))
     return G, D, inputs, targets
 
 
-def test_paired_discriminator_per_sample_gradients_equal_a_loop():
+@pytest.mark.parametrize("d_stem", [False, True], ids=["no-stem", "stem"])
+def test_paired_discriminator_per_sample_gradients_equal_a_loop(d_stem):
     from mammodp.privacy.per_sample import per_sample_gradients
 
     torch.manual_seed(0)
     n = 5
-    _, D, inputs, targets = _paired_inputs(n)
+    _, D, inputs, targets = _paired_inputs(n, d_stem=d_stem)
     paired = mcgan.PairedDiscriminator(D)
     grads, _ = per_sample_gradients(paired, mcgan.paired_bce, inputs, targets, method="vmap")
     params = dict(paired.named_parameters())

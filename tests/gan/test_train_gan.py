@@ -100,11 +100,12 @@ def test_resume_continues_training_and_accountant(gan_project, monkeypatch, priv
         assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-12)
 
 
-def test_dp_training_reports_epsilon_within_target(gan_project):
+@pytest.mark.parametrize("d_stem", [False, True], ids=["no-stem", "stem"])
+def test_dp_training_reports_epsilon_within_target(gan_project, d_stem):
     from opacus.accountants import RDPAccountant
 
     root, cfg = gan_project
-    cfg = _dp(cfg)
+    cfg = _dp(dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, d_stem=d_stem)))
     info = train_gan.run(cfg, out=root / "dp")
     priv = info["privacy"]
     assert 0 < info["epsilon"] <= cfg.gan.dp.epsilon
