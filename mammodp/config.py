@@ -263,6 +263,10 @@ class GanConfig:
     # around what the discriminator currently rewards (`mcgan.GeneratorEMA`). 0.995 averages
     # ~200 steps, a third of the demo's 600.
     ema_decay: float = 0.0
+    # Non-private runs: the public set of `gan.dp.public_data` (all its splits; patients disjoint
+    # from every private and test split) joins the real training patches. A DP run uses the
+    # public set as its warm start instead (`gan.dp.public_epochs`) and ignores this.
+    train_on_public: bool = False
     dp: GanDPConfig = field(default_factory=GanDPConfig)
 
 
@@ -631,6 +635,8 @@ def _check(obj: Any, prefix: str) -> None:
             bad("diverge_loss", f"must be > 0, got {obj.diverge_loss}")
         if not _DEVICE.match(obj.device):
             bad("device", f"must be auto, cpu, cuda, cuda:N or mps, got {obj.device!r}")
+        if obj.train_on_public and not obj.dp.public_data:
+            bad("train_on_public", "needs gan.dp.public_data (the public set's folder)")
     if isinstance(obj, GanDPConfig):
         finite("epsilon", "max_grad_norm")
         if not obj.epsilon > 0:

@@ -80,6 +80,10 @@ PUBLIC_NOTE = (
     "sharing no patient with any private or test split) trained both networks without DP for {epochs} "
     "epoch(s) before the DP epochs (warm start), and its diversity is the mode-collapse yardstick."
 )
+PUBLIC_TRAINING_NOTE = (
+    " Public data trained it too (gan.train_on_public): the public set {manifest} ({n} patches, sharing no "
+    "patient with any private or test split) joined the real training patches."
+)
 NON_DP_NOTE = (
     "NOT private: the GAN trained on the real CBIS training patches without DP, so no epsilon covers "
     "it or any synthetic data it makes. Its diagnostics are computed on real batches and released "
@@ -263,6 +267,7 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, spec) -> None:
     now = flatten(cfg.gan) | {"privacy_unit": cfg.dp.privacy_unit}
     keys = ("image_size", "latent_dim", "width", "batch_size", "ema_decay", "dp.enabled", "dp.epsilon", "dp.delta",
             "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise", "dp.public_data", "dp.public_epochs",
+            "train_on_public",
             "dp.optimizer", "dp.lr", "dp.momentum")
     for key in keys:
         if saved.get(key) != now.get(key):
@@ -395,10 +400,17 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
 
     # Public data (DP only: a non-private run has the real patches themselves): the warm start
     # and the mode-collapse yardstick. A resumed run's networks already hold the warm start.
+    # Non-private with gan.train_on_public: the public set joins the training patches instead.
     public = None
-    if private and g.dp.public_data:
+    if g.dp.public_data and (private or g.train_on_public):
         pub_images, pub_labels, public = load_public_images(cfg)
-        if g.dp.public_epochs > 0 and not resume:
+        if not private:
+            public["use"] = "training data"
+            public.pop("epochs")
+            images, labels = torch.cat([images, pub_images]), torch.cat([labels, pub_labels])
+            n = len(labels)
+            log.info("train-gan: %d private + %d public training patches", lineage["n_images"], public["n_images"])
+        elif g.dp.public_epochs > 0 and not resume:
             public["history"] = _public_warm_start(G, D, pub_images, pub_labels, cfg, dev)
             last = public["history"][-1]
             log.info("train-gan: public warm start, %d epochs on %d public patches (loss_d %.3f, loss_g %.3f)",
@@ -473,6 +485,9 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         # Same flag as every other run that touched private data without DP.
         tags["private_data_without_dp"] = "true"
         tags["private_data_note"] = "GAN trained on real patches without DP"
+        if public is not None:
+            tags["public_data"] = (f"{public['manifest']} sha256:{public['manifest_hash']} n={public['n_images']} "
+                                   "(training data)")
     params = {f"gan.{k}": v for k, v in flatten(g).items()} | {"seed": cfg.seed, "n_train": n}
     if private:
         params |= {"dp.privacy_unit": cfg.dp.privacy_unit, "noise_multiplier": engine.noise_multiplier,
@@ -526,7 +541,9 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             yield dp_step(), ("loss_g",)  # only public quantities are watched under DP
 
     note = DP_NOTE if private else NON_DP_NOTE
-    if public is not None:
+    if public is not None and not private:
+        note += PUBLIC_TRAINING_NOTE.format(manifest=public["manifest"], n=public["n_images"])
+    elif public is not None:
         note += PUBLIC_NOTE.format(manifest=public["manifest"], n=public["n_images"], epochs=g.dp.public_epochs)
     t0 = time.perf_counter()
     with tracking.start_run(

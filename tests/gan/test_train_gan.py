@@ -351,3 +351,40 @@ def test_saved_generator_is_the_moving_average_of_the_iterates(gan_project, monk
     live = torch.load(root / "m/checkpoint.pt", weights_only=True)["G"]
     stats = [k for k in live if k.endswith("running_mean")]
     assert stats and all(not torch.equal(saved.state_dict()[k], live[k]) for k in stats)
+
+
+def test_non_private_gan_trains_on_the_public_set_when_asked_and_says_so(gan_project, public_set):
+    root, cfg = gan_project
+    folder = public_set()
+    gan = dataclasses.replace(cfg.gan, train_on_public=True, batch_size=4,
+                              dp=dataclasses.replace(cfg.gan.dp, public_data=folder))
+    mixed = train_gan.run(dataclasses.replace(cfg, gan=gan), out=root / "mixed")
+    plain = train_gan.run(cfg, out=root / "plain")
+    # 16 private + 20 public patches at batch 4: 9 steps an epoch instead of 4.
+    assert plain["steps"] == 2 * 4 and mixed["steps"] == 2 * 9
+    assert mixed["trained_on"]["n_images"] == 16 and mixed["public_data"]["n_images"] == 20
+    assert mixed["public_data"]["use"] == "training data" and plain["public_data"] is None
+
+    import mlflow
+
+    run = mlflow.get_run(mixed["run_id"])
+    assert run.data.tags["private_data_without_dp"] == "true"
+    assert "n=20" in run.data.tags["public_data"] and "training data" in run.data.tags["public_data"]
+    assert run.data.params["n_train"] == "36"
+    statement = mlflow.artifacts.load_text(f"runs:/{mixed['run_id']}/privacy/what_epsilon_covers.txt")
+    assert "NOT private" in statement and "joined the real training patches" in statement
+    # A public set that shares a patient with the private splits is refused here too.
+    public_set("cbis-ddsm")
+    with pytest.raises(DataError, match="patient"):
+        train_gan.run(dataclasses.replace(cfg, gan=gan), out=root / "bad")
+
+
+def test_train_on_public_needs_a_public_set():
+    from pathlib import Path
+
+    from mammodp.config import load_config
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    with pytest.raises(ConfigError, match=r"gan\.train_on_public"):
+        load_config(params, {"gan.train_on_public": True, "gan.dp.public_data": None, "gan.dp.public_epochs": 0})
+    assert load_config(params, {"gan.train_on_public": True}).gan.train_on_public
