@@ -265,10 +265,9 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, spec) -> None:
     """A checkpoint continues only the run it came from: same nets, data rate and privacy."""
     saved = ckpt["config"]
     now = flatten(cfg.gan) | {"privacy_unit": cfg.dp.privacy_unit}
-    keys = ("image_size", "latent_dim", "width", "batch_size", "ema_decay", "dp.enabled", "dp.epsilon", "dp.delta",
-            "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise", "dp.public_data", "dp.public_epochs",
-            "train_on_public",
-            "dp.optimizer", "dp.lr", "dp.momentum")
+    keys = ("image_size", "latent_dim", "width", "batch_size", "ema_decay", "train_on_public", "dp.enabled",
+            "dp.epsilon", "dp.delta", "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise",
+            "dp.public_data", "dp.public_epochs", "dp.optimizer", "dp.lr", "dp.momentum")
     for key in keys:
         if saved.get(key) != now.get(key):
             raise ConfigError(
@@ -398,9 +397,9 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
 
-    # Public data (DP only: a non-private run has the real patches themselves): the warm start
-    # and the mode-collapse yardstick. A resumed run's networks already hold the warm start.
-    # Non-private with gan.train_on_public: the public set joins the training patches instead.
+    # Public data under DP: the warm start and the mode-collapse yardstick (a resumed run's
+    # networks already hold the warm start). Non-private with gan.train_on_public: the public
+    # set joins the training patches instead (the yardstick is then theirs and the real ones').
     public = None
     if g.dp.public_data and (private or g.train_on_public):
         pub_images, pub_labels, public = load_public_images(cfg)
@@ -497,7 +496,8 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         return {
             "epoch": epoch, "step": step, "history": history, "run_id": run_id, "warnings": warns,
             "config": flatten(g) | {"privacy_unit": cfg.dp.privacy_unit}, "spec": dataclasses.asdict(spec),
-            "G": G.state_dict(), "D": D.state_dict(), "ema": ema.state_dict() if ema is not None else None, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "G": G.state_dict(), "D": D.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "dp": _engine_state(engine, secret) if engine is not None else None,
             "rng": rng.get_state(), "rng_g": rng_g.get_state(), "loader_gen": loader_gen.get_state(),
