@@ -267,6 +267,14 @@ class GanConfig:
     # from every private and test split) joins the real training patches. A DP run uses the
     # public set as its warm start instead (`gan.dp.public_epochs`) and ignores this.
     train_on_public: bool = False
+    # Non-private runs: weight of a feature-matching term in the generator's loss (0 = off, the
+    # paper's loss): the squared distance between the per-channel means and standard deviations
+    # of the discriminator's first stride-2 features (local texture detectors) on the fakes and
+    # on the real batch of the same step (`mcgan.feature_matching_loss`). It pulls the
+    # generator's pixel-scale texture toward the data's, which the adversarial term alone
+    # constrains loosely at demo size. A DP run ignores it: its generator step must not read
+    # private patches (it is post-processing of the private discriminator).
+    feature_matching: float = 0.0
     dp: GanDPConfig = field(default_factory=GanDPConfig)
 
 
@@ -631,6 +639,8 @@ def _check(obj: Any, prefix: str) -> None:
             bad("real_label_range", f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
         at_least(0, "collapse_threshold")
         within("ema_decay", 0, 1, closed="[)")
+        finite("feature_matching")
+        at_least(0, "feature_matching")
         if not obj.diverge_loss > 0:
             bad("diverge_loss", f"must be > 0, got {obj.diverge_loss}")
         if not _DEVICE.match(obj.device):

@@ -113,6 +113,8 @@ def test_missing_params_file_names_it(tmp_path):
     ("evaluate", "fixed_threshold", 2.0, r"evaluate\.fixed_threshold"),
     ("gan", "betas", [0.5, 1.0], r"gan\.betas"),
     ("gan", "ema_decay", 1.0, r"gan\.ema_decay"),
+    ("gan", "feature_matching", -1.0, r"gan\.feature_matching"),
+    ("gan", "feature_matching", "inf", r"gan\.feature_matching"),
     ("promote", "max_epsilon", 0, r"promote\.max_epsilon"),
     ("serve", "max_rows", 0, r"serve\.max_rows"),
     ("serve", "max_image_pixels", 0, r"serve\.max_image_pixels"),

@@ -46,7 +46,9 @@ Why a record's clipped gradient cannot depend on which other records were sample
   training set at every step (`draw_per_sample`) and then indexed by the Poisson batch, so a
   record's draws depend only on (step, record), never on its position in the batch or on
   earlier batch sizes. The generator's own step draws from a separate stream.
-The generator step uses no real data (post-processing of the private discriminator).
+The generator step uses no real data (post-processing of the private discriminator). Only a
+NON-private run may add feature matching (`generator_step(feature_matching=...)`), which
+compares the fakes' discriminator texture statistics with the real batch's.
 """
 
 from __future__ import annotations
@@ -209,6 +211,14 @@ class Discriminator(nn.Module):
         s = self.spec.image_size
         cond = self.label_path(labels).view(-1, 1, s, s)
         return self.main(torch.cat([x, cond], dim=1)).view(-1)
+
+    def texture_features(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, w, S/2, S/2): the activations after the first stride-2 conv and its LeakyReLU
+        (after the stem, when there is one); no norm layer lies before them, so computing them
+        touches no BatchNorm statistics. What `feature_matching_loss` compares."""
+        s = self.spec.image_size
+        cond = self.label_path(labels).view(-1, 1, s, s)
+        return self.main[: 4 if self.spec.d_stem else 2](torch.cat([x, cond], dim=1))
 
 
 def create_gan(preset: str | None = None, **sizes: Any) -> tuple[Generator, Discriminator, GanSpec]:
@@ -421,6 +431,16 @@ def dp_batch(G: Generator, real: torch.Tensor, labels: torch.Tensor, draws: Samp
     return inputs, targets
 
 
+def feature_matching_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Squared distance between per-channel means and standard deviations (over batch and
+    space) of two (N, C, H, W) feature maps: first and second moments of the discriminator's
+    local texture detectors (Salimans et al. 2016's feature matching, with the spread added)."""
+    fake, real = fake.float(), real.float()
+    dims = (0, 2, 3)
+    return ((fake.mean(dims) - real.mean(dims)).square().sum()
+            + (fake.std(dims) - real.std(dims)).square().sum())
+
+
 def generator_step(
     G: Generator,
     D: nn.Module,
@@ -431,26 +451,43 @@ def generator_step(
     scaler: torch.amp.GradScaler | None = None,
     autocast: bool = False,
     generator: torch.Generator | None = None,
+    real: torch.Tensor | None = None,
+    real_labels: torch.Tensor | None = None,
+    feature_matching: float = 0.0,
 ) -> dict[str, float]:
     """One generator update (non-saturating loss: fakes labelled real).
 
-    Uses no real data: under DP it is post-processing of the private discriminator. The
-    gradients it leaves on the discriminator's parameters are cleared.
+    Without `real` it uses no real data: under DP it is post-processing of the private
+    discriminator. With `feature_matching` > 0 and a non-empty `real` batch (NON-private
+    training only), `feature_matching` x `feature_matching_loss` between the discriminator's
+    `texture_features` of the fakes and of that real batch is added to the loss (`loss_fm`
+    reports it unweighted; `loss_g` stays the adversarial term). The gradients it leaves on
+    the discriminator's parameters are cleared.
     """
     optimizer.zero_grad(set_to_none=True)
     z = torch.randn(batch, G.spec.latent_dim, generator=generator).to(device)
     fake_labels = random_labels(batch, device, generator)
+    matching = feature_matching > 0 and real is not None and real.shape[0] > 1
+    stats: dict[str, float] = {}
     with torch.autocast(device.type, enabled=autocast):
-        out = D(G(z, fake_labels), fake_labels).float()
+        fake = G(z, fake_labels)
+        out = D(fake, fake_labels).float()
         loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        total = loss
+        if matching:
+            with torch.no_grad():
+                target = D.texture_features(real, real_labels)
+            fm = feature_matching_loss(D.texture_features(fake, fake_labels), target)
+            total = loss + feature_matching * fm
+            stats["loss_fm"] = float(fm.detach())
     if scaler is not None:
-        scaler.scale(loss).backward()
+        scaler.scale(total).backward()
         scaler.step(optimizer)
     else:
-        loss.backward()
+        total.backward()
         optimizer.step()
     D.zero_grad(set_to_none=True)
-    return {"loss_g": float(loss.detach())}
+    return {"loss_g": float(loss.detach()), **stats}
 
 
 class GeneratorEMA:

@@ -22,6 +22,10 @@ from scratch, DP-SGD at demo size collapses the generator. A non-private GAN log
 of these; they are releases of private data without DP and its run says so
 (`privacy/what_epsilon_covers.txt`).
 
+Non-private runs with `gan.feature_matching` > 0 add a feature-matching term to the
+generator's loss (`mcgan.feature_matching_loss` on `Discriminator.texture_features` of the
+fakes vs the step's real batch); a DP run ignores it, so its generator never reads a real patch.
+
 Outputs in OUT (default `models/mcgan`):
 - `generator.pt`: the final generator (weights + spec + provenance), read by `synthesize`;
   with `gan.ema_decay` > 0 the moving average of the generator's iterates
@@ -265,7 +269,8 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, spec) -> None:
     """A checkpoint continues only the run it came from: same nets, data rate and privacy."""
     saved = ckpt["config"]
     now = flatten(cfg.gan) | {"privacy_unit": cfg.dp.privacy_unit}
-    keys = ("image_size", "latent_dim", "width", "batch_size", "ema_decay", "train_on_public", "dp.enabled",
+    keys = ("image_size", "latent_dim", "width", "batch_size", "ema_decay", "train_on_public",
+            "feature_matching", "dp.enabled",
             "dp.epsilon", "dp.delta", "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise",
             "dp.public_data", "dp.public_epochs", "dp.optimizer", "dp.lr", "dp.momentum")
     for key in keys:
@@ -415,6 +420,9 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             log.info("train-gan: public warm start, %d epochs on %d public patches (loss_d %.3f, loss_g %.3f)",
                      g.dp.public_epochs, public["n_images"], last["loss_d"], last["loss_g"])
 
+    if private and g.feature_matching > 0:
+        log.info("train-gan: gan.feature_matching %g is ignored under DP (the generator step reads no real patch)",
+                 g.feature_matching)
     # The generator that is saved: the average of the iterates from here on (after any warm start).
     ema = mcgan.GeneratorEMA(G, g.ema_decay) if g.ema_decay > 0 else None
     engine = None
@@ -523,11 +531,12 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
 
     def plain_steps():
         for x, y in loader:
-            x = random_flips(x, generator=rng).to(dev, non_blocking=True)
-            stats = mcgan.discriminator_step(D, G, opt_d, x, y.to(dev), label_range=g.real_label_range,
+            x, y = random_flips(x, generator=rng).to(dev, non_blocking=True), y.to(dev)
+            stats = mcgan.discriminator_step(D, G, opt_d, x, y, label_range=g.real_label_range,
                                              scaler=scaler, autocast=amp, generator=rng)
             stats |= mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, scaler=scaler,
-                                          autocast=amp, generator=rng)
+                                          autocast=amp, generator=rng, real=x, real_labels=y,
+                                          feature_matching=g.feature_matching)
             if scaler is not None:
                 scaler.update()
             # An empty batch has no discriminator loss (NaN by design), not a divergence.

@@ -283,3 +283,70 @@ def test_generator_ema_refuses_a_decay_outside_the_open_interval(decay):
     G, _, _ = mcgan.create_gan("tiny")
     with pytest.raises(ConfigError, match="gan.ema_decay"):
         mcgan.GeneratorEMA(G, decay)
+
+
+@pytest.mark.parametrize("d_stem", [False, True], ids=["no-stem", "stem"])
+def test_texture_features_are_the_first_stride_2_block_and_touch_no_batchnorm(d_stem):
+    _, D, spec = mcgan.create_gan(image_size=32, latent_dim=8, width=4, d_stem=d_stem)
+    D.train()
+    before = copy.deepcopy(D.state_dict())
+    x, y = torch.rand(5, 1, 32, 32) * 2 - 1, torch.tensor([0, 1, 1, 0, 1])
+    f = D.texture_features(x, y)
+    assert f.shape == (5, 4, 16, 16)
+    # By hand: the label plane as a second channel, then [stem +] the k6 s2 conv + LeakyReLU.
+    h = torch.cat([x, D.label_path(y).view(-1, 1, 32, 32)], 1)
+    if d_stem:
+        h = F.leaky_relu(D.main[0](h), mcgan.D_LEAK)
+    expect = F.leaky_relu(F.conv2d(h, D.main[2 if d_stem else 0].weight, stride=2, padding=2), mcgan.D_LEAK)
+    torch.testing.assert_close(f, expect)
+    for k, v in D.state_dict().items():  # running statistics included
+        assert torch.equal(v, before[k]), k
+
+
+def test_feature_matching_loss_compares_channel_means_and_spreads():
+    a = torch.randn(6, 3, 5, 5)
+    assert float(mcgan.feature_matching_loss(a, a.clone())) == 0.0
+    # Same moments, other samples: still 0 (it matches statistics, not images).
+    assert float(mcgan.feature_matching_loss(a, a.flip(0).flip(-1))) == pytest.approx(0.0, abs=1e-10)
+    b = a * 2 + 1
+    m, s = a.mean((0, 2, 3)), a.std((0, 2, 3))
+    expect = ((m - (2 * m + 1)) ** 2).sum() + ((s - 2 * s) ** 2).sum()
+    torch.testing.assert_close(mcgan.feature_matching_loss(a, b), expect)
+
+
+def test_generator_step_adds_the_weighted_feature_matching_term():
+    torch.manual_seed(0)
+    G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4, d_stem=True)
+    real, labels = torch.rand(6, 1, 16, 16) * 2 - 1, torch.tensor([0, 1, 0, 1, 1, 0])
+    lam = 2.5
+
+    def step(**kw):
+        g = copy.deepcopy(G)
+        opt = torch.optim.SGD(g.parameters(), lr=1.0)
+        stats = mcgan.generator_step(g, D, opt, batch=4, device=torch.device("cpu"),
+                                     generator=torch.Generator().manual_seed(3), **kw)
+        return g, stats
+
+    plain, s0 = step()
+    assert "loss_fm" not in s0
+    same, s1 = step(real=real, real_labels=labels, feature_matching=0.0)  # weight 0: the plain step
+    for p, q in zip(plain.parameters(), same.parameters()):
+        assert torch.equal(p, q)
+    matched, s2 = step(real=real, real_labels=labels, feature_matching=lam)
+    assert s2["loss_g"] == s0["loss_g"] and s2["loss_fm"] > 0
+    assert all(p.grad is None for p in D.parameters())  # the discriminator's gradients cleared
+    # By hand: SGD with lr 1 moves each weight by minus its gradient.
+    g = copy.deepcopy(G)
+    rng = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 8, generator=rng)
+    fl = mcgan.random_labels(4, torch.device("cpu"), rng)
+    fake = g(z, fl)
+    out = D(fake, fl)
+    loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+    with torch.no_grad():
+        target = D.texture_features(real, labels)
+    fm = mcgan.feature_matching_loss(D.texture_features(fake, fl), target)
+    assert float(fm.detach()) == pytest.approx(s2["loss_fm"], rel=1e-6)
+    grads = torch.autograd.grad(loss + lam * fm, list(g.parameters()))
+    for p0, p1, gr in zip(G.parameters(), matched.parameters(), grads):
+        torch.testing.assert_close(p1, p0 - gr, rtol=1e-5, atol=1e-6)

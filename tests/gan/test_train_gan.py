@@ -72,11 +72,12 @@ def _crash_after(monkeypatch, n_calls):
     monkeypatch.setattr(mcgan, "generator_step", step)
 
 
-@pytest.mark.parametrize(("private", "ema"), [(False, 0.0), (True, 0.0), (False, 0.9), (True, 0.9)],
-                         ids=["non-private", "dp", "non-private-ema", "dp-ema"])
-def test_resume_continues_training_and_accountant(gan_project, monkeypatch, private, ema):
+@pytest.mark.parametrize(("private", "ema", "fm"),
+                         [(False, 0.0, 0.0), (True, 0.0, 0.0), (False, 0.9, 0.0), (True, 0.9, 0.0), (False, 0.9, 2.0)],
+                         ids=["non-private", "dp", "non-private-ema", "dp-ema", "non-private-ema-fm"])
+def test_resume_continues_training_and_accountant(gan_project, monkeypatch, private, ema, fm):
     root, cfg = gan_project
-    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, ema_decay=ema))
+    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, ema_decay=ema, feature_matching=fm))
     if private:
         cfg = _dp(cfg, reproducible_noise=True)  # so that two runs can be compared bit for bit
     full = train_gan.run(cfg, out=root / "full")
@@ -388,3 +389,44 @@ def test_train_on_public_needs_a_public_set():
     with pytest.raises(ConfigError, match=r"gan\.train_on_public"):
         load_config(params, {"gan.train_on_public": True, "gan.dp.public_data": None, "gan.dp.public_epochs": 0})
     assert load_config(params, {"gan.train_on_public": True}).gan.train_on_public
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["non-private", "dp"])
+def test_feature_matching_reads_real_batches_only_without_dp(gan_project, monkeypatch, private):
+    root, cfg = gan_project
+    lam = 3.0
+    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, feature_matching=lam))
+    if private:
+        cfg = _dp(cfg)
+    calls = []
+    real_step = mcgan.generator_step
+
+    def step(*args, **kwargs):
+        calls.append((kwargs.get("real"), kwargs.get("feature_matching", 0.0)))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(mcgan, "generator_step", step)
+    info = train_gan.run(cfg, out=root / "fm")
+    assert len(calls) == info["steps"] > 0
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if private:  # the generator step stays post-processing: no real patch reaches it
+        assert all(real is None for real, _ in calls)
+        assert client.get_metric_history(info["run_id"], "epoch_loss_fm") == []
+        return
+    assert all(real is not None and real.shape[0] > 0 and w == lam for real, w in calls)
+    assert [m.step for m in client.get_metric_history(info["run_id"], "epoch_loss_fm")] == [1, 2]
+    assert mlflow.get_run(info["run_id"]).data.params["gan.feature_matching"] == str(lam)
+    monkeypatch.setattr(mcgan, "generator_step", real_step)
+    plain = train_gan.run(dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, feature_matching=0.0)),
+                          out=root / "plain")
+    a, _ = mcgan.load_generator(root / "fm/generator.pt")
+    b, _ = mcgan.load_generator(root / "plain/generator.pt")
+    assert plain["steps"] == info["steps"]
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    # A checkpoint continues only the loss it was trained with.
+    other = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, feature_matching=1.0))
+    with pytest.raises(ConfigError, match=r"gan\.feature_matching"):
+        train_gan.run(other, out=root / "fm", resume=True)
