@@ -497,7 +497,7 @@ class GeneratorEMA:
     rewards; the average over the last ~1 / (1 - decay) steps is a better generator than any
     single iterate (Yazici et al. 2019, "The unusual effectiveness of averaging in GAN
     training"; StyleGAN, BigGAN). Measured on the demo (decay 0.995, seeds 0 / 1 / 2): FRD
-    real-synth 112 / 93 / 124 -> 96 / 76 / 129.
+    real-synth 112 / 93 / 124 -> 96 / 76 / 129 (README, "MCGAN" for the recipes since).
 
     The average holds parameters only. BatchNorm's running statistics were collected by the
     live weights, so they do not fit the averaged ones: `finalize` recollects them from
