@@ -206,19 +206,20 @@ class Discriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         self.apply(_init_weights)
 
+    def _inputs(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The image with its label plane as a second channel: (N, 2, S, S)."""
+        s = self.spec.image_size
+        return torch.cat([x, self.label_path(labels).view(-1, 1, s, s)], dim=1)
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """x: (N, 1, S, S) in [-1, 1], labels: (N,) -> logits (N,)."""
-        s = self.spec.image_size
-        cond = self.label_path(labels).view(-1, 1, s, s)
-        return self.main(torch.cat([x, cond], dim=1)).view(-1)
+        return self.main(self._inputs(x, labels)).view(-1)
 
     def texture_features(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(N, w, S/2, S/2): the activations after the first stride-2 conv and its LeakyReLU
         (after the stem, when there is one); no norm layer lies before them, so computing them
         touches no BatchNorm statistics. What `feature_matching_loss` compares."""
-        s = self.spec.image_size
-        cond = self.label_path(labels).view(-1, 1, s, s)
-        return self.main[: 4 if self.spec.d_stem else 2](torch.cat([x, cond], dim=1))
+        return self.main[: 4 if self.spec.d_stem else 2](self._inputs(x, labels))
 
 
 def create_gan(preset: str | None = None, **sizes: Any) -> tuple[Generator, Discriminator, GanSpec]:
