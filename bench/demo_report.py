@@ -104,17 +104,34 @@ def report(root: Path) -> list[str]:
         synth = next(iter(internal["synth"].values()))
         out.append(f"synth (trained once) internal AUROC {synth['auroc']:.3f} (target >= 0.75)")
 
-    frd = load(root / "metrics/synthesis.json").get("frd", {})
-    if frd:
-        rs, ie, rr = frd.get("real-synth"), frd.get("internal-external"), frd.get("real-real")
-        order = "below" if rs < ie else "NOT below"
-        out.append(f"FRD real-synth {rs:.1f} vs internal-external {ie:.1f} (real-real {rr:.1f}): {order} "
-                   "(target: below, the paper's order)")
+    frd = load(root / "reports/synthesis.json").get("frd", {})
+    if frd and not frd.get("skipped"):
+        out.extend(frd_lines(frd))
     pre = load(root / "metrics/pretrain.json")
     if pre:
         out.append(f"public pretraining: test AUROC {pre['public_test_auroc']:.3f}, best epoch {pre['best_epoch']}, "
                    f"{pre['seconds']:.0f} s")
     return out
+
+
+def frd_lines(frd: dict) -> list[str]:
+    """FRD real-synth against internal-external (mean and standard error over the subsets),
+    overall and per class, with the order `synth_quality.frd_order` reads from them."""
+    from mammodp.stages.synth_quality import frd_order
+
+    lines = []
+    for cls in ("overall", "benign", "malignant"):
+        cells = {pair: frd.get(pair, {}).get(cls, {}) for pair in ("real-synth", "internal-external", "real-real")}
+        if not all("mean" in c for c in cells.values()):
+            continue
+        rs, ie, rr = cells["real-synth"], cells["internal-external"], cells["real-real"]
+        order = frd_order(frd, cls)
+        verdict = {"below": "below", "above": "NOT below (above)", "level": "NOT below (level within 2 SE)"}[order]
+        lines.append(f"FRD {cls}: real-synth {rs['mean']:.1f} (SE {rs.get('se', float('nan')):.1f}) vs "
+                     f"internal-external {ie['mean']:.1f} (SE {ie.get('se', float('nan')):.1f}), real-real "
+                     f"{rr['mean']:.1f}; {rs['subsets']} subsets of {rs['n_per_side']}: {verdict}"
+                     + (" (target: below, the paper's order)" if cls == "overall" else ""))
+    return lines
 
 
 def main() -> None:

@@ -293,7 +293,10 @@ class SynthesizeConfig:
 class SynthQualityConfig:
     """FID / FRD / memorisation (`mammodp synth-quality`)."""
 
-    subsets: int = 3  # K random subsets; figures are mean +- std over them
+    # K random subsets; each figure is the mean over them, with its std and standard error
+    # (std / sqrt(K)). With few images per side one subset's FRD is noisy (demo, 64 per side:
+    # std ~12, so K = 3 cannot order rows that differ by less than ~15; K = 30: SE ~2).
+    subsets: int = 3
     subset_size: int = 64  # images per side of each comparison
     inception_weights: str | None = None  # local Inception weights; null = skip FID
     frd_version: Literal["v0", "v1"] = "v0"  # frd-score feature set (v0 = the paper's table)

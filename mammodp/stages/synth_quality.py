@@ -1,8 +1,8 @@
 """`mammodp synth-quality`: Study A's synthesis-quality table, plus a memorisation check.
 
-Rows (each per class - benign, malignant - and overall; each figure the mean and sample std
-over `synth_quality.subsets` random subsets of up to `synth_quality.subset_size` images per
-side):
+Rows (each per class - benign, malignant - and overall; each figure the mean, the sample std
+and the mean's standard error over `synth_quality.subsets` random subsets of up to
+`synth_quality.subset_size` images per side):
 
 - `real-real`: two disjoint halves of the real CBIS training patches (the floor);
 - `real-synth`: real training patches vs the synthetic set;
@@ -87,10 +87,29 @@ def draw_subsets(labels_a: np.ndarray, labels_b: np.ndarray | None, cls: int | N
 
 
 def summarise(values: list[float], n_per_side: int) -> dict[str, Any]:
-    """Mean and sample std (ddof=1; 0 for one subset) of one cell of the table."""
+    """Mean, sample std (ddof=1; 0 for one subset) and the mean's standard error (std / sqrt(K))
+    of one cell of the table. The std is the spread of ONE subset's figure; the SE is how far
+    the mean over K subsets may sit from the mean over all subsets of that size, which is what
+    decides whether two rows are in a given order (see `frd_order`)."""
     v = np.asarray(values, dtype=np.float64)
     std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    return {"mean": float(v.mean()), "std": std, "n_per_side": int(n_per_side), "subsets": int(len(v))}
+    return {"mean": float(v.mean()), "std": std, "se": std / float(np.sqrt(len(v))),
+            "n_per_side": int(n_per_side), "subsets": int(len(v))}
+
+
+def frd_order(table: dict[str, Any], cls: str = "overall", z: float = 2.0) -> str | None:
+    """Study A's order for one class of an FRD / FID table: `below` when real-synth is below
+    internal-external by more than z combined standard errors, `above` when it is above by
+    more, `level` otherwise (the subsets cannot tell them apart); None when a row is missing."""
+    try:
+        rs, ie = table["real-synth"][cls], table["internal-external"][cls]
+        diff = rs["mean"] - ie["mean"]
+        se = float(np.hypot(rs.get("se", 0.0), ie.get("se", 0.0)))
+    except (KeyError, TypeError):
+        return None
+    if diff < -z * se:
+        return "below"
+    return "above" if diff > z * se else "level"
 
 
 def score_table(plan: dict[str, dict[str, Any]], features: dict[str, np.ndarray],
@@ -159,17 +178,19 @@ def _metrics_for_mlflow(prefix: str, node: Any, out: dict[str, float]) -> None:
 
 
 def synthesis_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """The table's numbers for `dvc metrics show`: overall mean per metric and pair, and the
-    memorisation figures. Skipped metrics are absent (the report says why)."""
+    """The table's numbers for `dvc metrics show`: overall mean per metric and pair, their
+    standard errors (`frd_se`, `fid_se`), and the memorisation figures. Skipped metrics are
+    absent (the report says why)."""
     out: dict[str, Any] = {}
     for metric in ("frd", "fid"):
         block = results.get(metric, {})
         if block.get("skipped"):
             continue
-        row = {pair: round(float(block[pair]["overall"]["mean"]), 4) for pair in PAIRS
-               if isinstance(block.get(pair), dict) and "mean" in block[pair].get("overall", {})}
-        if row:
-            out[metric] = row
+        cells = {pair: block[pair]["overall"] for pair in PAIRS
+                 if isinstance(block.get(pair), dict) and "mean" in block[pair].get("overall", {})}
+        if cells:
+            out[metric] = {pair: round(float(c["mean"]), 4) for pair, c in cells.items()}
+            out[f"{metric}_se"] = {pair: round(float(c["se"]), 4) for pair, c in cells.items() if "se" in c}
     mem = results["memorisation"]
     out["memorisation"] = {k: mem[k] for k in ("fraction_below_threshold", "n_flagged", "threshold")
                            if isinstance(mem.get(k), (int, float))}
@@ -326,8 +347,13 @@ def _log_table(results: dict[str, Any]) -> None:
         for pair in PAIRS:
             cell = block.get(pair, {}).get("overall", {})
             if "mean" in cell:
-                log.info("%s %-18s overall %.4g +- %.3g (n=%d per side)", metric.upper(), pair, cell["mean"],
-                         cell["std"], cell["n_per_side"])
+                log.info("%s %-18s overall %.4g (SE %.2g; one subset's std %.3g; %d subsets of %d per side)",
+                         metric.upper(), pair, cell["mean"], cell["se"], cell["std"], cell["subsets"],
+                         cell["n_per_side"])
+        for cls in CLASSES:
+            order = frd_order(block, cls)
+            if order is not None:
+                log.info("%s real-synth vs internal-external, %s: %s", metric.upper(), cls, order)
     m = results["memorisation"]
     log.info("memorisation: %.3f of synthetic images below the held-out p%g distance %.4f",
              m["fraction_below_threshold"], m["percentile"], m["threshold"])

@@ -107,6 +107,11 @@ def test_synth_quality_table_skip_line_and_memorisation(trained, caplog):
             for cls in synth_quality.CLASSES:
                 cell = on_disk["frd"][pair][cls]
                 assert np.isfinite(cell["mean"]) and cell["std"] >= 0 and cell["subsets"] == 2, (pair, cls)
+                assert cell["se"] == pytest.approx(cell["std"] / np.sqrt(2)), (pair, cls)
+        assert set(numbers["frd_se"]) == set(numbers["frd"])
+        assert numbers["frd_se"]["real-synth"] == pytest.approx(on_disk["frd"]["real-synth"]["overall"]["se"], abs=1e-4)
+        orders = [r.getMessage() for r in caplog.records if "real-synth vs internal-external" in r.getMessage()]
+        assert len(orders) == 3 and all(m.rsplit(": ", 1)[1] in ("below", "above", "level") for m in orders)
     mem = on_disk["memorisation"]
     assert 0 <= mem["fraction_below_threshold"] <= 1 and mem["n_synthetic"] == 12 and mem["baseline_split"] == "val"
     assert (root / "plots/synthesis/closest_pairs.png").is_file()
@@ -132,3 +137,42 @@ def test_draw_subsets_are_disjoint_halves_and_respect_class():
     cross = synth_quality.draw_subsets(labels, np.array([1, 1, 0]), 1, 2, 64, rng)
     assert all(len(a) == len(b) == 2 for a, b in cross)
     assert "fewer" in synth_quality.draw_subsets(labels, np.array([1]), 1, 2, 64, rng)
+
+
+def test_summarise_standard_error_and_frd_order():
+    cell = synth_quality.summarise([10.0, 12.0, 14.0, 16.0], 64)
+    assert cell["mean"] == 13.0 and cell["std"] == pytest.approx(np.std([10, 12, 14, 16], ddof=1))
+    assert cell["se"] == pytest.approx(cell["std"] / 2.0) and cell["subsets"] == 4 and cell["n_per_side"] == 64
+    assert synth_quality.summarise([5.0], 8)["se"] == 0.0
+
+    def table(rs, rs_se, ie, ie_se):
+        return {"real-synth": {"overall": {"mean": rs, "se": rs_se}},
+                "internal-external": {"overall": {"mean": ie, "se": ie_se}}}
+
+    # The order needs a difference beyond 2 combined SEs (hypot(3, 4) = 5 here).
+    assert synth_quality.frd_order(table(40.0, 3.0, 51.0, 4.0)) == "below"
+    assert synth_quality.frd_order(table(42.0, 3.0, 51.0, 4.0)) == "level"
+    assert synth_quality.frd_order(table(60.0, 3.0, 51.0, 4.0)) == "level"
+    assert synth_quality.frd_order(table(62.0, 3.0, 51.0, 4.0)) == "above"
+    assert synth_quality.frd_order(table(62.0, 3.0, 51.0, 4.0), z=3.0) == "level"
+    assert synth_quality.frd_order({"real-synth": {"overall": {"mean": 1.0}}}) is None
+    assert synth_quality.frd_order(table(1.0, 0.0, 2.0, 0.0), "malignant") is None
+
+
+def test_demo_report_prints_the_frd_order_with_standard_errors():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "demo_report.py"
+    spec = importlib.util.spec_from_file_location("demo_report_under_test", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    cell = lambda m, se: {"mean": m, "se": se, "std": se * 30 ** 0.5, "subsets": 30, "n_per_side": 64}  # noqa: E731
+    frd = {"real-synth": {"overall": cell(56.2, 1.8), "malignant": cell(82.0, 1.8)},
+           "internal-external": {"overall": cell(52.2, 1.5), "malignant": cell(59.8, 2.2)},
+           "real-real": {"overall": cell(22.7, 1.0), "malignant": cell(25.6, 1.0)}}
+    lines = report.frd_lines(frd)
+    assert len(lines) == 2  # no benign cells
+    assert lines[0].startswith("FRD overall: real-synth 56.2 (SE 1.8) vs internal-external 52.2 (SE 1.5)")
+    assert "NOT below (level within 2 SE)" in lines[0] and "target: below" in lines[0]
+    assert lines[1].startswith("FRD malignant") and lines[1].endswith("NOT below (above)")
