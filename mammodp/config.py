@@ -248,6 +248,12 @@ class GanConfig:
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-4
+    # Adam's (beta1, beta2) for both networks (the DP discriminator's with `dp.optimizer: adam`).
+    # The paper's DCGAN: (0.5, 0.999). The demo: (0.0, 0.99), no momentum on the first moment
+    # (as in many later GANs): at 600 steps the generator then follows the discriminator's
+    # current gradient instead of a stale average of it. Demo FRD real-synth, 30 subsets of 64,
+    # seeds 0-3: 42 / 51 / 38 / 37 against 55 / 69 / 82 / - at (0.5, 0.999) (internal-external
+    # 54); README, "What the demo shows".
     betas: tuple[float, float] = (0.5, 0.999)
     real_label_range: tuple[float, float] = (0.7, 1.2)  # one-sided label smoothing
     checkpoint_every: int = 5  # epochs
@@ -274,9 +280,11 @@ class GanConfig:
     # on the real batch of the same step (`mcgan.feature_matching_loss`). It pulls the
     # generator's pixel-scale texture toward the data's, which the adversarial term alone
     # constrains loosely at demo size (demo, stem + average 0.995, seeds 0 / 1 / 2: FRD
-    # real-synth 72 / 64 / 91 without, 62.3 / 62.0 / 66.6 with 3.0). A DP run ignores it: its
-    # generator step must not read private patches (it is post-processing of the private
-    # discriminator).
+    # real-synth 72 / 64 / 91 without, 62.3 / 62.0 / 66.6 with 3.0, 3 subsets). With Adam betas
+    # (0.0, 0.99) it no longer helps (30 subsets, seeds 0-3: 42 / 51 / 38 / 37 without, 50 / 51 /
+    # 46 / 38 at 3.0, 45 / 48 / 48 / 41 at 10): off in the demo since 2026-12-04 (night). A DP
+    # run ignores it: its generator step must not read private patches (it is post-processing
+    # of the private discriminator).
     feature_matching: float = 0.0
     dp: GanDPConfig = field(default_factory=GanDPConfig)
 
