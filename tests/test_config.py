@@ -241,7 +241,8 @@ def test_gan_public_warm_start_needs_a_public_set(tmp_path):
         load_config(_write(tmp_path, data))
 
 
-@pytest.mark.parametrize("key, value", [("lr", 0.0), ("momentum", 1.0), ("momentum", -0.1), ("optimizer", "rmsprop")])
+@pytest.mark.parametrize("key, value", [("lr", 0.0), ("momentum", 1.0), ("momentum", -0.1), ("optimizer", "rmsprop"),
+                                        ("betas", [0.5, 1.0]), ("betas", [-0.1, 0.9])])
 def test_gan_dp_discriminator_optimiser_settings_are_checked(tmp_path, key, value):
     data = _params()
     data["gan"]["dp"][key] = value

@@ -305,17 +305,30 @@ def test_dp_gan_public_set_sharing_a_patient_is_refused(gan_project, public_set)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_dp_discriminator_optimiser_follows_params(gan_project, optimizer):
     root, cfg = gan_project
-    cfg = _dp(cfg, optimizer=optimizer, lr=0.3, momentum=0.5)
+    # Non-private gan.betas differ from gan.dp.betas: a DP run must use the latter.
+    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, betas=(0.0, 0.99)))
+    cfg = _dp(cfg, optimizer=optimizer, lr=0.3, momentum=0.5, betas=(0.4, 0.95))
     train_gan.run(cfg, out=root / optimizer)
     ckpt = torch.load(root / optimizer / "checkpoint.pt", map_location="cpu", weights_only=True)
     group = ckpt["opt_d"]["param_groups"][0]
     state = next(iter(ckpt["opt_d"]["state"].values()))
     if optimizer == "sgd":  # gan.dp.lr / momentum: SGD on the noised clipped mean
         assert group["lr"] == 0.3 and group["momentum"] == 0.5 and "momentum_buffer" in state
-    else:  # Adam with the non-private gan.lr / betas
-        assert group["lr"] == cfg.gan.lr and "exp_avg" in state
-    # The generator keeps Adam either way (it never sees private data).
+    else:  # Adam with gan.lr and the DP betas
+        assert group["lr"] == cfg.gan.lr and "exp_avg" in state and tuple(group["betas"]) == (0.4, 0.95)
+    # The generator keeps Adam either way (it never sees private data), with gan.dp.betas.
     assert "exp_avg" in next(iter(ckpt["opt_g"]["state"].values()))
+    assert tuple(ckpt["opt_g"]["param_groups"][0]["betas"]) == (0.4, 0.95)
+
+
+def test_non_private_gan_uses_gan_betas(gan_project):
+    root, cfg = gan_project
+    cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, betas=(0.0, 0.99), epochs=1))
+    assert not cfg.gan.dp.enabled and cfg.gan.dp.betas != (0.0, 0.99)
+    train_gan.run(cfg, out=root / "plain")
+    ckpt = torch.load(root / "plain" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for opt in ("opt_g", "opt_d"):
+        assert tuple(ckpt[opt]["param_groups"][0]["betas"]) == (0.0, 0.99), opt
 
 
 def test_saved_generator_is_the_moving_average_of_the_iterates(gan_project, monkeypatch):
