@@ -255,12 +255,12 @@ class GanConfig:
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-4
-    # Adam's (beta1, beta2) for both networks (the DP discriminator's with `dp.optimizer: adam`).
+    # Adam's (beta1, beta2) for both networks of a NON-private run (a DP run uses gan.dp.betas).
     # The paper's DCGAN: (0.5, 0.999). The demo: (0.0, 0.99), no momentum on the first moment
-    # (as in many later GANs): at 600 steps the generator then follows the discriminator's
-    # current gradient instead of a stale average of it. Demo FRD real-synth, 30 subsets of 64,
-    # seeds 0-3: 42 / 51 / 38 / 37 against 55 / 69 / 82 / - at (0.5, 0.999) (internal-external
-    # 54); README, "What the demo shows".
+    # (as in many later GANs; our reading, not tested apart: at 600 steps the generator then
+    # follows the discriminator's current gradient, not a stale average). Demo FRD real-synth,
+    # 30 subsets of 64, seeds 0-3: 42 / 51 / 38 / 37 against 55 / 69 / 82 / - at (0.5, 0.999)
+    # (internal-external 54); README, "What the demo shows".
     betas: tuple[float, float] = (0.5, 0.999)
     real_label_range: tuple[float, float] = (0.7, 1.2)  # one-sided label smoothing
     checkpoint_every: int = 5  # epochs
