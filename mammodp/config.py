@@ -530,6 +530,11 @@ def _check(obj: Any, prefix: str) -> None:
                 if isinstance(v, float) and math.isinf(v):
                     bad(name, f"must be finite, got {v}")
 
+    def adam_betas(name: str) -> None:
+        b1, b2 = getattr(obj, name)
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            bad(name, f"Adam betas must each be in [0, 1), got [{b1}, {b2}]")
+
     def log_range(name: str) -> None:
         lo, hi = getattr(obj, name)
         if not 0 < lo <= hi < INF:
@@ -652,9 +657,7 @@ def _check(obj: Any, prefix: str) -> None:
         finite("lr", "collapse_threshold", "diverge_loss")
         if not obj.lr > 0:
             bad("lr", f"must be > 0, got {obj.lr}")
-        b1, b2 = obj.betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            bad("betas", f"Adam betas must each be in [0, 1), got [{b1}, {b2}]")
+        adam_betas("betas")
         lo, hi = obj.real_label_range
         if not 0 < lo <= hi < INF:
             bad("real_label_range", f"range must satisfy 0 < low <= high, got [{lo}, {hi}]")
@@ -680,9 +683,7 @@ def _check(obj: Any, prefix: str) -> None:
         if not obj.lr > 0:
             bad("lr", f"must be > 0, got {obj.lr}")
         within("momentum", 0, 1, closed="[)")
-        b1, b2 = obj.betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            bad("betas", f"Adam betas must each be in [0, 1), got [{b1}, {b2}]")
+        adam_betas("betas")
         if obj.public_epochs > 0 and not obj.public_data:
             bad("public_epochs", "a public warm start needs gan.dp.public_data (the public set's folder)")
     if isinstance(obj, SynthesizeConfig):
