@@ -269,7 +269,7 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, spec) -> None:
     """A checkpoint continues only the run it came from: same nets, data rate and privacy."""
     saved = ckpt["config"]
     now = flatten(cfg.gan) | {"privacy_unit": cfg.dp.privacy_unit}
-    keys = ("image_size", "latent_dim", "width", "batch_size", "ema_decay", "train_on_public",
+    keys = ("image_size", "latent_dim", "width", "batch_size", "betas", "ema_decay", "train_on_public",
             "feature_matching", "dp.enabled",
             "dp.epsilon", "dp.delta", "dp.max_grad_norm", "dp.accountant", "dp.reproducible_noise",
             "dp.public_data", "dp.public_epochs", "dp.optimizer", "dp.lr", "dp.momentum", "dp.betas")

@@ -136,6 +136,11 @@ def test_resume_refuses_other_params_and_missing_checkpoint(gan_project):
     wider = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, width=8))
     with pytest.raises(ConfigError, match="gan.width"):
         train_gan.run(wider, out=root / "m", resume=True)
+    # Adam's betas shape the saved optimiser state: a changed setting is another run.
+    for gan in (dataclasses.replace(one.gan, betas=(0.0, 0.99)),
+                dataclasses.replace(one.gan, dp=dataclasses.replace(one.gan.dp, betas=(0.0, 0.99)))):
+        with pytest.raises(ConfigError, match=r"gan\.(dp\.)?betas"):
+            train_gan.run(dataclasses.replace(cfg, gan=gan), out=root / "m", resume=True)
 
 
 def test_missing_manifest_is_a_named_error(gan_project):
