@@ -206,7 +206,8 @@ class MixedClipper:
         ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
 
         def keep(name: str, v: torch.Tensor) -> None:
-            v = v.reshape(n_records, -1)
+            if v.dim() != 2:
+                v = v.reshape(n_records, -1)
             store = small if v.shape[1] <= _SMALL else mats
             if name in store:  # a layer called twice: its gradient sums its calls
                 v = store[name] + v

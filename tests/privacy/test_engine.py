@@ -72,6 +72,28 @@ def test_no_noise_no_clipping_equals_a_plain_sgd_step(mode, method):
     assert dp.summary()["per_sample_method"] == ("vmap" if method == "vmap" else "mixed")
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_each_step_rewrites_grad_whatever_the_caller_zeroed(set_to_none):
+    # The engine writes every step's noisy mean into one buffer kept for the run, whose views
+    # are the `.grad` tensors: a step must replace, never add to, what the last one left there.
+    x1, y1 = _data(6, seed=3)
+    x2, y2 = _data(6, seed=4)
+    model, _ = _setup()
+    ref_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    dp = _engine(model, opt, np.arange(6), per_sample_method="auto")
+    idx = dp.sample_batch()
+    dp.step(x1[idx], y1[idx], LOSS, record_idx=idx)
+    first = {n: p.grad for n, p in model.named_parameters()}
+    opt.zero_grad(set_to_none=set_to_none)
+    idx = dp.sample_batch()
+    dp.step(x2[idx], y2[idx], LOSS, record_idx=idx)
+    LOSS(ref_model(x2), y2).backward()
+    for (name, p), r in zip(model.named_parameters(), ref_model.parameters()):
+        assert p.grad is first[name]  # the same view, rewritten in place
+        assert torch.allclose(p.grad, r.grad, rtol=1e-4, atol=1e-6 * float(r.grad.abs().max())), name
+
+
 def test_public_samples_mix_in_like_a_plain_step_on_the_union_batch():
     x, y = _data(6)
     xp, yp = _data(3, seed=9)
