@@ -370,6 +370,7 @@ class DPSGD:
         # records itself): no split, no gather copy.
         chunks = [None] if 0 < n <= self.physical_batch_size else split_physical(records.numpy(),
                                                                                 self.physical_batch_size)
+        one_each = self.sampler.one_per_record  # each sample its own record: nothing to group
         for pos in chunks:
             if pos is None:
                 x, y, rec = inputs, targets, records
@@ -381,7 +382,7 @@ class DPSGD:
             if self._verify_route:
                 self._check_route(x, y, rec, loss_fn)
             res = clipped_grad_sum(self.model, loss_fn, x, y, max_grad_norm=self.max_grad_norm,
-                                   record_ids=rec, grad_chunk=self.grad_chunk,
+                                   record_ids=None if one_each else rec, grad_chunk=self.grad_chunk,
                                    route=self._route_for(loss_fn), out=total)
             n_samples += res.n_samples
             n_records += res.n_records

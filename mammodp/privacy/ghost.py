@@ -162,6 +162,7 @@ class MixedClipper:
         self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
         self._materialiser: HookPerSample | None = None
         self._views: list = [None, None]  # per slot: (the caller's buffers, flat views of them)
+        self._scatter: tuple | None = None  # (the caller's buffers, their base, positions in it)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Samples, or frozen features computed once without autograd."""
@@ -175,6 +176,28 @@ class MixedClipper:
         if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
             self._views[slot] = cached = (tensors, [t.view(-1) for t in tensors])
         return cached[1]
+
+    def _scatter_add(self, out: dict[str, torch.Tensor], names: list[str], values: torch.Tensor) -> None:
+        """out[names[0]] += values[:n0], out[names[1]] += the next n1, ... in place. Where the
+        caller's buffers are views of one flat tensor (the engine's, every step), ONE index_add
+        into it at cached positions; else one add per buffer."""
+        tensors = [out[k] for k in names]
+        cached = self._scatter
+        if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
+            base = tensors[0]._base if tensors else None
+            ok = (base is not None and base.dim() == 1 and base.is_contiguous()
+                  and all(t._base is base and t.is_contiguous() and t.dtype == values.dtype for t in tensors))
+            pos = None
+            if ok:
+                start = base.storage_offset()
+                pos = torch.cat([torch.arange(t.storage_offset() - start, t.storage_offset() - start + t.numel())
+                                 for t in tensors]).to(base.device)
+            self._scatter = cached = (tensors, base if ok else None, pos)
+        _, base, pos = cached
+        if base is not None:
+            base.index_add_(0, pos, values)
+        else:
+            torch._foreach_add_(self._flat_views(out, names), list(values.split([t.numel() for t in tensors])))
 
     def materialiser(self) -> HookPerSample:
         """The `hooks` route on the same recorder: for a record too large for one pass."""
@@ -259,8 +282,7 @@ class MixedClipper:
             factors = clip_factors(norms, max_grad_norm)
             # sum_r c_r G_r: (P, R) @ (R,), in place into the caller's buffers
             if joined is not None:
-                targets = self._flat_views(out, small_names)
-                torch._foreach_add_(targets, list(torch.mv(joined.t(), factors).split([t.numel() for t in targets])))
+                self._scatter_add(out, small_names, torch.mv(joined.t(), factors))
             for target, name in zip(self._flat_views(out, list(mats), slot=1), mats):
                 target.addmv_(mats[name].t(), factors)
             per_sample = factors if pack.local is None else factors[pack.local]  # (n,)

@@ -34,6 +34,7 @@ class PoissonSampler:
 
     Attributes:
         record_of_sample: (N,) int64 record index (0..n_records-1) of each sample.
+        one_per_record: every record holds exactly one sample (always so for the patch unit).
         n_records, n_samples, sample_rate, steps_per_epoch, expected_batch_size (records).
     """
 
@@ -53,6 +54,7 @@ class PoissonSampler:
         self._order = np.argsort(self.record_of_sample, kind="stable")
         counts = np.bincount(self.record_of_sample, minlength=self.n_records)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.one_per_record = bool((counts == 1).all())  # one sample per record (always for the patch unit)
         self.generator = torch.Generator()
         if seed is None:
             self.generator.seed()  # OS entropy
@@ -82,6 +84,8 @@ class PoissonSampler:
         records = self.sample_records()
         if records.size == 0:
             return np.zeros(0, dtype=np.int64)
+        if self.one_per_record:  # one gather, not a slice per record (~10 us per 32 records)
+            return self._order[records].astype(np.int64)
         parts = [self._order[self._offsets[r] : self._offsets[r + 1]] for r in records]
         return np.concatenate(parts).astype(np.int64)
 

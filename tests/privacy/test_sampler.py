@@ -90,3 +90,17 @@ def test_physical_chunks_never_split_a_record():
         assert len(pos) <= 4 or set(records[pos].tolist()) == {7}
     assert split_physical(np.array([], dtype=np.int64), 4) == []
     assert [len(c) for c in split_physical(np.arange(10), 4)] == [4, 4, 2]
+
+
+def test_one_sample_per_record_gives_the_records_samples_in_record_order():
+    # The fast path (one gather) must hand out exactly what the per-record slices would.
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.array([f"R{i:03d}" for i in range(200)]))  # one sample each, shuffled
+    sampler = PoissonSampler(ids, 0.1, seed=2)
+    twin = PoissonSampler(ids, 0.1, seed=2)
+    twin.one_per_record = False  # the general path, same coins
+    assert sampler.one_per_record and not PoissonSampler(np.repeat(ids[:10], 2), 0.5).one_per_record
+    for _ in range(20):
+        idx, ref = sampler.sample(), twin.sample()
+        assert idx.dtype == np.int64 and np.array_equal(idx, ref)
+        assert np.all(np.diff(sampler.record_of_sample[idx]) > 0)  # grouped by record, ascending
