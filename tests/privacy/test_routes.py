@@ -269,6 +269,31 @@ def test_hook_routes_free_the_step_graph_and_activations(route):
     assert seen and all(r() is None for r in seen), f"{sum(r() is not None for r in seen)} of {len(seen)} alive"
 
 
+def test_the_recorder_lets_go_of_a_layer_input_once_its_sink_has_it():
+    """A layer's input activation must die as soon as backward has passed its layer (autograd
+    drops its own copy then): held by the recorder to the end of backward, every MLP hidden
+    activation outlived its use, raising peak memory (1.08x -> 1.02x plain at swin_micro) and
+    handing later backward kernels cold memory."""
+    import weakref
+
+    from mammodp.privacy.grad_sampler import Recorder
+
+    torch.manual_seed(0)
+    model = create_classifier("swin_micro", mode="full")
+    x, y = _batch(4, seed=3)
+    hidden: dict[str, weakref.ref] = {}  # fc2's input: the GELU output, saved by fc2's node only
+    alive_later: dict[str, bool] = {}
+
+    def sink(call, g):
+        for key, ref in hidden.items():
+            alive_later.setdefault(key, ref() is not None)  # at the next layer call backward reaches
+        if call.key.endswith("mlp.fc2."):
+            hidden[call.key] = weakref.ref(call.a)
+
+    Recorder(model, LOSS, None).run(x, y, sink)
+    assert len(alive_later) == 5 and not any(alive_later.values()), alive_later
+
+
 def _clipped_excess(route: str, device: str, autocast_dtype, *, precision: str | None = None, mode: str = "full",
                     per_record: int = 1, grad_chunk: int = 32, outer_autocast: bool = False) -> float:
     """Largest relative excess over C of single clipped records' contributions (6 records of
