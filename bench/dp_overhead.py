@@ -1,11 +1,12 @@
 """DP-SGD overhead: private step time and peak memory relative to a plain step.
 
-    python bench/dp_overhead.py [--preset swin_micro] [--steps N] [--batch B] [--device cpu|cuda]
-                                [--threads 1] [--profile] [--amp bf16]
+    python bench/dp_overhead.py [--preset swin_micro] [--steps N] [--block K] [--batch B]
+                                [--device cpu|cuda] [--threads 1] [--profile] [--amp bf16]
 
 Without --preset it measures swin_micro on CPU and, when CUDA is present, swin_tiny
-(224 px) on CUDA. For each model it times, side by side in interleaved repetitions
-(median over --steps), one optimiser step of
+(224 px) on CUDA. For each model it times, side by side in interleaved rounds of --block
+consecutive steps per variant (median over --steps; block 5: as in training, most steps
+follow a step of their own kind, see `_time_interleaved`), one optimiser step of
 
 - plain training of the whole model vs full-model DP-SGD (`mammodp.privacy.make_private`:
   per-record clipping, noise, AdamW step) with the default route (`auto` = mixed ghost
@@ -217,23 +218,31 @@ def _profile(steps: dict[str, Callable[[], None]], names: list[str], device: tor
                         max_name_column_width=48))
 
 
-def _time_interleaved(steps: dict[str, Callable[[], None]], reps: int, device: torch.device):
-    """Median wall and CPU (process) time of each step over `reps` interleaved rounds."""
+def _time_interleaved(steps: dict[str, Callable[[], None]], reps: int, device: torch.device, block: int = 1):
+    """Median wall and CPU (process) time of each step over `reps` steps per variant, taken in
+    interleaved rounds of `block` consecutive steps per variant.
+
+    Interleaving makes machine-load drifts hit every variant alike. With block 1 every step
+    follows another variant's step: it starts on the caches and the allocator's free lists
+    that step left (another model, other buffer sizes), a switching cost that training, which
+    runs one kind of step back to back, never pays. With block > 1 all but the first step of
+    a block follow a step of their own kind."""
     wall: dict[str, list[float]] = {k: [] for k in steps}
     proc: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(reps):  # interleaved: machine-load drifts hit every variant alike
+    for _ in range(max(1, reps // block)):
         for name, fn in steps.items():
-            _sync(device)
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            _sync(device)
-            wall[name].append(time.perf_counter() - t)
-            proc[name].append(time.process_time() - c)
+            for _ in range(block):
+                _sync(device)
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                _sync(device)
+                wall[name].append(time.perf_counter() - t)
+                proc[name].append(time.process_time() - c)
     return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in proc.items()})
 
 
 def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int, profile: bool = False,
-          routes: tuple[str, ...] | None = None, amp: torch.dtype | None = None) -> None:
+          routes: tuple[str, ...] | None = None, amp: torch.dtype | None = None, block: int = 5) -> None:
     """Measure and print the ratios for one preset on one device."""
     size = PRESETS[preset]["img_size"]
     routes = routes or (ROUTES if device.type == "cpu" else CUDA_ROUTES)
@@ -251,7 +260,7 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
     med_wall: dict[str, float] = {}
     med: dict[str, float] = {}
     for group, tag in ((main, ""), (["full/plain", "head/plain", *others] if others else [], "2")):
-        w, c = _time_interleaved({k: steps[k] for k in group}, reps, device)
+        w, c = _time_interleaved({k: steps[k] for k in group}, reps, device, block)
         med_wall.update({k + (tag if k.endswith("plain") else ""): v for k, v in w.items()})
         med.update({k + (tag if k.endswith("plain") else ""): v for k, v in (c if cpu else w).items()})
     # The step's own peak plus what the variant held before it started (allocated by the
@@ -263,7 +272,8 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
     n_full = sum(p.numel() for p in create_classifier(preset).parameters())
     precision = f"autocast {str(amp).removeprefix('torch.')}" if amp is not None else "float32"
     print(f"# {preset} ({n_full / 1e6:.2f}M params) on {device} ({torch.get_num_threads()} CPU threads), "
-          f"batch {batch}, grad_chunk {grad_chunk}, {size} px, {precision}, median of {reps} interleaved steps; "
+          f"batch {batch}, grad_chunk {grad_chunk}, {size} px, {precision}, median of {max(1, reps // block) * block} steps "
+          f"interleaved in rounds of {block} per variant; "
           f"time: {time_how}; memory: {mem_how} (+ DP buffers held between steps)")
     auto = engines["full/dp-auto"]
     route = getattr(auto, "_route", None)
@@ -299,7 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), help="one preset (default: micro on CPU + tiny on CUDA)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-    ap.add_argument("--steps", type=int, default=20, help="timed repetitions per variant")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per variant")
+    ap.add_argument("--block", type=int, default=5,
+                    help="consecutive steps per variant in each interleaved round (1: every step follows "
+                         "another variant's; training runs one kind back to back)")
     ap.add_argument("--batch", type=int, default=32, help="samples per step")
     ap.add_argument("--grad-chunk", type=int, default=32, help="samples per per-sample-gradient pass")
     ap.add_argument("--threads", type=int, default=None,
@@ -330,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     for preset, device in runs:
         routes = tuple(r for r in args.routes.split(",") if r) if args.routes else None
         amp = torch.bfloat16 if args.amp == "bf16" else None
-        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes, amp)
+        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes, amp, args.block)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ batch (`sample_batch`) and hands its tensors to `step`, which
 4. divides by the EXPECTED batch size q x N (records), not the realised Poisson count,
 5. optionally mixes in the plain mean gradient of PUBLIC samples (synthetic data: not
    records, never clipped, never counted by the accountant),
-6. writes `.grad` of every trainable parameter and records the step in the accountant.
+6. writes `.grad` of every trainable parameter and records the step in the accountant
+   (`.grad` may be views of one buffer kept for the run and rewritten in place every
+   step: clone a gradient you want to keep past the next step).
 
 The caller then calls `optimizer.step()` (any optimiser: its update is post-processing).
 
