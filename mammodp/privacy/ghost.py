@@ -57,10 +57,20 @@ batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tab
   noise ~0.3-1 ms, forward hooks ~1 ms, and 2,000-2,800 page faults a step where the plain
   step has none (glibc trims the heap top when the step's last tensors are freed). Since
   2026-12-04 `training.fit` keeps freed memory on CPU (`runtime.keep_freed_memory`): full-model
-  DP 1.25-1.37x -> 1.15-1.27x plain in six paired bench runs. What is left in the profile:
-  ghost Gram and per-sample products (bmm, +~5 ms a step) and the same elementwise kernels
-  running ~2x slower than in the plain step (gelu_backward, copy_: memory traffic of the
-  stored (a, g) pairs).
+  DP 1.25-1.37x -> 1.15-1.27x plain in six paired bench runs.
+- 2026-12-04 (late): the recorder held every layer call (its input activation) to the end of
+  backward, past autograd's own copy: peak memory 1.08x -> 1.02x plain once each call is
+  dropped as its sink runs. Per-section timings (process time, swin_micro, batch 32, 1 thread)
+  then put the DP step's ~4.5 ms over plain at: forward hooks ~1 ms (0.4 ms at batch 1),
+  LayerNorm rules ~0.7 ms, bias-table rules ~0.4 ms, post-backward clipping ~1.1 ms beyond
+  the book-keeping products that replace plain's weight gradients (joined small gradients
+  0.26, Gram products 0.49, clipped sums of small and materialised gradients 0.3), noise
+  0.25 ms (the MT19937 draw itself: uniform_ alone is 0.19 ms for 0.1M numbers). The
+  per-sample products themselves cost what plain's weight gradients do (bmm vs mm on the
+  same shapes: within 5%); a sink doing only them runs the step's forward + backward in
+  plain's time. Also per step now: one buffer for the noisy gradient whose views stay `.grad`
+  (81 views a step were ~0.2 ms), one index_add for the small clipped sums (not one add per
+  parameter), the bias-table rule along its contiguous dimension.
 
 Records with several samples (privacy unit `patient`): a record's gradient sums its
 samples', so ghost Grams run over the concatenated tokens of each record (zero-padded to
