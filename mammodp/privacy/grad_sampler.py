@@ -35,6 +35,7 @@ does with a frozen backbone): the frozen features are then computed once per bat
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass
 from typing import Callable
 
@@ -237,7 +238,23 @@ class Recorder:
                 del module._get_rel_pos_bias  # back to the class method
 
     def run(self, x: torch.Tensor, y: torch.Tensor, sink) -> torch.Tensor:
-        """Forward + one backward over prepared inputs; returns detached per-sample losses (n,)."""
+        """Forward + one backward over prepared inputs; returns detached per-sample losses (n,).
+
+        Python's cyclic garbage collector is paused for the pass (and restored after, also on
+        errors): the hooks make ~700 small Python objects a pass (calls, closures, handles),
+        all freed by reference counting when the pass ends, but while they are alive they
+        crossed the collector's threshold about once a step, and every collection walked them
+        (swin_micro, batch 32: 275 young- and 25 middle-generation collections in 300 steps,
+        0.18 ms a step; none in plain steps)."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(x, y, sink)  # its locals (the graph, the hooks' state) die on return
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, sink) -> torch.Tensor:
         state = {"pending": 0, "fired": 0, "roots": [], "first": None, "calls": [], "sink": sink}
         try:
             with self._hooks(state), self._autocast(x.device):

@@ -294,6 +294,37 @@ def test_the_recorder_lets_go_of_a_layer_input_once_its_sink_has_it():
     assert len(alive_later) == 5 and not any(alive_later.values()), alive_later
 
 
+@pytest.mark.parametrize("was_enabled", [True, False])
+def test_the_recorder_pauses_the_cyclic_collector_only_for_its_pass(was_enabled):
+    import gc
+
+    from mammodp.privacy.grad_sampler import Recorder
+
+    torch.manual_seed(0)
+    model = create_classifier("swin_micro", mode="full")
+    x, y = _batch(2, seed=3)
+    seen = []
+
+    def sink(call, g):
+        seen.append(gc.isenabled())
+
+    def failing(call, g):
+        raise RuntimeError("boom")
+
+    before = gc.isenabled()
+    (gc.enable if was_enabled else gc.disable)()
+    try:
+        rec = Recorder(model, LOSS, None)
+        rec.run(x, y, sink)
+        assert seen and not any(seen)  # paused while the hooks run
+        assert gc.isenabled() == was_enabled  # restored after the pass
+        with pytest.raises(RuntimeError, match="boom"):
+            rec.run(x, y, failing)
+        assert gc.isenabled() == was_enabled  # and after a failed one
+    finally:
+        (gc.enable if before else gc.disable)()
+
+
 def _clipped_excess(route: str, device: str, autocast_dtype, *, precision: str | None = None, mode: str = "full",
                     per_record: int = 1, grad_chunk: int = 32, outer_autocast: bool = False) -> float:
     """Largest relative excess over C of single clipped records' contributions (6 records of
