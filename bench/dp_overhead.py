@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), help="one preset (default: micro on CPU + tiny on CUDA)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per variant")
+    ap.add_argument("--steps", type=int, default=40,
+                    help="timed steps per variant (rounded down to whole rounds of --block, at least one)")
     ap.add_argument("--block", type=int, default=5,
                     help="consecutive steps per variant in each interleaved round (1: every step follows "
                          "another variant's; training runs one kind back to back)")

@@ -224,7 +224,9 @@ class DPSGD:
             if self.reduce is None:
                 grads = self._noisy_mean(priv, self.expected_batch_size)
             else:  # data-parallel: (S_r + z on the noising rank), summed over ranks, then divided
-                noisy = self._noisy_mean(priv, 1.0, add_noise=self.adds_noise)
+                # A copy: the reduce hook must not rebind the run's cached views (later steps
+                # would then hand out this step's gradient).
+                noisy = dict(self._noisy_mean(priv, 1.0, add_noise=self.adds_noise))
                 noisy, stats = self.reduce(noisy, stats)
                 grads = {n: g / self.expected_batch_size for n, g in noisy.items()}
             n_samples, n_records, loss_sum, clipped = stats

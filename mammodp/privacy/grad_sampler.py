@@ -331,7 +331,7 @@ def bias_table_grads(call: LayerCall, g: torch.Tensor, n: int) -> torch.Tensor:
     # faster than adding rows of the transposed (n, N*N, heads) (swin_micro: 98 vs 174 us a step).
     dt = per.new_zeros((n, heads, table.shape[0]))
     dt.index_add_(2, idx, per)
-    return dt.transpose(1, 2)
+    return dt.transpose(1, 2).contiguous()  # the copy a flattening reshape would make anyway
 
 
 def per_sample_rule(call: LayerCall, g: torch.Tensor, n: int) -> dict[str, torch.Tensor]:

@@ -94,6 +94,38 @@ def test_each_step_rewrites_grad_whatever_the_caller_zeroed(set_to_none):
         assert torch.allclose(p.grad, r.grad, rtol=1e-4, atol=1e-6 * float(r.grad.abs().max())), name
 
 
+def test_the_run_buffer_never_hands_out_a_stale_gradient():
+    # Steps with and without public samples alternate (the public ones get fresh tensors, the
+    # private ones the run's buffer), and a reduce hook that rebinds the entries it is given
+    # must not rebind the run's views: every step's .grad is that step's own.
+    batches = [_data(6, seed=s) for s in (5, 6, 7, 8)]
+    xp, yp = _data(3, seed=9)
+    model, _ = _setup()
+    ref_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    dp = _engine(model, opt, np.arange(6), per_sample_method="auto")
+
+    def rebinding_reduce(grads, stats):  # a one-rank reduce that builds new tensors in place of the given
+        for name in list(grads):
+            grads[name] = grads[name].clone()
+        return grads, stats
+
+    for step, (x, y) in enumerate(batches):
+        if step == 2:
+            dp.reduce = rebinding_reduce
+        public = (xp, yp) if step == 1 else None
+        idx = dp.sample_batch()
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx, public=public)
+        ref_model.zero_grad()
+        if public is None:
+            LOSS(ref_model(x), y).backward()
+        else:
+            LOSS(ref_model(torch.cat([x, xp])), torch.cat([y, yp])).backward()
+        for (name, p), r in zip(model.named_parameters(), ref_model.parameters()):
+            err = float((p.grad - r.grad).abs().max() / r.grad.abs().max())  # relative to the largest entry
+            assert err < 1e-4, (step, name, err)
+
+
 def test_public_samples_mix_in_like_a_plain_step_on_the_union_batch():
     x, y = _data(6)
     xp, yp = _data(3, seed=9)
