@@ -35,6 +35,7 @@ does with a frozen backbone): the frozen features are then computed once per bat
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from dataclasses import dataclass
 from typing import Callable
@@ -162,34 +163,32 @@ class Recorder:
     @contextlib.contextmanager
     def _hooks(self, state: dict):
         handles, patched = [], []
+        calls = state["calls"]
 
-        def watch(call: LayerCall, release: bool = False):
-            # The hook reaches its call and the sink only through `state`, which `run` empties
-            # afterwards (see there): it captures nothing else that holds tensors.
-            i = state["pending"]
-            state["pending"] += 1
-            state["calls"].append(call)
+        # The hooks reach their call and the sink only through `state`, which `run` empties
+        # afterwards (see there): they capture nothing else that holds tensors. One function
+        # for all calls, bound per call with functools.partial (C): no closures a layer call.
+        def fire(i: int, release: bool, g):
+            # Let go of the call (its input activation, LayerNorm stats) once the sink has it:
+            # held to the end of backward, every layer input outlived autograd's own copy, so
+            # the next backward buffers (gelu_backward's output, ...) were fresh, cold memory
+            # instead of the block just freed (swin_micro: peak memory 1.08x -> 1.02x plain,
+            # ~0.4 ms a step). A sink that needs them later keeps them itself.
+            call = calls[i]
+            calls[i] = None
+            state["sink"](call, g)  # backward without create_graph: grad mode off, no graph
+            del call
+            state["fired"] += 1
+            if release:
+                # The captured gradient of a backward input (a per-window bias copy, as large
+                # as the attention map) would stay alive until backward returns: replace it by
+                # a zero-strided view of one number, so that its storage is freed (and reused
+                # by the allocator) as soon as the sink has consumed it.
+                return g.new_zeros(()).expand(g.shape)
+            return None
 
-            def on_grad(g):
-                # Let go of the call (its input activation, LayerNorm stats) once the sink has it:
-                # held to the end of backward, every layer input outlived autograd's own copy, so
-                # the next backward buffers (gelu_backward's output, ...) were fresh, cold
-                # memory instead of the block just freed (swin_micro: peak memory 1.08x -> 1.02x
-                # plain, ~0.4 ms a step). A sink that needs them later keeps them itself.
-                call = state["calls"][i]
-                state["calls"][i] = None
-                state["sink"](call, g)  # backward without create_graph: grad mode off, no graph
-                del call
-                state["fired"] += 1
-                if release:
-                    # The captured gradient of a backward input (a per-window bias copy, as large
-                    # as the attention map) would stay alive until backward returns: replace it by
-                    # a zero-strided view of one number, so that its storage is freed (and reused
-                    # by the allocator) as soon as the sink has consumed it.
-                    return g.new_zeros(()).expand(g.shape)
-                return None
-
-            return on_grad
+        def fire_pre(i: int, nr: int, grads):
+            fire(i, False, grads[nr])
 
         for key, module, kind, own in self.layers:
             if kind == "window_attention":
@@ -205,7 +204,8 @@ class Recorder:
                     # One copy per window, a leaf that backward is asked for: its gradient is
                     # the per-window one, and autograd computes no summed table gradient.
                     full = b.expand(batch["n"], -1, -1, -1).requires_grad_()
-                    full.register_hook(watch(LayerCall(key, mod, "window_attention", own, None), release=True))
+                    full.register_hook(functools.partial(fire, len(calls), True))
+                    calls.append(LayerCall(key, mod, "window_attention", own, None))
                     state["roots"].append(full)
                     return full
 
@@ -219,19 +219,21 @@ class Recorder:
                         node = output.grad_fn  # the stats its own backward saved: no recomputation
                         if node is not None and type(node).__name__ == "NativeLayerNormBackward0":
                             stats = (node._saved_result1, node._saved_result2)
-                    on_grad = watch(LayerCall(key, mod, kind, own, inputs[0], stats))
+                    i = len(calls)
+                    calls.append(LayerCall(key, mod, kind, own, inputs[0], stats))
                     if state["first"] is None:
                         state["first"] = output  # the backward target (forward order): its node never runs
-                        output.register_hook(on_grad)
+                        output.register_hook(functools.partial(fire, i, False))
                     else:
                         # A pre-hook on the node that made the output sees the output's gradient
                         # before that node runs: what a tensor hook sees, at a third of the cost.
-                        output.grad_fn.register_prehook(lambda grads, nr=output.output_nr: on_grad(grads[nr]))
+                        output.grad_fn.register_prehook(functools.partial(fire_pre, i, output.output_nr))
 
                 handles.append(module.register_forward_hook(fwd))
         try:
             yield
         finally:
+            state["pending"] = len(calls)
             for h in handles:
                 h.remove()
             for module in patched:
@@ -278,7 +280,8 @@ class Recorder:
             # nodes through grad_fn: a reference cycle that Python's garbage collector cannot
             # see, which kept every step's graph and activations alive (~30 MiB a step leaked at
             # swin_micro, batch 32, and the page faults of fresh memory every step). Emptying
-            # the state the hooks share breaks it.
+            # the state the hooks share (and the list of calls they hold) breaks it.
+            state["calls"].clear()
             state.clear()
 
 
