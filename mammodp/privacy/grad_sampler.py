@@ -233,7 +233,6 @@ class Recorder:
         try:
             yield
         finally:
-            state["pending"] = len(calls)
             for h in handles:
                 h.remove()
             for module in patched:
@@ -257,7 +256,7 @@ class Recorder:
                 gc.enable()
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, sink) -> torch.Tensor:
-        state = {"pending": 0, "fired": 0, "roots": [], "first": None, "calls": [], "sink": sink}
+        state = {"fired": 0, "roots": [], "first": None, "calls": [], "sink": sink}
         try:
             with self._hooks(state), self._autocast(x.device):
                 logits = self.module(x)
@@ -269,9 +268,9 @@ class Recorder:
             inputs = ([state["first"]] if state["first"] is not None else []) + state["roots"]
             if inputs:
                 torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-            if state["fired"] != state["pending"]:
+            if state["fired"] != len(state["calls"]):  # every recorded call (slots stay, emptied)
                 raise RuntimeError(
-                    f"hook-based per-sample gradients reached {state['fired']} of {state['pending']} layer calls; "
+                    f"hook-based per-sample gradients reached {state['fired']} of {len(state['calls'])} layer calls; "
                     "this model's layers do not form one chain: use method='vmap'")
             return losses.detach()
         finally:
