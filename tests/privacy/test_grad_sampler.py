@@ -91,3 +91,39 @@ def test_auto_mode_checks_hooks_against_vmap_and_falls_back():
         summary = dp.summary()
         assert summary["per_sample_method"] == expected  # ... and kept only if it matches vmap
         assert ("disagreed" in summary["per_sample_method_note"]) == (expected == "vmap")
+
+
+@pytest.mark.parametrize("method", ["hooks", "mixed"])
+def test_a_users_forward_hook_that_rewrites_a_layer_output_leaves_the_gradients_right(method):
+    # The recorder shadows each layer's forward for the pass (no module hooks of its own), so
+    # it records the gradient w.r.t. what the layer computed, not w.r.t. what a user's forward
+    # hook made of it (a recorder that used forward hooks, run after the user's, recorded
+    # dL/d(2 out) as the fc1 output gradient: half the true per-sample gradient). After the
+    # pass every layer is back on its class's forward, and an instance forward set before stays.
+    torch.manual_seed(0)
+    model = create_classifier("swin_micro")
+    fc1 = model.backbone.layers[0].blocks[0].mlp.fc1
+    handle = fc1.register_forward_hook(lambda mod, inp, out: out * 2.0)
+    own_forward = model.backbone.layers[1].blocks[0].norm1.forward  # a bound method, as an instance attribute
+    model.backbone.layers[1].blocks[0].norm1.forward = own_forward
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 1, 64, 64, generator=g), torch.tensor([0, 1, 1, 0])
+    ref, _ = per_sample_gradients(model, LOSS, x, y, method="vmap")
+    if method == "hooks":
+        got, _ = per_sample_gradients(model, LOSS, x, y, method="hooks")
+        assert _max_rel_err(got, ref) < 1e-3
+    else:
+        from mammodp.privacy.per_sample import clip_factors, clipped_grad_sum, record_norms
+
+        norms = record_norms(ref)
+        c = float(norms.median())
+        res = clipped_grad_sum(model, LOSS, x, y, max_grad_norm=c, method="mixed")
+        expected = {k: torch.einsum("r,r...->...", clip_factors(norms, c), v) for k, v in ref.items()}
+        assert _max_rel_err(res.grads, expected) < 1e-3
+        assert float((res.norms - norms).abs().max() / norms.max()) < 1e-3
+    handle.remove()
+    for name, module in model.named_modules():
+        if name == "backbone.layers.1.blocks.0.norm1":
+            assert module.__dict__["forward"] == own_forward
+        else:
+            assert "forward" not in module.__dict__ and "_get_rel_pos_bias" not in module.__dict__, name
