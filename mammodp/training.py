@@ -379,10 +379,11 @@ def fit(
                     group["lr"] = spec.lr_at(epoch * steps + step, spec.epochs * steps, steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
+            losses.append(loss)  # a device tensor: read once per epoch, so no step waits for the device
             if progress and step == steps - 1:  # accounting is costly: once per epoch
                 eps = dp_engine.epsilon_spent()
-                bar.set_postfix(loss=f"{loss:.3f}", eps="inf" if math.isinf(eps) else f"{eps:.2f}")
+                bar.set_postfix(loss=f"{float(loss):.3f}", eps="inf" if math.isinf(eps) else f"{eps:.2f}")
+        losses = torch.stack(losses).cpu().numpy() if losses else np.zeros(0)
 
         val_probs, val_auprc = score()
         record = {

@@ -87,7 +87,8 @@ class DPSGD:
         steps_taken: logical steps done (including resumed ones).
         per_sample_method: `mixed`, `ghost`, `hooks` or `vmap` (the route in use);
             method_note: why `auto` fell back to vmap, if it did.
-        last_stats: counts and clipping rate of the last step.
+        last_stats: counts and clipping rate of the last step (the clipped count is read from
+            the device when this is first read, not during the step).
     """
 
     def __init__(
@@ -138,7 +139,8 @@ class DPSGD:
         self._grad_flat: torch.Tensor | None = None  # the noisy mean gradient; its views are `.grad`
         self._grad_views: dict[str, torch.Tensor] = {}
         self.steps_taken = 0
-        self.last_stats: dict[str, float] = {}
+        self._last: tuple | None = None  # (samples, records, clipped: int or device tensor) of the last step
+        self._last_stats: dict[str, float] = {}
         self._params = trainable_named_parameters(model)
         device = next(iter(self._params.values())).device
         self.noise_seed = noise_seed
@@ -154,6 +156,18 @@ class DPSGD:
         self.adds_noise = True
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """{samples, records, clipped_fraction} of the last step. The clipped count stays on the
+        device during the step (reading it would make the host wait for the step's kernels):
+        it is read here, once, when asked."""
+        if self._last is not None:
+            n_samples, n_records, clipped = self._last
+            self._last = None
+            self._last_stats = {"samples": n_samples, "records": n_records,
+                                "clipped_fraction": int(clipped) / n_records if n_records else 0.0}
+        return self._last_stats
 
     @property
     def sample_rate(self) -> float:
@@ -191,7 +205,7 @@ class DPSGD:
         record_idx: torch.Tensor | np.ndarray,
         public: tuple[torch.Tensor, torch.Tensor] | None = None,
         public_weight: float | None = None,
-    ) -> float:
+    ) -> torch.Tensor:
         """One logical step: write the private (noisy, clipped) gradient into `.grad`.
 
         Args:
@@ -208,7 +222,10 @@ class DPSGD:
 
         Returns:
             Mean loss over the private samples (NaN for an empty batch without public data;
-            the public samples' mean loss when only they are present).
+            the public samples' mean loss when only they are present), as a detached 0-d
+            float32 tensor on the model's device. The step itself never waits for the device:
+            reading the loss (`float()`, `.item()`) or `last_stats` does; a loop that reads
+            neither until the epoch ends lets the host queue the next step meanwhile (CUDA).
 
         Raises:
             PrivacyError: `record_idx` is not the batch `sample_batch` handed out.
@@ -252,6 +269,7 @@ class DPSGD:
             pub, _, pub_sum = self._plain_sum(public[0], public[1], loss_fn, device, self.physical_batch_size)
             grads = {n: (1.0 - w) * g + w * pub[n] / m for n, g in grads.items()}
             pub_loss = pub_sum / m
+        dev_loss = _loss_tensor(loss_sum / n_samples if n_samples else pub_loss, device)
 
         for name, p in self._params.items():
             g = grads[name]
@@ -263,11 +281,8 @@ class DPSGD:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
         self._pending = None
-        self.last_stats = {"samples": n_samples, "records": n_records,
-                           "clipped_fraction": clipped / n_records if n_records else 0.0}
-        if n_samples:
-            return loss_sum / n_samples
-        return pub_loss
+        self._last = (n_samples, n_records, clipped)
+        return dev_loss
 
     def _noisy_mean(self, sums: dict[str, torch.Tensor], divisor: float,
                     add_noise: bool = True) -> dict[str, torch.Tensor]:
@@ -367,8 +382,8 @@ class DPSGD:
         """Sum of per-record clipped gradients over physical chunks that keep records whole,
         accumulated in place into the run's buffers."""
         total = self._buffers()
-        n_samples = n_records = clipped = 0
-        loss_sum = 0.0
+        n_samples = n_records = 0
+        clipped = loss_sum = 0  # device tensors once added to: no host sync in the step
         n = inputs.shape[0]
         # A batch that fits one physical chunk is that chunk as it is (clipped_grad_sum groups
         # records itself): no split, no gather copy.
@@ -390,15 +405,15 @@ class DPSGD:
                                    route=self._route_for(loss_fn), out=total)
             n_samples += res.n_samples
             n_records += res.n_records
-            clipped += int((res.norms > self.max_grad_norm).sum())
-            loss_sum += res.loss_sum
+            clipped = clipped + (res.norms > self.max_grad_norm).sum()
+            loss_sum = loss_sum + res.loss_sum
         return total, n_samples, n_records, loss_sum, clipped
 
     def _plain_sum(self, inputs, targets, loss_fn, device, chunk):
         """Sum over samples of ordinary loss gradients (batched autograd, no clipping)."""
         total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self._params.items()}
         names, params = list(self._params), list(self._params.values())
-        loss_sum, n = 0.0, inputs.shape[0]
+        loss_sum, n = 0, inputs.shape[0]
         for s in range(0, n, chunk):
             x = inputs[s : s + chunk].to(device, non_blocking=True)
             y = targets[s : s + chunk].to(device, non_blocking=True)
@@ -409,7 +424,7 @@ class DPSGD:
             loss = loss_fn(logits.float(), y) * x.shape[0]  # mean -> sum over the chunk
             for name, g in zip(names, torch.autograd.grad(loss, params)):
                 total[name] += g.float()
-            loss_sum += float(loss.detach())
+            loss_sum = loss_sum + loss.detach()  # on the device: no host sync
         return total, n, loss_sum
 
     # ------------------------------------------------------------------ reporting
@@ -483,6 +498,13 @@ class DPSGD:
         if state["noise_generator"] is not None and self.noise_seed is not None:
             self.noise_generator.set_state(state["noise_generator"])
         self._pending = None
+
+
+def _loss_tensor(value, device: torch.device) -> torch.Tensor:
+    """A step's loss as a detached 0-d float32 tensor on `device` (a Python number or NaN too)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float32)
+    return torch.full((), float(value), dtype=torch.float32, device=device)  # a fill, not a host copy
 
 
 def make_private(

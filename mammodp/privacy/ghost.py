@@ -81,6 +81,7 @@ the largest record of the pack; padding rows contribute nothing to a Gram).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -134,10 +135,15 @@ class _Pack:
         self.per_record = 1
         self.pos = None
         if local is not None:
-            counts = torch.bincount(local, minlength=n_records)
+            # Record book-keeping on the host (clipped_grad_sum hands `local` over from there):
+            # the largest record's size sets a shape, and reading it from the device would make
+            # the host wait for the device's queued work every pack.
+            rec = local.cpu().numpy()
+            counts = np.bincount(rec, minlength=n_records)
             self.per_record = int(counts.max())
-            starts = torch.cumsum(counts, 0) - counts
-            self.pos = torch.arange(n, device=local.device) - starts[local]  # position inside its record
+            pos = np.arange(n) - (np.cumsum(counts) - counts)[rec]  # position inside its record
+            self.local = local.to(device, non_blocking=True)
+            self.pos = torch.from_numpy(pos).to(device, non_blocking=True)
 
     def to_records(self, v: torch.Tensor) -> torch.Tensor:
         """(n, *shape) per-sample -> (R, *shape) per-record sums."""
@@ -223,7 +229,8 @@ class MixedClipper:
 
         Args:
             x, y: the pack's prepared samples (n, ...) and targets, grouped by record.
-            local: (n,) record index 0..n_records-1 of each sample, or None (one sample each).
+            local: (n,) record index 0..n_records-1 of each sample (int64, on the host), or None
+                (one sample each).
             max_grad_norm: C (`math.inf`: no clipping).
             out: {name: float32 param-shaped tensor}, accumulated in place.
 

@@ -34,6 +34,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -189,11 +190,11 @@ def _group_records(record_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return keys, order, counts
 
 
-def _index_or_slice(pos: torch.Tensor, device: torch.device) -> torch.Tensor | slice:
-    """Positions (CPU int64) as a slice when they are one ascending run (a view, no gather)."""
-    if pos.numel() and int(pos[-1]) - int(pos[0]) == pos.numel() - 1 and bool((pos.diff() == 1).all()):
+def _index_or_slice(pos: np.ndarray, device: torch.device) -> torch.Tensor | slice:
+    """Positions (host int64) as a slice when they are one ascending run (a view, no gather)."""
+    if pos.size and int(pos[-1]) - int(pos[0]) == pos.size - 1 and bool((np.diff(pos) == 1).all()):
         return slice(int(pos[0]), int(pos[-1]) + 1)
-    return pos.to(device)
+    return torch.from_numpy(pos).to(device, non_blocking=True)
 
 
 def _packs(counts: list[int], max_samples: int) -> list[tuple[int, int]]:
@@ -349,14 +350,15 @@ class ClippedSum:
         grads: {name: param-shaped tensor}: sum_r min(1, C / |g_r|) g_r.
         norms: (R,) unclipped per-record gradient norms (for logging clipping rates).
         n_records: R; n_samples: samples behind them.
-        loss_sum: sum of per-sample losses (detached float).
+        loss_sum: sum of per-sample losses (a detached 0-d tensor on the inputs' device: not
+            read back here, so that clipping never waits for the device).
     """
 
     grads: dict[str, torch.Tensor]
     norms: torch.Tensor
     n_records: int
     n_samples: int
-    loss_sum: float
+    loss_sum: torch.Tensor
 
 
 def clipped_grad_sum(
@@ -399,18 +401,21 @@ def clipped_grad_sum(
     total = out
     n = inputs.shape[0]
     if n == 0:
-        return ClippedSum(total, torch.zeros(0, device=inputs.device), 0, 0, 0.0)
+        return ClippedSum(total, torch.zeros(0, device=inputs.device), 0, 0, torch.zeros((), device=inputs.device))
     fn = route if route is not None else make_route(model, loss_fn, autocast_dtype, method)
     bookkeeping = hasattr(fn, "clipped_sum")
     trainable = {} if bookkeeping else fn.params()
     inputs = fn.prepare(inputs)  # samples, or frozen features computed once for the batch
-    rid = None if record_ids is None else record_ids.cpu()  # grouping is book-keeping on a few ints: CPU
-    if rid is None or (rid.numel() > 1 and bool((rid[1:] > rid[:-1]).all())) or rid.numel() == 1:
+    # Grouping is book-keeping on a few ints, done on the host in numpy (a record-id tensor on
+    # the device is read back once): nothing here reads a value from the device.
+    rid = None if record_ids is None else np.asarray(record_ids.cpu().numpy(), dtype=np.int64)
+    if rid is None or rid.size == 1 or (rid.size > 1 and bool((rid[1:] > rid[:-1]).all())):
         # Each sample its own record, in ascending order (always so for the patch unit):
         # packs are plain slices.
         packs = [(slice(s, min(s + grad_chunk, n)), None, min(grad_chunk, n - s)) for s in range(0, n, grad_chunk)]
     else:
-        keys, order, counts = _group_records(rid)
+        _, inverse, counts = np.unique(rid, return_inverse=True, return_counts=True)  # ascending ids
+        order = np.argsort(inverse.reshape(-1), kind="stable")  # sample positions grouped by record
         counts_l = counts.tolist()
         offsets = [0]
         for c in counts_l:
@@ -420,18 +425,19 @@ def clipped_grad_sum(
             pos = _index_or_slice(order[offsets[a] : offsets[b]], inputs.device)
             if b - a == offsets[b] - offsets[a]:
                 local = None  # one sample per record in this pack: nothing to sum
-            else:
-                local = torch.repeat_interleave(torch.arange(b - a), counts[a:b]).to(inputs.device)
+            else:  # on the host: moved where used
+                local = torch.from_numpy(np.repeat(np.arange(b - a, dtype=np.int64), counts[a:b]))
             packs.append((pos, local, b - a))
     norms_all, loss_sum = [], torch.zeros((), device=inputs.device)
     for pos, local, n_rec in packs:
         x, y = inputs[pos], targets[pos]
         if bookkeeping and x.shape[0] <= grad_chunk:
-            norms, losses = fn.clipped_sum(x, y, local, n_rec, max_grad_norm, total)
+            norms, losses = fn.clipped_sum(x, y, local, n_rec, max_grad_norm, total)  # local on the host
         else:
             # A book-keeping route materialises a record larger than one pass (several passes).
             ps = fn.materialiser() if bookkeeping else fn
-            grads, losses = _record_grads(ps, trainable, x, y, local, n_rec, grad_chunk)
+            grads, losses = _record_grads(ps, trainable, x, y, None if local is None else local.to(x.device),
+                                          n_rec, grad_chunk)
             with exact_arithmetic(x.device.type):
                 norms = record_norms(grads)  # (n_rec,)
                 factors = clip_factors(norms, max_grad_norm)
@@ -441,7 +447,7 @@ def clipped_grad_sum(
         norms_all.append(norms.detach())
         loss_sum += losses.detach().sum()  # stays on the device: no sync per pack
     norms_cat = torch.cat(norms_all)
-    return ClippedSum(total, norms_cat, int(norms_cat.numel()), n, float(loss_sum))
+    return ClippedSum(total, norms_cat, int(norms_cat.numel()), n, loss_sum)
 
 
 __all__ = [

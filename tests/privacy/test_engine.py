@@ -336,3 +336,92 @@ def test_a_forced_cublas_tf32_override_is_stated(monkeypatch, caplog):
         _engine(model, torch.optim.AdamW(trainable_parameters(model), lr=1e-3), np.arange(8), noise_multiplier=1.0,
                 max_grad_norm=1.0)
     assert not any("TF32" in r.getMessage() for r in caplog.records)
+
+
+_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
+
+
+@pytest.mark.parametrize(("unit", "method"), [("patch", "auto"), ("patient", "auto"), ("patient", "vmap"),
+                                              ("patch", "hooks")])
+def test_a_private_step_reads_no_value_back_and_hands_the_loss_over_as_a_tensor(monkeypatch, unit, method):
+    # On CUDA, reading a tensor's value (float(), .item(), int(), bool(), .tolist()) makes the host
+    # wait for every queued kernel; a step that never does lets the host queue the next step's work
+    # while the device runs this one (the loss used to be read back twice a chunk: the clipped
+    # count and the loss sum). On the CPU every read is visible: inside a step (after the first,
+    # whose one-off check of the route reads values), any read of a value fails the test; only
+    # numpy() of integer tensors is allowed (the host's sample indices and record ids).
+    records = np.arange(8) if unit == "patch" else np.repeat(np.arange(4), 2)
+    model, opt = _setup()
+    dp = _engine(model, opt, records, privacy_unit=unit, expected_batch_size=len(np.unique(records)) // 2,
+                 noise_multiplier=1.0, max_grad_norm=0.5, per_sample_method=method, grad_chunk=2,
+                 physical_batch_size=4, noise_seed=0)
+    x, y = _data(8)
+    idx = dp.sample_batch()
+    dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"the step read a value back: Tensor.{name} of a {tuple(self.shape)} tensor")
+        return read
+
+    real_numpy = torch.Tensor.numpy
+
+    def numpy(self, *args, **kwargs):
+        assert not (self.is_floating_point() or self.dtype == torch.bool), "the step read a value back: numpy()"
+        return real_numpy(self, *args, **kwargs)
+
+    steps = []
+    for _ in range(6):
+        idx = dp.sample_batch()
+        with monkeypatch.context() as m:
+            for name in _READS:
+                m.setattr(torch.Tensor, name, refuse(name))
+            m.setattr(torch.Tensor, "numpy", numpy)
+            loss = dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+        steps.append((idx, loss))
+    assert any(idx.numel() for idx, _ in steps)
+    for idx, loss in steps:  # no optimiser step between them: every loss is of the same weights
+        assert isinstance(loss, torch.Tensor) and loss.shape == () and loss.dtype == torch.float32
+        if idx.numel():
+            assert float(loss) == pytest.approx(float(LOSS(model(x[idx]), y[idx])), rel=1e-4)
+        else:
+            assert math.isnan(float(loss))
+    # last_stats reads the clipped count when asked, and it is the count of records over C
+    idx = steps[-1][0]
+    ref = clipped_grad_sum(model, LOSS, x[idx], y[idx], max_grad_norm=0.5, record_ids=torch.from_numpy(records[idx]),
+                           method="vmap")
+    stats = dp.last_stats
+    assert stats["samples"] == idx.numel() and stats["records"] == ref.n_records
+    if ref.n_records:
+        assert stats["clipped_fraction"] == pytest.approx(float((ref.norms > 0.5).float().mean()))
+    assert dp.last_stats == stats  # read once, then kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("unit", ["patch", "patient"])
+def test_a_private_step_on_cuda_never_waits_for_the_device(unit):
+    # torch's sync debug mode raises on any call that makes the host wait for the device (a
+    # value read, a blocking copy). The first step (the route's one-off check) may; later ones not.
+    records = np.arange(16) if unit == "patch" else np.repeat(np.arange(8), 2)
+    x, y = _data(16)
+    x, y = x.cuda(), y.cuda()
+    model, _ = _setup()
+    model.cuda()
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
+    dp = _engine(model, opt, records, privacy_unit=unit, expected_batch_size=len(np.unique(records)) // 2,
+                 noise_multiplier=1.0, max_grad_norm=1.0, per_sample_method="auto", grad_chunk=8,
+                 physical_batch_size=16, autocast_dtype=torch.bfloat16)
+    idx = dp.sample_batch()
+    dp.step(x[idx.cuda()], y[idx.cuda()], LOSS, record_idx=idx)
+    losses = []
+    for _ in range(3):
+        idx = dp.sample_batch()
+        xb, yb = x[idx.cuda()], y[idx.cuda()]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses.append(dp.step(xb, yb, LOSS, record_idx=idx))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(loss.device.type == "cuda" for loss in losses)
