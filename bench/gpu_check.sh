@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check in one call (about 3 minutes on one H200, every part under its own timeout): the
-# CUDA-only tests, the DP overhead benchmark of Swin-T at 224 px (batch 32 in float32, batch 128
-# under bf16 autocast; the default and the hooks routes), and three epochs of the paper plan
-# (full-model and head-only DP beside plain training).
+# GPU check in one call (about 4 minutes on one H200, every part under its own timeout): the
+# CUDA-only tests, the DP overhead benchmark of Swin-T at 224 px (batch 32 in float32 and batch
+# 128 under bf16 autocast with the default and the hooks routes; batch 128 in float32 with the
+# default route), and three epochs of the paper plan (full-model and head-only DP beside plain
+# training).
 #
 # On a bare GPU machine (Python 3.12 with torch and timm, no opacus / pydicom / MLflow / DVC),
 # first carry the missing wheels with the working tree (here: `make gpu-wheels` writes them to
@@ -30,6 +31,8 @@ echo "== pytest -m gpu"
 timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/privacy tests/models || { echo "pytest -m gpu FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 32, float32"
 timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 32 || { echo "dp_overhead FAILED"; status=1; }
+echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, float32 (default route only)"
+timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --routes auto || { echo "dp_overhead FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, bf16 autocast (as the paper plan trains)"
 timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 || { echo "dp_overhead FAILED"; status=1; }
 echo "== three epochs of the paper plan"
