@@ -37,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import inspect
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,6 +73,16 @@ def _layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def _shadowable(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """The recorder can shadow these methods of `module` for a pass: each is a plain function
+    of its class (an instance attribute then takes precedence; a property would not), and
+    the module is called through nn.Module's own `__call__` (which calls `forward`)."""
+    cls = type(module)
+    if cls.__call__ is not nn.Module.__call__:
+        return False
+    return all(isinstance(inspect.getattr_static(cls, name, None), types.FunctionType) for name in names)
+
+
 def supports(model: nn.Module) -> bool:
     """True when every trainable parameter sits in a supported layer of an opted-in model."""
     if not getattr(model, "dp_sample_major", False):
@@ -83,6 +95,8 @@ def supports(model: nn.Module) -> bool:
         if kind is None:
             return False
         if kind == "window_attention" and own != ["relative_position_bias_table"]:
+            return False
+        if not _shadowable(module, ("forward", "_get_rel_pos_bias") if kind == "window_attention" else ("forward",)):
             return False
     return True
 
@@ -236,6 +250,9 @@ class Recorder:
             # Module.__setattr__ ends up doing for a plain callable, minus its checks).
             patched.append((module, name, module.__dict__.get(name)))
             module.__dict__[name] = fn
+            if getattr(module, name) is not fn:  # `supports` refuses such classes; never record half a model
+                raise RuntimeError(f"cannot record {type(module).__name__}.{name} (not a plain method of its "
+                                   "class): use method='vmap'")
 
         try:
             for key, module, kind, own in self.layers:

@@ -127,3 +127,30 @@ def test_a_users_forward_hook_that_rewrites_a_layer_output_leaves_the_gradients_
             assert module.__dict__["forward"] == own_forward
         else:
             assert "forward" not in module.__dict__ and "_get_rel_pos_bias" not in module.__dict__, name
+
+
+class _PropertyForward(nn.Linear):
+    """A Linear whose forward is a property: an instance attribute cannot shadow it."""
+
+    @property
+    def forward(self):
+        return lambda x: nn.functional.linear(x, self.weight, self.bias)
+
+
+class _OwnCall(nn.Linear):
+    """A Linear called through its own __call__, which never calls forward."""
+
+    def __call__(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("layer", [_PropertyForward, _OwnCall])
+def test_layers_the_recorder_cannot_shadow_are_refused(layer):
+    # The recorder sees a layer call only through its shadowed forward: a layer it cannot
+    # shadow would be left out of the per-sample gradients (and of the clipping norm) unseen.
+    model = create_classifier("swin_micro", mode="frozen_backbone")
+    model.head[-1] = layer(model.head[-1].in_features, model.head[-1].out_features)
+    assert not supports(model)
+    assert resolve_method(model, "auto") == "vmap"
+    with pytest.raises(ValueError):
+        resolve_method(model, "mixed")
