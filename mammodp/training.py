@@ -179,10 +179,13 @@ class FrozenFeatures:
 
     def take(self, idx, h=None, v=None):
         """Feature rows of samples `idx`, each under its own flip state (None: unflipped)."""
+        # Host indices moved without blocking: a blocking copy would make the host wait for
+        # the device's queued work every step.
+        idx = idx.to(self.bank.device, non_blocking=True)
         if h is None:
             return self.bank[0, idx]
         state = h.long() + 2 * v.long()
-        return self.bank[state.to(self.bank.device), idx.to(self.bank.device)]
+        return self.bank[state.to(self.bank.device, non_blocking=True), idx]
 
 
 def _head_on_features(head):

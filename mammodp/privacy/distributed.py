@@ -125,8 +125,11 @@ class DistContext:
 
         names = list(grads)
         dev = grads[names[0]].device if names else self.device
-        flat = torch.cat([grads[n].reshape(-1).float() for n in names]
-                         + [torch.tensor([float(s) for s in stats], dtype=torch.float32, device=dev)])
+        # The counts as they come (host numbers, or the step's device tensors: not read back
+        # here; the one read is after the all-reduce).
+        tail = [s.detach().reshape(1).to(device=dev, dtype=torch.float32) if isinstance(s, torch.Tensor)
+                else torch.full((1,), float(s), dtype=torch.float32, device=dev) for s in stats]
+        flat = torch.cat([grads[n].reshape(-1).float() for n in names] + tail)
         self._call("all-reduce of the clipped gradient sum", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
         out, pos = {}, 0
         for n in names:

@@ -394,8 +394,10 @@ class DPSGD:
             if pos is None:
                 x, y, rec = inputs, targets, records
             else:
-                pos_t = torch.from_numpy(pos)
-                x, y, rec = inputs[pos_t.to(inputs.device)], targets[pos_t.to(targets.device)], records[pos_t]
+                pos_t = torch.from_numpy(pos)  # moved without blocking (no wait for the device)
+                x = inputs[pos_t.to(inputs.device, non_blocking=True)]
+                y = targets[pos_t.to(targets.device, non_blocking=True)]
+                rec = records[pos_t]
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if self._verify_route:

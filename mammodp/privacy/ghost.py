@@ -223,7 +223,7 @@ class MixedClipper:
             if ok:
                 start = base.storage_offset()
                 pos = torch.cat([torch.arange(t.storage_offset() - start, t.storage_offset() - start + t.numel())
-                                 for t in tensors]).to(base.device)
+                                 for t in tensors]).to(base.device, non_blocking=True)
             self._scatter = cached = (tensors, base if ok else None, pos)
         _, base, pos = cached
         if base is not None:

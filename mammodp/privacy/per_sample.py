@@ -436,7 +436,8 @@ def clipped_grad_sum(
         else:
             # A book-keeping route materialises a record larger than one pass (several passes).
             ps = fn.materialiser() if bookkeeping else fn
-            grads, losses = _record_grads(ps, trainable, x, y, None if local is None else local.to(x.device),
+            grads, losses = _record_grads(ps, trainable, x, y,
+                                          None if local is None else local.to(x.device, non_blocking=True),
                                           n_rec, grad_chunk)
             with exact_arithmetic(x.device.type):
                 norms = record_norms(grads)  # (n_rec,)
