@@ -399,10 +399,12 @@ def test_a_private_step_reads_no_value_back_and_hands_the_loss_over_as_a_tensor(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("unit", ["patch", "patient"])
-def test_a_private_step_on_cuda_never_waits_for_the_device(unit):
+@pytest.mark.parametrize(("unit", "method", "physical"), [("patch", "auto", 16), ("patient", "auto", 16),
+                                                        ("patch", "auto", 4), ("patient", "vmap", 4)])
+def test_a_private_step_on_cuda_never_waits_for_the_device(unit, method, physical):
     # torch's sync debug mode raises on any call that makes the host wait for the device (a
-    # value read, a blocking copy). The first step (the route's one-off check) may; later ones not.
+    # value read, a blocking copy). The first step (the route's one-off check) may; later ones
+    # not, also where physical chunks split the batch and patient packs go through vmap.
     records = np.arange(16) if unit == "patch" else np.repeat(np.arange(8), 2)
     x, y = _data(16)
     x, y = x.cuda(), y.cuda()
@@ -410,8 +412,8 @@ def test_a_private_step_on_cuda_never_waits_for_the_device(unit):
     model.cuda()
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
     dp = _engine(model, opt, records, privacy_unit=unit, expected_batch_size=len(np.unique(records)) // 2,
-                 noise_multiplier=1.0, max_grad_norm=1.0, per_sample_method="auto", grad_chunk=8,
-                 physical_batch_size=16, autocast_dtype=torch.bfloat16)
+                 noise_multiplier=1.0, max_grad_norm=1.0, per_sample_method=method, grad_chunk=8,
+                 physical_batch_size=physical, autocast_dtype=torch.bfloat16)  # 4: chunks split the batch
     idx = dp.sample_batch()
     dp.step(x[idx.cuda()], y[idx.cuda()], LOSS, record_idx=idx)
     losses = []
