@@ -178,15 +178,16 @@ def _make_fn(model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | No
     return make_route(model, loss_fn, autocast_dtype, "hooks" if method in BOOKKEEPING else method)
 
 
-def _group_records(record_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort samples by record.
+def _group_records(record_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort samples by record: book-keeping on a few ints, on the host (nothing read back
+    from a device).
 
     Returns:
         keys (R,): the distinct record ids, ascending; order (B,): sample positions grouped
         by record (stable); counts (R,): samples per record.
     """
-    keys, inverse, counts = torch.unique(record_ids, sorted=True, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
+    keys, inverse, counts = np.unique(record_ids, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse.reshape(-1), kind="stable")
     return keys, order, counts
 
 
@@ -286,11 +287,13 @@ def per_sample_gradients(
     if record_ids is None:
         grads, _ = _record_grads(fn, trainable, inputs, targets, None, inputs.shape[0], grad_chunk)
         return grads, torch.arange(inputs.shape[0], device=inputs.device)
-    record_ids = record_ids.to(inputs.device)
-    keys, order, counts = _group_records(record_ids)
-    local = torch.repeat_interleave(torch.arange(len(keys), device=inputs.device), counts)
-    grads, _ = _record_grads(fn, trainable, inputs[order], targets[order], local, len(keys), grad_chunk)
-    return grads, keys
+    keys, order, counts = _group_records(record_ids.cpu().numpy())
+    dev = inputs.device
+    local = torch.from_numpy(np.repeat(np.arange(len(keys)), counts)).to(dev, non_blocking=True)
+    order_t = torch.from_numpy(order).to(dev, non_blocking=True)
+    grads, _ = _record_grads(fn, trainable, inputs[order_t], targets[order_t.to(targets.device)], local, len(keys),
+                             grad_chunk)
+    return grads, torch.from_numpy(keys).to(dev, non_blocking=True)
 
 
 def _matmul_precision_backends() -> list:
@@ -408,14 +411,13 @@ def clipped_grad_sum(
     inputs = fn.prepare(inputs)  # samples, or frozen features computed once for the batch
     # Grouping is book-keeping on a few ints, done on the host in numpy (a record-id tensor on
     # the device is read back once): nothing here reads a value from the device.
-    rid = None if record_ids is None else np.asarray(record_ids.cpu().numpy(), dtype=np.int64)
+    rid = None if record_ids is None else record_ids.cpu().numpy()
     if rid is None or rid.size == 1 or (rid.size > 1 and bool((rid[1:] > rid[:-1]).all())):
         # Each sample its own record, in ascending order (always so for the patch unit):
         # packs are plain slices.
         packs = [(slice(s, min(s + grad_chunk, n)), None, min(grad_chunk, n - s)) for s in range(0, n, grad_chunk)]
     else:
-        _, inverse, counts = np.unique(rid, return_inverse=True, return_counts=True)  # ascending ids
-        order = np.argsort(inverse.reshape(-1), kind="stable")  # sample positions grouped by record
+        _, order, counts = _group_records(rid)
         counts_l = counts.tolist()
         offsets = [0]
         for c in counts_l:
