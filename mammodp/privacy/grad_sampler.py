@@ -212,8 +212,9 @@ class Recorder:
         def fire_pre(i: int, nr: int, grads):
             fire(i, False, grads[nr])
 
-        def record(key: str, mod: nn.Module, kind: str, own: list[str], original, inp, *args, **kwargs):
-            output = original(inp, *args, **kwargs)
+        def record(key: str, mod: nn.Module, kind: str, own: list[str], original, *args, **kwargs):
+            output = original(*args, **kwargs)
+            inp = args[0] if args else next(iter(kwargs.values()))  # the input, also if passed by name
             stats = None
             if kind == "layer_norm":
                 node = output.grad_fn  # the stats its own backward saved: no recomputation
@@ -230,9 +231,9 @@ class Recorder:
                 output.grad_fn.register_prehook(functools.partial(fire_pre, i, output.output_nr))
             return output
 
-        def attention(batch: dict, original, x, *args, **kwargs):
-            batch["n"] = x.shape[0]  # B * windows
-            return original(x, *args, **kwargs)
+        def attention(batch: dict, original, *args, **kwargs):
+            batch["n"] = (args[0] if args else next(iter(kwargs.values()))).shape[0]  # B * windows
+            return original(*args, **kwargs)
 
         def bias(key: str, mod: nn.Module, own: list[str], original, batch: dict):
             with torch.no_grad():

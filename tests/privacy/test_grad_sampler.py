@@ -154,3 +154,22 @@ def test_layers_the_recorder_cannot_shadow_are_refused(layer):
     assert resolve_method(model, "auto") == "vmap"
     with pytest.raises(ValueError):
         resolve_method(model, "mixed")
+
+
+class _ByName(nn.Sequential):
+    """Calls its Linear layers with the input passed by name."""
+
+    def forward(self, x):
+        for module in self:
+            x = module(input=x) if isinstance(module, nn.Linear) else module(x)
+        return x
+
+
+def test_a_layer_called_with_its_input_by_name_is_recorded():
+    torch.manual_seed(0)
+    model = create_classifier("swin_micro", mode="frozen_backbone")
+    model.head = _ByName(*model.head)
+    x, y = torch.rand(4, 1, 64, 64), torch.tensor([0, 1, 1, 0])
+    ref, _ = per_sample_gradients(model, LOSS, x, y, method="vmap")
+    got, _ = per_sample_gradients(model, LOSS, x, y, method="hooks")
+    assert _max_rel_err(got, ref) < 1e-4
