@@ -290,9 +290,10 @@ def per_sample_gradients(
     keys, order, counts = _group_records(record_ids.cpu().numpy())
     dev = inputs.device
     local = torch.from_numpy(np.repeat(np.arange(len(keys)), counts)).to(dev, non_blocking=True)
-    order_t = torch.from_numpy(order).to(dev, non_blocking=True)
-    grads, _ = _record_grads(fn, trainable, inputs[order_t], targets[order_t.to(targets.device)], local, len(keys),
-                             grad_chunk)
+    order_t = torch.from_numpy(order)  # host: moved to each tensor's own device without blocking
+    x = inputs[order_t.to(dev, non_blocking=True)]
+    y = targets[order_t.to(targets.device, non_blocking=True)]
+    grads, _ = _record_grads(fn, trainable, x, y, local, len(keys), grad_chunk)
     return grads, torch.from_numpy(keys).to(dev, non_blocking=True)
 
 
