@@ -21,7 +21,12 @@ backward (`grad_sampler.Recorder`: output gradients only, no summed weight gradi
    in place into the caller's fp32 buffers. The ghost product runs in full float32 even
    under autocast (`per_sample.exact_arithmetic`: autocast and TF32 off for the block): a
    clipped record must add at most C, which holds only if what is added is exactly what the
-   norm measured.
+   norm measured. Under autocast the Grams and the product take TF32 numbers only (the
+   layer's bf16 / fp16 input and output gradient; the scaled operand split into three bf16
+   parts that sum to it exactly, `_split_bf16`), so they run on TF32 tensor cores with the
+   IEEE float32 result (`per_sample.tf32_products`): `bench/dp_flops.py` counts this block
+   at a third of a bf16 step's GEMM work, which IEEE float32 runs ~15x slower than bf16 on
+   an H100 / H200, TF32 ~2x.
 
 What guided the choice (torch.profiler, op / call counts and per-layer timings, swin_micro,
 batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tables):
@@ -95,6 +100,8 @@ the largest record of the pack; padding rows contribute nothing to a Gram).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -108,7 +115,7 @@ from mammodp.privacy.grad_sampler import (
     layer_norm_grads,
     linear_io,
 )
-from mammodp.privacy.per_sample import LossFn, clip_factors, exact_arithmetic
+from mammodp.privacy.per_sample import LOW_PRECISION, LossFn, clip_factors, exact_arithmetic, tf32_products
 
 ROUTES = ("mixed", "ghost")
 _SMALL = 1024  # a per-record gradient of at most this many numbers is joined with the others
@@ -139,6 +146,22 @@ def _product_operands(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, t
     if g.dtype in (torch.bfloat16, torch.float16):
         return g, a.to(g.dtype)
     return f32(g), f32(a)
+
+
+def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three float32 tensors of bf16 values whose exact sum is `x` (float32).
+
+    Each rounding to bf16 (round to nearest) takes at least the next 8 significant bits of
+    what is left, and what is left is exact in float32 (the difference of a number and its
+    own rounding), so after two roundings at most 8 of x's 24 bits remain: a bf16 number.
+    TF32 products of the parts are then exact (`per_sample.tf32_products`). Holds for |x|
+    from 2^-110 (below, the last part falls under float32's normal range: an error under
+    2^-126 a number) up to bf16's largest number, which a clip factor <= 1 times a bf16 /
+    fp16 value never exceeds."""
+    hi = x.to(torch.bfloat16).float()
+    rest = x - hi
+    mid = rest.to(torch.bfloat16).float()
+    return hi, mid, rest.sub_(mid)
 
 
 class _Pack:
@@ -288,6 +311,11 @@ class MixedClipper:
             d_in, d_out = a.shape[-1], g.shape[-1]
             if name in ghosts or (name not in mats and name not in small
                                   and use_ghost(a.shape[1] * pack.per_record, d_in, d_out, self.route)):
+                if g.dtype in LOW_PRECISION and a.dtype != g.dtype:
+                    # Under autocast the layer multiplied its input rounded to g's dtype (a
+                    # LayerNorm's float32 output, the image): its gradient is that of the
+                    # rounded input, and the Grams and the product then take TF32 numbers only.
+                    a = a.to(g.dtype)
                 ghosts.setdefault(name, []).append((a, g))  # kept for the book-keeping product
                 self.choices[call.key] = "ghost"
             else:
@@ -310,7 +338,9 @@ class MixedClipper:
             for calls in ghosts.values():
                 a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
                 g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
-                sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
+                # Autocast's bf16 / fp16 activations and gradients: exact TF32 products.
+                with tf32_products() if g.dtype in LOW_PRECISION else contextlib.nullcontext():
+                    sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
             norms = sq.sqrt_()
             factors = clip_factors(norms, max_grad_norm)
             # sum_r c_r G_r: (P, R) @ (R,), in place into the caller's buffers
@@ -329,12 +359,25 @@ class MixedClipper:
                     # bounded by no single record (tests/privacy/test_routes.py).
                     g2, a2 = f32(g), f32(a)
                     c = per_sample.view(-1, 1, 1)  # each token times its record's factor:
-                    if a2.shape[-1] < g2.shape[-1]:  # on the smaller operand
+                    scale_a = a2.shape[-1] < g2.shape[-1]  # on the smaller operand
+                    if scale_a:
                         a2 = a2 * c
                     else:
                         g2 = g2 * c
                     g2, a2 = g2.reshape(-1, g2.shape[-1]).t(), a2.reshape(-1, a2.shape[-1])  # (d_out, nT), (nT, d_in)
-                    target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
+                    if g.dtype not in LOW_PRECISION:
+                        target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
+                        continue
+                    # Autocast: the unscaled operand holds bf16 / fp16 values, the scaled one is
+                    # split into three bf16-valued parts that sum to it exactly: three exact TF32
+                    # products instead of one IEEE float32 product (on an H100 / H200 about 7x
+                    # slower than TF32; this block was a third of a bf16 step's GEMM work).
+                    with tf32_products():
+                        for part in _split_bf16(a2 if scale_a else g2):
+                            if scale_a:
+                                target.addmm_(g2, part)
+                            else:
+                                target.addmm_(part, a2)
         return norms, losses
 
 

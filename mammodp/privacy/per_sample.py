@@ -320,7 +320,8 @@ def exact_arithmetic(device_type: str):
     backends = _matmul_precision_backends()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        if torch.amp.is_autocast_available(device_type):  # e.g. not on "meta" (bench/dp_flops.py)
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         if backends:
             saved = [b.fp32_precision for b in backends]
             if any(v != "ieee" for v in saved):
@@ -333,6 +334,39 @@ def exact_arithmetic(device_type: str):
                 torch.set_float32_matmul_precision("highest")
                 stack.callback(torch.set_float32_matmul_precision, before)
         yield
+
+
+# autocast's low-precision dtypes: every value of theirs is a TF32 number (<= 11 significant bits)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def tf32_products():
+    """Inside `exact_arithmetic`: CUDA float32 matrix products on TF32 tensor cores, for
+    operands that are TF32 numbers already (bf16 / fp16 values: at most 11 significant bits).
+    TF32 then rounds no input, every product of two such numbers is exact in float32, and
+    the sums accumulate in float32: the result is that of the IEEE float32 product up to
+    the order of the additions, at several times its speed. The caller guarantees the
+    operands (`ghost._split_bf16`, bf16 activations and gradients). Only CUDA's setting is
+    touched (restored on exit): CPU products are unchanged."""
+    backend = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    if backend is None:
+        yield
+        return
+    if hasattr(backend, "fp32_precision"):
+        before = backend.fp32_precision
+        backend.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            backend.fp32_precision = before
+    else:  # older torch
+        before = backend.allow_tf32
+        backend.allow_tf32 = True
+        try:
+            yield
+        finally:
+            backend.allow_tf32 = before
 
 
 def record_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -457,6 +491,7 @@ def clipped_grad_sum(
 __all__ = [
     "BOOKKEEPING",
     "METHODS",
+    "LOW_PRECISION",
     "LossFn",
     "resolve_method",
     "ClippedSum",
@@ -466,5 +501,6 @@ __all__ = [
     "per_sample_gradients",
     "per_sample_loss_fn",
     "record_norms",
+    "tf32_products",
     "trainable_named_parameters",
 ]

@@ -419,3 +419,63 @@ def test_a_clipped_record_adds_at_most_C_on_cuda_with_tf32_allowed(route, autoca
     # their inputs to 10 bits, each differently: the clipping block switches it off.
     excess = _clipped_excess(route, "cuda", autocast_dtype, precision="high")
     assert excess <= 1e-5, f"clipped contributions exceed C by up to {excess:.2e}"
+
+
+def test_the_bf16_split_of_a_float32_tensor_is_exact():
+    """`ghost._split_bf16`: three bf16-valued parts whose exact sum is x, across magnitudes
+    (what makes the TF32 book-keeping product of a bf16 run exact)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g) * torch.pow(10.0, torch.empty(20000).uniform_(-25, 30, generator=g))
+    # up to bf16's largest number (a clip factor <= 1 times a bf16 value stays below it) and
+    # down to 2^-110 (below, the last part falls under float32's normal range)
+    x = torch.cat([x, torch.tensor([0.0, 1.0, -1.0, 1 + 2**-23, 3.0e38, -2e-33])])
+    parts = ghost._split_bf16(x)
+    assert all(p.dtype == torch.float32 and torch.equal(p, p.bfloat16().float()) for p in parts)
+    assert torch.equal(sum(p.double() for p in parts), x.double())
+    two = parts[0].double() + parts[1].double()
+    assert not torch.equal(two, x.double())  # the third part is needed (the test can fail)
+
+
+class _ProductSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Matrix products run while CUDA's float32 matmul precision is TF32: their operands."""
+
+    OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "mv", "addmv", "addmv_", "matmul"}
+
+    def __init__(self):
+        super().__init__()
+        self.tf32_operands: list[torch.Tensor] = []
+        self.tf32_calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (func.overloadpacket.__name__ in self.OPS
+                and torch.backends.cuda.matmul.fp32_precision == "tf32"):
+            self.tf32_calls += 1
+            factors = args[1:] if func.overloadpacket.__name__.startswith(("add", "badd")) else args  # not the sum
+            self.tf32_operands += [a for a in factors if isinstance(a, torch.Tensor)]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("per_record", [1, 3])
+@pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
+def test_tf32_clipping_products_take_only_tf32_numbers(route, per_record):
+    """Under bf16 autocast the ghost layers' Grams and book-keeping products and the hooks
+    route's per-sample products run with TF32 allowed: exact only if every operand is a TF32
+    number already (here: bf16 values), which this checks for every such product. A float32
+    run allows TF32 nowhere."""
+    torch.manual_seed(8)
+    model = create_classifier("swin_micro")
+    x, y = _batch(6, seed=8)
+    rec = torch.arange(6) // per_record
+    saved = torch.backends.cuda.matmul.fp32_precision
+    for dtype in (torch.bfloat16, None):
+        spy = _ProductSpy()
+        with spy:
+            clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1e-3, record_ids=rec, grad_chunk=6,
+                             autocast_dtype=dtype, method=route)
+        assert torch.backends.cuda.matmul.fp32_precision == saved  # restored
+        if dtype is None:
+            assert spy.tf32_calls == 0
+            continue
+        assert spy.tf32_calls > 0
+        for t in spy.tf32_operands:
+            assert t.dtype == torch.float32 and torch.equal(t, t.bfloat16().float()), "a TF32 operand would be rounded"

@@ -1,0 +1,215 @@
+"""Device work of one training step, plain vs DP-SGD routes, counted without a GPU.
+
+    python bench/dp_flops.py [--preset swin_tiny] [--batch 128] [--grad-chunk N]
+                             [--routes mixed,ghost,hooks] [--unit patch|patient] [--amp bf16]
+
+Runs one step of each variant on PyTorch's `meta` device (shapes only: no memory is
+allocated and nothing is computed, so Swin-T at 224 px and batch 128 takes seconds on a
+CPU) and counts what a GPU would execute:
+
+- GEMM work (matrix products and convolutions, GFLOP = 2 x multiply-adds, by torch's own
+  flop formulas), split by where it runs:
+  `model` -- the forward and backward of the network itself (under `train.amp` these run
+  in autocast's bf16 on CUDA);
+  `rules` -- the per-sample rules inside backward (materialised per-sample products: bf16
+  under autocast, as autocast ran the layer);
+  `clip` -- the clipping block (`per_sample.exact_arithmetic`: ghost-norm Grams,
+  book-keeping products, clipped sums), float32 also under autocast, because a clipped
+  record must add exactly what its norm measured (README, "A privacy fix found on the
+  way"): `IEEE` products run without TF32 (on an H100 / H200 at about 1/15 of the bf16
+  rate: what a bf16 run pays for exactness), `TF32` ones on tensor cores with operands
+  that TF32 does not round (`per_sample.tf32_products`: bf16 activations and gradients,
+  and three-part splits of the scaled operand, so three products where IEEE takes one).
+- bytes written by operators (outputs of non-view ops, in-place results included): a
+  proxy of memory traffic, which bounds the elementwise kernels;
+- operator calls (aten, the dispatcher's count: about the number of kernels a GPU
+  launches).
+
+Plain is forward + backward of the mean loss with weight gradients; a DP variant is
+`per_sample.clipped_grad_sum` (forward, backward, per-record clipping, clipped sum) with
+one pack of `--grad-chunk` samples. Both leave out the optimiser step (the same in both)
+and DP's noise draw (one normal draw and one add over the parameters). Meta tensors do
+not run autocast: `--amp bf16` counts the model in bf16 instead (its products, activations
+and gradients in bf16 as under autocast; LayerNorm too, which autocast keeps in float32),
+which is what sends the clipping block's ghost layers down their TF32 path.
+
+What it cannot show: time. Kernel efficiency, launch overhead and host time are left to
+`bench/dp_overhead.py` on a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mammodp.models.swin import PRESETS, create_classifier, trainable_parameters  # noqa: E402
+from mammodp.privacy import ghost, grad_sampler, per_sample  # noqa: E402
+
+LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+ROUTES = ("mixed", "ghost", "hooks")
+_aten = torch.ops.aten
+# In-place and matrix-vector products that torch's flop registry does not list.
+_INPLACE = {_aten.addmm_: _aten.addmm, _aten.baddbmm_: _aten.baddbmm}
+_MATVEC = {_aten.mv: 0, _aten.addmv: 1, _aten.addmv_: 1}  # position of the matrix argument
+
+
+def _gemm_flops(func, args, kwargs, out) -> int:
+    packet = func.overloadpacket
+    if packet in _MATVEC:
+        return 2 * args[_MATVEC[packet]].numel()
+    packet = _INPLACE.get(packet, packet)
+    fn = flop_registry.get(packet)
+    return int(fn(*args, **kwargs, out_val=out)) if fn is not None else 0
+
+
+def _is_view(func) -> bool:
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+class Counter(TorchDispatchMode):
+    """Tallies GEMM flops, bytes written and operator calls per phase (`self.phase`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "model"
+        self.flops: collections.Counter = collections.Counter()
+        self.written: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+
+    @contextlib.contextmanager
+    def within(self, phase: str):
+        before, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = before
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls[self.phase] += 1
+        flops = _gemm_flops(func, args, kwargs, out)
+        if flops:
+            self.flops[self.phase] += flops
+            factor = next(a for a in args[1:] if isinstance(a, torch.Tensor))  # not an addmm's sum
+            if factor.dtype == torch.float32:
+                tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
+                self.flops["TF32" if tf32 else "IEEE"] += flops
+        if not _is_view(func):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.written[self.phase] += t.numel() * t.element_size()
+        return out
+
+
+@contextlib.contextmanager
+def _phases(counter: Counter):
+    """Tag the per-sample rules (the recorder's sink) and the clipping block while counting."""
+    run, exact = grad_sampler.Recorder.run, per_sample.exact_arithmetic
+
+    def tagged_run(self, x, y, sink):
+        def tagged_sink(call, g):
+            with counter.within("rules"):
+                sink(call, g)
+        return run(self, x, y, tagged_sink)
+
+    @contextlib.contextmanager
+    def tagged_exact(device_type):
+        with exact(device_type), counter.within("clip"):
+            yield
+
+    grad_sampler.Recorder.run = tagged_run
+    per_sample.exact_arithmetic = ghost.exact_arithmetic = tagged_exact
+    try:
+        yield
+    finally:
+        grad_sampler.Recorder.run = run
+        per_sample.exact_arithmetic = ghost.exact_arithmetic = exact
+
+
+def count(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], unit: str,
+          amp: torch.dtype | None = None) -> dict[str, Counter]:
+    """One step of plain training and of each DP route on the meta device: name -> counts."""
+    torch.manual_seed(0)
+    dev = torch.device("meta")
+    size = PRESETS[preset]["img_size"]
+    dtype = amp or torch.float32
+    x = torch.empty(batch, 1, size, size, device=dev, dtype=dtype)
+    y = torch.zeros(batch, dtype=torch.long, device=dev)
+    # patient unit: records of 2 patches each (the CBIS-DDSM median is 1-2 masses per patient)
+    rec = torch.arange(batch) // (2 if unit == "patient" else 1)
+    out: dict[str, Counter] = {}
+    model = create_classifier(preset, mode="full").to(dev, dtype).train()
+
+    c = Counter()
+    with c:
+        LOSS(model(x).float(), y).backward()
+    out["plain"] = c
+    for p in trainable_parameters(model):
+        p.grad = None
+    for route in routes:
+        c = Counter()
+        with _phases(c), c:
+            per_sample.clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1.0, record_ids=rec,
+                                        grad_chunk=grad_chunk, method=route)
+        out[route] = c
+    return out
+
+
+def report(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], unit: str,
+           amp: torch.dtype | None = None) -> None:
+    counts = count(preset, batch, grad_chunk, routes, unit, amp)
+    n_params = sum(p.numel() for p in create_classifier(preset).parameters())
+    print(f"# {preset} ({n_params / 1e6:.1f}M params, {PRESETS[preset]['img_size']} px), batch {batch}, "
+          f"one pack of {grad_chunk}, privacy unit {unit}, model in {str(amp or torch.float32)[6:]}; "
+          "meta device: counts, not time")
+    print("| variant | GEMM GFLOP: model | rules | clip | total vs plain | of all: IEEE float32 | exact TF32 "
+          "| GiB written (vs plain) | operator calls (vs plain) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = counts["plain"]
+    tot_plain = base.flops["model"]
+    wr_plain = sum(base.written.values())
+    calls_plain = sum(base.calls.values())
+    for name, c in counts.items():
+        tot = sum(v for k, v in c.flops.items() if k in ("model", "rules", "clip"))
+        wr = sum(c.written.values())
+        calls = sum(c.calls.values())
+        print(f"| {name} | {c.flops['model'] / 1e9:.4g} | {c.flops['rules'] / 1e9:.4g} | {c.flops['clip'] / 1e9:.4g} "
+              f"| {tot / tot_plain:.2f}x | {c.flops['IEEE'] / 1e9:.4g} | {c.flops['TF32'] / 1e9:.4g} | {wr / 2**30:.1f} ({wr / wr_plain:.2f}x) | {calls} ({calls / calls_plain:.2f}x) |")
+    for name in routes:
+        c = counts[name]
+        print(f"# {name}: GEMM work in IEEE float32 = {c.flops['IEEE'] / tot_plain:.0%}, in exact TF32 = "
+              f"{c.flops['TF32'] / tot_plain:.0%} of plain's whole GEMM work")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="swin_tiny")
+    ap.add_argument("--batch", type=int, default=128, help="samples per step")
+    ap.add_argument("--grad-chunk", type=int, default=None, help="samples per pass (default: the batch)")
+    ap.add_argument("--routes", default=",".join(ROUTES), help=f"comma-separated, of {', '.join(ROUTES)}")
+    ap.add_argument("--unit", choices=("patch", "patient"), default="patch")
+    ap.add_argument("--amp", choices=("bf16",), default=None,
+                    help="count the model in bf16 (as train.amp's autocast runs it on CUDA)")
+    args = ap.parse_args(argv)
+    routes = tuple(r for r in args.routes.split(",") if r)
+    for r in routes:
+        if r not in ROUTES:
+            ap.error(f"unknown route {r!r}; known: {', '.join(ROUTES)}")
+    report(args.preset, args.batch, args.grad_chunk or args.batch, routes, args.unit,
+           torch.bfloat16 if args.amp else None)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

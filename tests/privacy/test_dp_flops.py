@@ -1,0 +1,54 @@
+"""bench/dp_flops.py: device work of a step counted on the meta device (no GPU needed); and
+the property it exists to show: under autocast no clipping product runs in IEEE float32."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from mammodp.privacy import ghost, grad_sampler, per_sample
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "dp_flops.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("dp_flops", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_flop_count_of_a_linear_layer_matches_the_formula():
+    bench = _bench()
+    lin = torch.nn.Linear(6, 5).to("meta")
+    x = torch.empty(4, 6, device="meta", requires_grad=True)
+    c = bench.Counter()
+    with c:
+        lin(x).sum().backward()
+    # forward 4x6x5, input gradient 4x5x6, weight gradient 5x4x6: 2 flops a multiply-add each
+    assert c.flops["model"] == 3 * 2 * 4 * 6 * 5
+    assert c.flops["IEEE"] == c.flops["model"]  # float32, TF32 not allowed
+
+
+def test_counts_split_the_dp_step_and_bf16_runs_clip_without_ieee_float32_products():
+    bench = _bench()
+    run, exact = grad_sampler.Recorder.run, per_sample.exact_arithmetic
+    f32 = bench.count("swin_micro", 8, 8, ("mixed", "hooks"), "patient")
+    bf16 = bench.count("swin_micro", 8, 8, ("mixed", "hooks"), "patient", torch.bfloat16)
+    # the tagging is undone
+    assert (grad_sampler.Recorder.run, per_sample.exact_arithmetic, ghost.exact_arithmetic) == (run, exact, exact)
+    plain, mixed, hooks = f32["plain"], f32["mixed"], f32["hooks"]
+    assert plain.flops["rules"] == plain.flops["clip"] == 0
+    # DP's own pass has no summed weight gradients: less model work than plain
+    assert 0 < mixed.flops["model"] < plain.flops["model"]
+    assert mixed.flops["model"] == hooks.flops["model"]
+    assert mixed.flops["clip"] > 0 and hooks.flops["rules"] > 0  # ghost norms + book-keeping; materialised
+    assert mixed.flops["TF32"] == hooks.flops["TF32"] == 0  # float32 runs: IEEE only
+    for name in ("mixed", "hooks"):
+        c = bf16[name]
+        assert c.flops["TF32"] > 0
+        # only the small clipped-sum products of materialised gradients stay in IEEE float32
+        assert c.flops["IEEE"] < 0.01 * bf16["plain"].flops["model"], name
+    assert bf16["mixed"].written["model"] < f32["mixed"].written["model"]  # bf16 activations
