@@ -12,7 +12,9 @@ follow a step of their own kind; block 1: the older protocol), one optimiser ste
   per-record clipping, noise, AdamW step) with the default route (`auto` = mixed ghost
   clipping with book-keeping, checked against vmap on the first step), and with the
   `ghost`, `hooks` (materialised per-sample gradients) and torch.func `vmap` routes
-  (--routes; on CUDA only auto and hooks by default);
+  (--routes; on CUDA only auto and hooks by default; `auto-ieee`: auto with its clipping
+  products in IEEE float32 under --amp, as before 2026-12-05, for a side-by-side A/B of the
+  exact TF32 products);
 - plain training of the head on a frozen backbone vs head-only DP-SGD (same engine), and
   vs Opacus' own GradSampleModule + DPOptimizer on the head (backbone features computed
   without gradients), the one Opacus route that runs on a Swin.
@@ -158,7 +160,12 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
             engine = make_private(private, private_opt, record_ids=records, expected_batch_size=batch, delta=1e-5,
                                   epochs=1, max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp",
                                   privacy_unit="patch", sampler_seed=0, grad_chunk=grad_chunk,
-                                  physical_batch_size=batch, per_sample_method=method, autocast_dtype=amp)
+                                  physical_batch_size=batch, per_sample_method=method.removesuffix("-ieee"),
+                                  autocast_dtype=amp)
+            if method.endswith("-ieee"):  # the clipping products in IEEE float32 under autocast (A/B)
+                route = engine._route_for(LOSS)
+                if hasattr(route, "tf32"):
+                    route.tf32 = False
 
             def dp_step(engine=engine, opt=private_opt):
                 idx = engine.sample_batch()  # q = 1: all B samples, in order (x[idx] is x: no copy)

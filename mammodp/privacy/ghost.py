@@ -149,7 +149,8 @@ def _product_operands(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three float32 tensors of bf16 values whose exact sum is `x` (float32).
+    """Three float32 tensors of bf16 values whose exact sum is `x` (float32; overwritten: it
+    becomes the third).
 
     Each rounding to bf16 (round to nearest) takes at least the next 8 significant bits of
     what is left, and what is left is exact in float32 (the difference of a number and its
@@ -159,9 +160,8 @@ def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     2^-126 a number) up to bf16's largest number, which a clip factor <= 1 times a bf16 /
     fp16 value never exceeds."""
     hi = x.to(torch.bfloat16).float()
-    rest = x - hi
-    mid = rest.to(torch.bfloat16).float()
-    return hi, mid, rest.sub_(mid)
+    mid = x.sub_(hi).to(torch.bfloat16).float()
+    return hi, mid, x.sub_(mid)
 
 
 class _Pack:
@@ -205,6 +205,12 @@ class MixedClipper:
         loss_fn: mean loss over a batch (see `per_sample.LossFn`).
         autocast_dtype: e.g. torch.bfloat16 for the forward under autocast; None = fp32.
         route: `mixed` (per layer the cheaper of ghost norm and materialisation) or `ghost`.
+
+    Attribute `tf32` (default True): under autocast, run the ghost layers' Grams and
+    book-keeping products as exact TF32 products (`_split_bf16`); False: IEEE float32 on
+    the float32 layer inputs (the path before 2026-12-05, kept for side-by-side benchmarks:
+    `bench/dp_overhead.py --amp bf16 --routes auto,auto-ieee`). Both add exactly what the
+    norm measured.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None,
@@ -212,6 +218,7 @@ class MixedClipper:
         if route not in ROUTES:
             raise ValueError(f"unknown clipping route {route!r}; known: {', '.join(ROUTES)}")
         self.route = route
+        self.tf32 = True
         self.recorder = Recorder(model, loss_fn, autocast_dtype)
         self.names = self.recorder.names
         self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
@@ -304,14 +311,14 @@ class MixedClipper:
                 return
             a, g = linear_io(call, g, n)
             if "bias" in call.own:
-                keep(call.key + "bias", pack.to_records(f32(g).sum(1)))
+                keep(call.key + "bias", pack.to_records(g.sum(1, dtype=torch.float32)))  # no float32 copy of g
             if "weight" not in call.own:
                 return
             name = call.key + "weight"
             d_in, d_out = a.shape[-1], g.shape[-1]
             if name in ghosts or (name not in mats and name not in small
                                   and use_ghost(a.shape[1] * pack.per_record, d_in, d_out, self.route)):
-                if g.dtype in LOW_PRECISION and a.dtype != g.dtype:
+                if self.tf32 and g.dtype in LOW_PRECISION and a.dtype != g.dtype:
                     # Under autocast the layer multiplied its input rounded to g's dtype (a
                     # LayerNorm's float32 output, the image): its gradient is that of the
                     # rounded input, and the Grams and the product then take TF32 numbers only.
@@ -339,7 +346,7 @@ class MixedClipper:
                 a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
                 g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
                 # Autocast's bf16 / fp16 activations and gradients: exact TF32 products.
-                with tf32_products() if g.dtype in LOW_PRECISION else contextlib.nullcontext():
+                with tf32_products() if self.tf32 and g.dtype in LOW_PRECISION else contextlib.nullcontext():
                     sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
             norms = sq.sqrt_()
             factors = clip_factors(norms, max_grad_norm)
@@ -357,15 +364,14 @@ class MixedClipper:
                     # its factor. In bf16 the factor and the batch's summed product were rounded
                     # to 8 bits: a record could add ~0.3% more than C, and the sum's rounding was
                     # bounded by no single record (tests/privacy/test_routes.py).
-                    g2, a2 = f32(g), f32(a)
-                    c = per_sample.view(-1, 1, 1)  # each token times its record's factor:
-                    scale_a = a2.shape[-1] < g2.shape[-1]  # on the smaller operand
-                    if scale_a:
-                        a2 = a2 * c
+                    c = per_sample.view(-1, 1, 1)  # each token times its record's factor,
+                    scale_a = a.shape[-1] < g.shape[-1]  # on the smaller operand: a float32 product
+                    if scale_a:  # (bf16 / fp16 times float32 promotes: no float32 copy first)
+                        a2, g2 = a * c, f32(g)
                     else:
-                        g2 = g2 * c
+                        a2, g2 = f32(a), g * c
                     g2, a2 = g2.reshape(-1, g2.shape[-1]).t(), a2.reshape(-1, a2.shape[-1])  # (d_out, nT), (nT, d_in)
-                    if g.dtype not in LOW_PRECISION:
+                    if not (self.tf32 and g.dtype in LOW_PRECISION):
                         target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
                         continue
                     # Autocast: the unscaled operand holds bf16 / fp16 values, the scaled one is

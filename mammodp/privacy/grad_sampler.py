@@ -371,7 +371,7 @@ def bias_table_grads(call: LayerCall, g: torch.Tensor, n: int) -> torch.Tensor:
     module = call.module
     heads, area = module.num_heads, module.window_area
     # g: (n * windows, heads, N, N) -> summed over each sample's windows -> (n, heads, N*N)
-    per = f32(g).reshape(n, -1, heads, area * area).sum(1)
+    per = g.reshape(n, -1, heads, area * area).sum(1, dtype=torch.float32)
     table = module.relative_position_bias_table  # (rows, heads)
     idx = module.relative_position_index.reshape(-1)  # (N*N,) row of the table per pair
     # Added along the last (contiguous) dimension, then viewed as (n, rows, heads): 1.5-2x

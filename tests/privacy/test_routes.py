@@ -429,7 +429,7 @@ def test_the_bf16_split_of_a_float32_tensor_is_exact():
     # up to bf16's largest number (a clip factor <= 1 times a bf16 value stays below it) and
     # down to 2^-110 (below, the last part falls under float32's normal range)
     x = torch.cat([x, torch.tensor([0.0, 1.0, -1.0, 1 + 2**-23, 3.0e38, -2e-33])])
-    parts = ghost._split_bf16(x)
+    parts = ghost._split_bf16(x.clone())
     assert all(p.dtype == torch.float32 and torch.equal(p, p.bfloat16().float()) for p in parts)
     assert torch.equal(sum(p.double() for p in parts), x.double())
     two = parts[0].double() + parts[1].double()
@@ -479,3 +479,19 @@ def test_tf32_clipping_products_take_only_tf32_numbers(route, per_record):
         assert spy.tf32_calls > 0
         for t in spy.tf32_operands:
             assert t.dtype == torch.float32 and torch.equal(t, t.bfloat16().float()), "a TF32 operand would be rounded"
+
+
+def test_the_ieee_switch_of_the_bookkeeping_route_allows_tf32_nowhere():
+    """`MixedClipper.tf32 = False` (the benchmarks' A/B): the clipping products of a bf16 run
+    in IEEE float32 again, and a clipped record still adds at most C."""
+    torch.manual_seed(8)
+    model = create_classifier("swin_micro")
+    x, y = _batch(6, seed=8)
+    route = MixedClipper(model, LOSS, torch.bfloat16, route="ghost")
+    route.tf32 = False
+    spy = _ProductSpy()
+    with spy:
+        res = clipped_grad_sum(model, LOSS, x[:1], y[:1], max_grad_norm=1e-3, route=route)
+    assert spy.tf32_calls == 0
+    norm = math.sqrt(sum(float(g.double().square().sum()) for g in res.grads.values()))
+    assert float(res.norms[0]) > 1e-3 and norm <= 1e-3 * (1 + 1e-5)
