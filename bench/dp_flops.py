@@ -1,7 +1,10 @@
 """Device work of one training step, plain vs DP-SGD routes, counted without a GPU.
 
-    python bench/dp_flops.py [--preset swin_tiny] [--batch 128] [--grad-chunk N]
-                             [--routes mixed,ghost,hooks] [--unit patch|patient] [--amp bf16]
+    python bench/dp_flops.py [--preset swin_tiny] [--batch 128] [--grad-chunk N] [--amp bf16]
+                             [--routes mixed,ghost,hooks,mixed-ieee] [--unit patch|patient]
+
+(`mixed-ieee`: mixed with its clipping products in IEEE float32 under autocast, as before
+2026-12-05.)
 
 Runs one step of each variant on PyTorch's `meta` device (shapes only: no memory is
 allocated and nothing is computed, so Swin-T at 224 px and batch 128 takes seconds on a
@@ -29,9 +32,10 @@ Plain is forward + backward of the mean loss with weight gradients; a DP variant
 `per_sample.clipped_grad_sum` (forward, backward, per-record clipping, clipped sum) with
 one pack of `--grad-chunk` samples. Both leave out the optimiser step (the same in both)
 and DP's noise draw (one normal draw and one add over the parameters). Meta tensors do
-not run autocast: `--amp bf16` counts the model in bf16 instead (its products, activations
-and gradients in bf16 as under autocast; LayerNorm too, which autocast keeps in float32),
-which is what sends the clipping block's ghost layers down their TF32 path.
+not run autocast: `--amp bf16` counts the model as autocast runs it (`_autocast_like`:
+Linear and convolution layers in bf16 on bf16 inputs, LayerNorms and the residual stream in
+float32; softmax in bf16, where autocast uses float32), which is what sends the clipping
+block's ghost layers down their TF32 path.
 
 What it cannot show: time. Kernel efficiency, launch overhead and host time are left to
 `bench/dp_overhead.py` on a device.
@@ -56,7 +60,7 @@ from mammodp.models.swin import PRESETS, create_classifier, trainable_parameters
 from mammodp.privacy import ghost, grad_sampler, per_sample  # noqa: E402
 
 LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-ROUTES = ("mixed", "ghost", "hooks")
+ROUTES = ("mixed", "ghost", "hooks", "mixed-ieee", "ghost-ieee")  # -ieee: MixedClipper.tf32 = False
 _aten = torch.ops.aten
 # In-place and matrix-vector products that torch's flop registry does not list.
 _INPLACE = {_aten.addmm_: _aten.addmm, _aten.baddbmm_: _aten.baddbmm}
@@ -137,6 +141,18 @@ def _phases(counter: Counter):
         per_sample.exact_arithmetic = ghost.exact_arithmetic = exact
 
 
+def _autocast_like(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """What autocast does to a Swin, for meta tensors (which autocast skips): LayerNorms in
+    float32 (float32 parameters and input: the residual stream stays float32), every Linear
+    and convolution on its input cast to `dtype`; softmax stays in `dtype` (autocast: float32)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+            module.register_forward_pre_hook(lambda m, args: (args[0].float(), *args[1:]))
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.register_forward_pre_hook(lambda m, args, d=dtype: (args[0].to(d), *args[1:]))
+
+
 def count(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], unit: str,
           amp: torch.dtype | None = None) -> dict[str, Counter]:
     """One step of plain training and of each DP route on the meta device: name -> counts."""
@@ -150,6 +166,8 @@ def count(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], uni
     rec = torch.arange(batch) // (2 if unit == "patient" else 1)
     out: dict[str, Counter] = {}
     model = create_classifier(preset, mode="full").to(dev, dtype).train()
+    if amp is not None:
+        _autocast_like(model, amp)
 
     c = Counter()
     with c:
@@ -158,10 +176,14 @@ def count(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], uni
     for p in trainable_parameters(model):
         p.grad = None
     for route in routes:
+        method = route.removesuffix("-ieee")
+        obj = per_sample.make_route(model, LOSS, None, method)
+        if route.endswith("-ieee"):
+            obj.tf32 = False  # clipping products in IEEE float32 (the path before 2026-12-05)
         c = Counter()
         with _phases(c), c:
             per_sample.clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1.0, record_ids=rec,
-                                        grad_chunk=grad_chunk, method=route)
+                                        grad_chunk=grad_chunk, route=obj)
         out[route] = c
     return out
 
@@ -197,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="swin_tiny")
     ap.add_argument("--batch", type=int, default=128, help="samples per step")
     ap.add_argument("--grad-chunk", type=int, default=None, help="samples per pass (default: the batch)")
-    ap.add_argument("--routes", default=",".join(ROUTES), help=f"comma-separated, of {', '.join(ROUTES)}")
+    ap.add_argument("--routes", default="mixed,ghost,hooks", help=f"comma-separated, of {', '.join(ROUTES)}")
     ap.add_argument("--unit", choices=("patch", "patient"), default="patch")
     ap.add_argument("--amp", choices=("bf16",), default=None,
                     help="count the model in bf16 (as train.amp's autocast runs it on CUDA)")
