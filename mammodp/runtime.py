@@ -32,6 +32,25 @@ def resolve_device(name: str = "auto"):
     return dev
 
 
+def to_device(t, device):
+    """A host tensor on `device`, copied without making the host wait for the device.
+
+    A CUDA copy from pageable host memory may synchronise with the stream first, whatever
+    `non_blocking` says (CUDA runtime API, "API synchronization behavior"; torch's sync debug
+    mode does not see it): the host then waits for every queued kernel, e.g. the previous
+    optimiser step, before it can queue the next batch. From pinned memory (torch's caching
+    host allocator: reused, kept alive until the copy's stream has passed it) the copy is
+    queued like a kernel. Elsewhere a plain `to(device)`."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t.to(device)
+
+
 GPU_POOL_ENV = "MAMMODP_GPU_POOL"
 _GPU_LOCK = None  # the lock file held for this process's lifetime
 

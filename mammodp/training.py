@@ -24,6 +24,7 @@ import numpy as np
 
 from mammodp.checkpoint import Checkpoint, as_checkpoint
 from mammodp.data.datasets import PatchTable, apply_flips, flip_masks, random_flips
+from mammodp.runtime import to_device
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +182,11 @@ class FrozenFeatures:
         """Feature rows of samples `idx`, each under its own flip state (None: unflipped)."""
         # Host indices moved without blocking: a blocking copy would make the host wait for
         # the device's queued work every step.
-        idx = idx.to(self.bank.device, non_blocking=True)
+        idx = to_device(idx, self.bank.device)
         if h is None:
             return self.bank[0, idx]
         state = h.long() + 2 * v.long()
-        return self.bank[state.to(self.bank.device, non_blocking=True), idx]
+        return self.bank[to_device(state, self.bank.device), idx]
 
 
 def _head_on_features(head):

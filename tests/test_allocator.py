@@ -80,3 +80,15 @@ def test_training_keeps_freed_memory_for_the_next_step():
     assert ok == "True"
     assert default < 50, default  # glibc's defaults: freed 1 MB blocks went back to the OS
     assert kept > 250, kept  # kept: the next step reuses them without faulting them in
+
+
+def test_to_device_on_the_cpu_is_a_plain_move():
+    import torch
+
+    from mammodp.runtime import to_device
+
+    # Pinning needs CUDA (it raises on a machine without it): a CPU target copies nothing.
+    t = torch.arange(5)
+    assert to_device(t, "cpu") is t
+    assert to_device(t, torch.device("cpu")) is t
+    assert to_device(t, "meta").device.type == "meta"

@@ -55,6 +55,7 @@ from mammodp.privacy.per_sample import (
     trainable_named_parameters,
 )
 from mammodp.privacy.sampler import PoissonSampler, split_physical, steps_per_epoch
+from mammodp.runtime import to_device
 
 if TYPE_CHECKING:  # the accountants (Opacus) are imported by private engines only
     from mammodp.privacy.accountant import PrivacyAccountant
@@ -394,12 +395,12 @@ class DPSGD:
             if pos is None:
                 x, y, rec = inputs, targets, records
             else:
-                pos_t = torch.from_numpy(pos)  # moved without blocking (no wait for the device)
-                x = inputs[pos_t.to(inputs.device, non_blocking=True)]
-                y = targets[pos_t.to(targets.device, non_blocking=True)]
+                pos_t = torch.from_numpy(pos)  # moved without waiting for the device (runtime.to_device)
+                x = inputs[to_device(pos_t, inputs.device)]
+                y = targets[to_device(pos_t, targets.device)]
                 rec = records[pos_t]
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
+            x = to_device(x, device)
+            y = to_device(y, device)
             if self._verify_route:
                 self._check_route(x, y, rec, loss_fn)
             res = clipped_grad_sum(self.model, loss_fn, x, y, max_grad_norm=self.max_grad_norm,
@@ -417,8 +418,8 @@ class DPSGD:
         names, params = list(self._params), list(self._params.values())
         loss_sum, n = 0, inputs.shape[0]
         for s in range(0, n, chunk):
-            x = inputs[s : s + chunk].to(device, non_blocking=True)
-            y = targets[s : s + chunk].to(device, non_blocking=True)
+            x = to_device(inputs[s : s + chunk], device)
+            y = to_device(targets[s : s + chunk], device)
             ctx = (torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
                    if self.autocast_dtype is not None else contextlib.nullcontext())
             with ctx:

@@ -116,6 +116,7 @@ from mammodp.privacy.grad_sampler import (
     linear_io,
 )
 from mammodp.privacy.per_sample import LOW_PRECISION, LossFn, clip_factors, exact_arithmetic, tf32_products
+from mammodp.runtime import to_device
 
 ROUTES = ("mixed", "ghost")
 _SMALL = 1024  # a per-record gradient of at most this many numbers is joined with the others
@@ -179,8 +180,8 @@ class _Pack:
             counts = np.bincount(rec, minlength=n_records)
             self.per_record = int(counts.max())
             pos = np.arange(n) - (np.cumsum(counts) - counts)[rec]  # position inside its record
-            self.local = local.to(device, non_blocking=True)
-            self.pos = torch.from_numpy(pos).to(device, non_blocking=True)
+            self.local = to_device(local, device)
+            self.pos = to_device(torch.from_numpy(pos), device)
 
     def to_records(self, v: torch.Tensor) -> torch.Tensor:
         """(n, *shape) per-sample -> (R, *shape) per-record sums."""
@@ -252,8 +253,8 @@ class MixedClipper:
             pos = None
             if ok:
                 start = base.storage_offset()
-                pos = torch.cat([torch.arange(t.storage_offset() - start, t.storage_offset() - start + t.numel())
-                                 for t in tensors]).to(base.device, non_blocking=True)
+                pos = to_device(torch.cat([torch.arange(t.storage_offset() - start, t.storage_offset() - start + t.numel())
+                                           for t in tensors]), base.device)
             self._scatter = cached = (tensors, base if ok else None, pos)
         _, base, pos = cached
         if base is not None:

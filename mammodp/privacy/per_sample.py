@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from mammodp.runtime import to_device
+
 # loss_fn(logits (n, classes), targets (n,)) -> scalar MEAN loss over the n samples, e.g.
 # nn.CrossEntropyLoss(label_smoothing=0.1). Per-sample losses are obtained by calling it
 # on one sample at a time (n = 1) inside vmap.
@@ -195,7 +197,7 @@ def _index_or_slice(pos: np.ndarray, device: torch.device) -> torch.Tensor | sli
     """Positions (host int64) as a slice when they are one ascending run (a view, no gather)."""
     if pos.size and int(pos[-1]) - int(pos[0]) == pos.size - 1 and bool((np.diff(pos) == 1).all()):
         return slice(int(pos[0]), int(pos[-1]) + 1)
-    return torch.from_numpy(pos).to(device, non_blocking=True)
+    return to_device(torch.from_numpy(pos), device)
 
 
 def _packs(counts: list[int], max_samples: int) -> list[tuple[int, int]]:
@@ -289,12 +291,12 @@ def per_sample_gradients(
         return grads, torch.arange(inputs.shape[0], device=inputs.device)
     keys, order, counts = _group_records(record_ids.cpu().numpy())
     dev = inputs.device
-    local = torch.from_numpy(np.repeat(np.arange(len(keys)), counts)).to(dev, non_blocking=True)
+    local = to_device(torch.from_numpy(np.repeat(np.arange(len(keys)), counts)), dev)
     order_t = torch.from_numpy(order)  # host: moved to each tensor's own device without blocking
-    x = inputs[order_t.to(dev, non_blocking=True)]
-    y = targets[order_t.to(targets.device, non_blocking=True)]
+    x = inputs[to_device(order_t, dev)]
+    y = targets[to_device(order_t, targets.device)]
     grads, _ = _record_grads(fn, trainable, x, y, local, len(keys), grad_chunk)
-    return grads, torch.from_numpy(keys).to(dev, non_blocking=True)
+    return grads, to_device(torch.from_numpy(keys), dev)
 
 
 def _matmul_precision_backends() -> list:
@@ -474,7 +476,7 @@ def clipped_grad_sum(
             # A book-keeping route materialises a record larger than one pass (several passes).
             ps = fn.materialiser() if bookkeeping else fn
             grads, losses = _record_grads(ps, trainable, x, y,
-                                          None if local is None else local.to(x.device, non_blocking=True),
+                                          None if local is None else to_device(local, x.device),
                                           n_rec, grad_chunk)
             with exact_arithmetic(x.device.type):
                 norms = record_norms(grads)  # (n_rec,)

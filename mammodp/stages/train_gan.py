@@ -61,6 +61,7 @@ import pandas as pd
 
 from mammodp.config import Config, flatten, format_epsilon
 from mammodp.errors import ConfigError, DataError
+from mammodp.runtime import to_device
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,9 @@ def _public_warm_start(G, D, images, labels, cfg: Config, dev) -> list[dict[str,
     for epoch in tqdm(range(g.dp.public_epochs), desc="train-gan public warm start", unit="epoch"):
         sums = {"loss_d": 0.0, "loss_g": 0.0}
         for x, y in loader:
-            x = random_flips(x, generator=rng).to(dev, non_blocking=True)
-            stats = mcgan.discriminator_step(D, G, opt_d, x, y.to(dev), label_range=g.real_label_range, generator=rng)
+            x = to_device(random_flips(x, generator=rng), dev)
+            stats = mcgan.discriminator_step(D, G, opt_d, x, to_device(y, dev), label_range=g.real_label_range,
+                                             generator=rng)
             stats |= mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, generator=rng)
             for k in sums:
                 sums[k] += stats[k]
@@ -533,7 +535,7 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
 
     def plain_steps():
         for x, y in loader:
-            x, y = random_flips(x, generator=rng).to(dev, non_blocking=True), y.to(dev)
+            x, y = to_device(random_flips(x, generator=rng), dev), to_device(y, dev)
             stats = mcgan.discriminator_step(D, G, opt_d, x, y, label_range=g.real_label_range,
                                              scaler=scaler, autocast=amp, generator=rng)
             stats |= mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, scaler=scaler,

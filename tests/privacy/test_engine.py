@@ -427,3 +427,91 @@ def test_a_private_step_on_cuda_never_waits_for_the_device(unit, method, physica
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(loss.device.type == "cuda" for loss in losses)
+
+
+def _sleep_seconds(seconds: float) -> int:
+    """GPU clock cycles that torch.cuda._sleep spins for about `seconds` (measured)."""
+    import time
+
+    cycles = 10**8
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(cycles)
+    torch.cuda.synchronize()
+    return int(cycles * seconds / max(time.perf_counter() - t0, 1e-6))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_tensors_reach_cuda_without_waiting_for_queued_kernels():
+    # A copy from pageable memory may synchronise the stream inside the CUDA driver (torch's
+    # sync debug mode does not see it): with a 1 s kernel queued, runtime.to_device must
+    # return at once.
+    import time
+
+    from mammodp.runtime import to_device
+
+    cycles = _sleep_seconds(1.0)
+    host = torch.randn(64, 1, 64, 64)
+    torch.cuda._sleep(cycles)
+    t0 = time.perf_counter()
+    out = to_device(host, "cuda")
+    waited = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert waited < 0.3, f"the host waited {waited:.2f} s for the device"
+    assert torch.equal(out.cpu(), host)
+
+
+class _HostCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Host-device traffic of the ops run under it: pageable host sources of copies to CUDA,
+    copies back to the host, and CUDA ops handed host tensors (an index on the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.problems: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        out = func(*args, **kwargs)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        cpu_in = [t for t in tensors if t.device.type == "cpu"]
+        cuda_out = any(o.device.type == "cuda" for o in outs)
+        if name in ("_to_copy", "copy_") and cpu_in and cuda_out:
+            if not all(t.is_pinned() for t in cpu_in):
+                self.problems.append(f"{name} from pageable host memory {tuple(cpu_in[0].shape)}")
+        elif name in ("_to_copy", "copy_") and any(t.device.type == "cuda" for t in tensors) and any(
+                o.device.type == "cpu" for o in outs):
+            self.problems.append(f"{name} back to the host")
+        elif any(t.dim() for t in cpu_in) and any(t.device.type == "cuda" for t in tensors):  # 0-d: a scalar
+            self.problems.append(f"{name} given a host tensor {tuple(cpu_in[0].shape)} beside CUDA ones")
+        return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("unit", "physical"), [("patch", 16), ("patient", 16), ("patch", 4), ("patient", 4)])
+def test_a_private_step_on_cuda_copies_only_from_pinned_memory(unit, physical):
+    # What training.fit does (a batch of host tensors, bf16). A CUDA copy from pageable host
+    # memory may make the driver wait for the stream (torch's sync debug mode, test above,
+    # does not see it): every host-to-device copy of a warm step must come from pinned memory
+    # (runtime.to_device), none go back, and no CUDA op may be handed a host index.
+    records = np.arange(16) if unit == "patch" else np.repeat(np.arange(8), 2)
+    x, y = _data(16)
+    model, _ = _setup()
+    model.cuda()
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
+    dp = _engine(model, opt, records, privacy_unit=unit, expected_batch_size=len(np.unique(records)) // 2,
+                 noise_multiplier=1.0, max_grad_norm=1.0, per_sample_method="auto", grad_chunk=8,
+                 physical_batch_size=physical, autocast_dtype=torch.bfloat16)
+    for _ in range(2):  # the route's one-off check, warm-up
+        idx = dp.sample_batch()
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    for _ in range(3):
+        idx = dp.sample_batch()
+        spy = _HostCopies()
+        with spy:
+            loss = dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+        assert not spy.problems, spy.problems
+        assert loss.device.type == "cuda"
