@@ -92,6 +92,14 @@ batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tab
   rewritten as bmm's with the saved (mean, rstd) (two passes instead of four) was slower on
   every shape (42 -> 44-54 us at (32, 16, 16, 16)), and a permute-reshape for the patchifier
   instead of unfold was no faster: neither kept.
+- 2026-12-05 (later; no GPU lent, so guided by counts: `bench/dp_flops.py` runs a step on
+  the meta device and counts GEMM work by phase and precision, bytes written and operator
+  calls). Swin-T 224, batch 128 under bf16 autocast: the clipping block ran 1131 GFLOP in
+  IEEE float32, a third of plain's whole (bf16) GEMM work, at 1/15 of the bf16 rate on an
+  H200. Now exact TF32 products (module docstring, item 2): 2610 GFLOP of TF32, 0.3 of IEEE
+  float32; bias sums no longer copy a bf16 gradient to float32 first (written bytes 61.9 ->
+  59.0 GiB, plain's 37.2). The float32 CPU step is unchanged (1.16x plain). Not yet timed
+  on a GPU (`bench/dp_overhead.py --amp bf16 --routes auto,auto-ieee` is the A/B).
 
 Records with several samples (privacy unit `patient`): a record's gradient sums its
 samples', so ghost Grams run over the concatenated tokens of each record (zero-padded to
