@@ -46,7 +46,8 @@ def to_device(t, device):
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":
         if not t.is_pinned():
-            t = t.pin_memory()
+            # dense first: a strided view would be made contiguous for the copy, in pageable memory
+            t = t.contiguous().pin_memory()
         return t.to(device, non_blocking=True)
     return t.to(device)
 

@@ -18,15 +18,17 @@ backward (`grad_sampler.Recorder`: output gradients only, no summed weight gradi
 2. The clipped sum by book-keeping (Bu et al.'s BK): with clip factors c_r known, a ghost
    layer's sum is ONE matrix product (c . g)^T a over all tokens (the cost of a plain
    weight gradient), a materialised one is c^T G (records x parameters), both accumulated
-   in place into the caller's fp32 buffers. The ghost product runs in full float32 even
-   under autocast (`per_sample.exact_arithmetic`: autocast and TF32 off for the block): a
-   clipped record must add at most C, which holds only if what is added is exactly what the
-   norm measured. Under autocast the Grams and the product take TF32 numbers only (the
-   layer's bf16 / fp16 input and output gradient; the scaled operand split into three bf16
-   parts that sum to it exactly, `_split_bf16`), so they run on TF32 tensor cores with the
-   IEEE float32 result (`per_sample.tf32_products`): `bench/dp_flops.py` counts this block
-   at a third of a bf16 step's GEMM work, which IEEE float32 runs ~15x slower than bf16 on
-   an H100 / H200, TF32 ~2x.
+   in place into the caller's fp32 buffers. The ghost product runs in float32 even under
+   autocast (`per_sample.exact_arithmetic`: autocast off, IEEE float32 products): a clipped
+   record must add at most C, which holds only if what is added is exactly what the norm
+   measured. Under autocast the Grams and the product take TF32 numbers only (the layer's
+   bf16 / fp16 input and output gradient; the scaled operand split into three bf16 parts
+   that sum to it exactly, `_split_bf16`), so they run on TF32 tensor cores with exact
+   products and float32 sums (`per_sample.tf32_products`); because tensor cores may round
+   those sums toward zero, the clip factors of such a pass are taken for norms
+   (1 + TF32_MARGIN) larger. `bench/dp_flops.py` counts this block at a third of a bf16
+   step's GEMM work, which IEEE float32 runs ~15x slower than bf16 on an H100 / H200, TF32
+   ~2x.
 
 What guided the choice (torch.profiler, op / call counts and per-layer timings, swin_micro,
 batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tables):
@@ -128,6 +130,11 @@ from mammodp.runtime import to_device
 
 ROUTES = ("mixed", "ghost")
 _SMALL = 1024  # a per-record gradient of at most this many numbers is joined with the others
+# Relative margin of the clip factors of a pass whose ghost layers ran on TF32 tensor cores
+# (under autocast): records are clipped to C / (1 + 2^-12), so that float32 sums rounded
+# toward zero (an error of float32's unit per addition, biased: ~1e-4 relative at worst over
+# Swin-T's 3072-long dot products in blocks of four) cannot lift a clipped record over C.
+TF32_MARGIN = 2.0**-12
 
 
 def use_ghost(tokens: int, d_in: int, d_out: int, route: str) -> bool:
@@ -216,10 +223,11 @@ class MixedClipper:
         route: `mixed` (per layer the cheaper of ghost norm and materialisation) or `ghost`.
 
     Attribute `tf32` (default True): under autocast, run the ghost layers' Grams and
-    book-keeping products as exact TF32 products (`_split_bf16`); False: IEEE float32 on
-    the float32 layer inputs (the path before 2026-12-05, kept for side-by-side benchmarks:
-    `bench/dp_overhead.py --amp bf16 --routes auto,auto-ieee`). Both add exactly what the
-    norm measured.
+    book-keeping products as exact TF32 products (`_split_bf16`; clip factors with
+    TF32_MARGIN); False: IEEE float32 on the float32 layer inputs (the ghost layers' path
+    before 2026-12-05, kept for side-by-side benchmarks: `bench/dp_overhead.py --amp bf16
+    --routes auto,auto-ieee`; the materialised layers and the fallback for a record larger
+    than a pass are the same in both). Both add what the norm measured.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None,
@@ -358,7 +366,8 @@ class MixedClipper:
                 with tf32_products() if self.tf32 and g.dtype in LOW_PRECISION else contextlib.nullcontext():
                     sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
             norms = sq.sqrt_()
-            factors = clip_factors(norms, max_grad_norm)
+            tf32 = self.tf32 and any(g.dtype in LOW_PRECISION for calls in ghosts.values() for _, g in calls)
+            factors = clip_factors(norms * (1 + TF32_MARGIN) if tf32 else norms, max_grad_norm)
             # sum_r c_r G_r: (P, R) @ (R,), in place into the caller's buffers
             if joined is not None:
                 self._scatter_add(out, small_names, torch.mv(joined.t(), factors))
@@ -396,4 +405,4 @@ class MixedClipper:
         return norms, losses
 
 
-__all__ = ["MixedClipper", "ROUTES", "ghost_sq_norms", "use_ghost"]
+__all__ = ["MixedClipper", "ROUTES", "TF32_MARGIN", "ghost_sq_norms", "use_ghost"]

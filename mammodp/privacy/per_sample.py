@@ -317,7 +317,9 @@ def exact_arithmetic(device_type: str):
     `torch.set_float32_matmul_precision("high")` or `torch.backends.cuda.matmul.fp32_precision
     = "tf32"` would round a norm and the product it bounds differently). The precision
     settings are process-wide: they are restored on exit, also on errors; two threads clipping
-    at once could see each other's restore (nothing here clips from two threads).
+    at once could see each other's restore (nothing here clips from two threads). Inside it,
+    products whose operands are all TF32 numbers may run on TF32 tensor cores
+    (`tf32_products`: the ghost layers under autocast).
     """
     backends = _matmul_precision_backends()
     with contextlib.ExitStack() as stack:
@@ -344,13 +346,19 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 @contextlib.contextmanager
 def tf32_products():
-    """Inside `exact_arithmetic`: CUDA float32 matrix products on TF32 tensor cores, for
-    operands that are TF32 numbers already (bf16 / fp16 values: at most 11 significant bits).
-    TF32 then rounds no input, every product of two such numbers is exact in float32, and
-    the sums accumulate in float32: the result is that of the IEEE float32 product up to
-    the order of the additions, at several times its speed. The caller guarantees the
-    operands (`ghost._split_bf16`, bf16 activations and gradients). Only CUDA's setting is
-    touched (restored on exit): CPU products are unchanged."""
+    """CUDA float32 matrix products on TF32 tensor cores, for operands that are TF32 numbers
+    already (bf16 / fp16 values: at most 11 significant bits): TF32 then rounds no input and
+    every product of two such numbers is exact in float32. The sums accumulate in float32,
+    but not necessarily as IEEE float32 does: tensor cores are reported to truncate (round
+    toward zero) when they add, so the result can differ from the IEEE product by float32's
+    unit per addition, with a bias (`ghost.TF32_MARGIN` covers that where a norm must bound
+    a product). Several times faster than IEEE float32. The caller guarantees the operands
+    (`ghost._split_bf16`, autocast's activations and gradients): the ghost layers' Grams and
+    book-keeping products inside `exact_arithmetic`, the hooks route's per-sample products
+    in backward. Only CUDA's per-backend setting is touched (restored on exit, also on
+    errors): CPU products are unchanged. While it is set, torch's legacy getters
+    (`allow_tf32`, `get_float32_matmul_precision`) raise (a mix of the two APIs); nothing
+    but the products themselves runs inside."""
     backend = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
     if backend is None:
         yield

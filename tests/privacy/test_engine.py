@@ -453,6 +453,8 @@ def test_host_tensors_reach_cuda_without_waiting_for_queued_kernels():
 
     cycles = _sleep_seconds(1.0)
     host = torch.randn(64, 1, 64, 64)
+    to_device(host, "cuda")  # the pinned pool's first allocation is not what is timed
+    torch.cuda.synchronize()
     torch.cuda._sleep(cycles)
     t0 = time.perf_counter()
     out = to_device(host, "cuda")
@@ -473,7 +475,8 @@ class _HostCopies(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        # every tensor handed to the op, also inside lists (an index's `indices`)
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         out = func(*args, **kwargs)
         outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
         cpu_in = [t for t in tensors if t.device.type == "cpu"]
@@ -492,7 +495,7 @@ class _HostCopies(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("unit", "physical"), [("patch", 16), ("patient", 16), ("patch", 4), ("patient", 4)])
-def test_a_private_step_on_cuda_copies_only_from_pinned_memory(unit, physical):
+def test_a_private_step_on_cuda_copies_only_from_pinned_memory(unit, physical):  # 4: the batch split in chunks
     # What training.fit does (a batch of host tensors, bf16). A CUDA copy from pageable host
     # memory may make the driver wait for the stream (torch's sync debug mode, test above,
     # does not see it): every host-to-device copy of a warm step must come from pinned memory

@@ -380,7 +380,8 @@ def test_a_clipped_record_adds_at_most_C_under_bf16_autocast(route, case):
 @pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
 def test_clipping_arithmetic_runs_without_autocast_and_in_full_float32(route, monkeypatch):
     """Inside the clipping block: autocast off and float32 products in IEEE float32, whatever
-    the process set (the legacy and the per-backend precision APIs); both restored after."""
+    the process set (the legacy and the per-backend precision APIs); both restored after.
+    (Seen at the clip factors; the TF32 products of autocast runs are checked separately.)"""
     import mammodp.privacy.per_sample as per_sample
 
     seen = []
@@ -434,6 +435,7 @@ def test_the_bf16_split_of_a_float32_tensor_is_exact():
     assert torch.equal(sum(p.double() for p in parts), x.double())
     two = parts[0].double() + parts[1].double()
     assert not torch.equal(two, x.double())  # the third part is needed (the test can fail)
+    assert _is_tf32_number(parts[2]) and not _is_tf32_number(x)
 
 
 class _ProductSpy(torch.utils._python_dispatch.TorchDispatchMode):
@@ -455,19 +457,25 @@ class _ProductSpy(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _is_tf32_number(t: torch.Tensor) -> bool:
+    """Float32 values with at most 11 significant bits (TF32's 10 stored + 1): low 13 bits 0."""
+    return t.dtype == torch.float32 and bool(((t.contiguous().view(torch.int32) & 0x1FFF) == 0).all())
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("per_record", [1, 3])
 @pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
-def test_tf32_clipping_products_take_only_tf32_numbers(route, per_record):
-    """Under bf16 autocast the ghost layers' Grams and book-keeping products and the hooks
-    route's per-sample products run with TF32 allowed: exact only if every operand is a TF32
-    number already (here: bf16 values), which this checks for every such product. A float32
-    run allows TF32 nowhere."""
+def test_tf32_clipping_products_take_only_tf32_numbers(route, per_record, low):
+    """Under bf16 / fp16 autocast the ghost layers' Grams and book-keeping products and the
+    hooks route's per-sample products run with TF32 allowed: exact only if every operand is a
+    TF32 number already, which this checks for every such product. A float32 run allows
+    TF32 nowhere."""
     torch.manual_seed(8)
     model = create_classifier("swin_micro")
     x, y = _batch(6, seed=8)
     rec = torch.arange(6) // per_record
     saved = torch.backends.cuda.matmul.fp32_precision
-    for dtype in (torch.bfloat16, None):
+    for dtype in (low, None):
         spy = _ProductSpy()
         with spy:
             clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1e-3, record_ids=rec, grad_chunk=6,
@@ -478,7 +486,7 @@ def test_tf32_clipping_products_take_only_tf32_numbers(route, per_record):
             continue
         assert spy.tf32_calls > 0
         for t in spy.tf32_operands:
-            assert t.dtype == torch.float32 and torch.equal(t, t.bfloat16().float()), "a TF32 operand would be rounded"
+            assert _is_tf32_number(t), "a TF32 operand would be rounded"
 
 
 def test_the_ieee_switch_of_the_bookkeeping_route_allows_tf32_nowhere():
@@ -495,3 +503,17 @@ def test_the_ieee_switch_of_the_bookkeeping_route_allows_tf32_nowhere():
     assert spy.tf32_calls == 0
     norm = math.sqrt(sum(float(g.double().square().sum()) for g in res.grads.values()))
     assert float(res.norms[0]) > 1e-3 and norm <= 1e-3 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("route", ["mixed", "ghost", "hooks"])
+def test_tf32_passes_clip_with_a_margin_and_ieee_passes_to_C(route):
+    """A pass whose ghost layers ran on TF32 tensor cores clips to C / (1 + TF32_MARGIN)
+    (tensor cores may round their float32 sums toward zero); float32 runs, the IEEE switch
+    and the hooks route (whose norm is taken of the very tensor it adds) clip to C."""
+    bf16 = _clipped_excess(route, "cpu", torch.bfloat16)
+    f32 = _clipped_excess(route, "cpu", None)
+    assert abs(f32) <= 1e-5
+    if route == "hooks":
+        assert abs(bf16) <= 1e-5
+    else:
+        assert bf16 == pytest.approx(1 / (1 + ghost.TF32_MARGIN) - 1, abs=1e-5)
