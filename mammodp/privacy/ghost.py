@@ -125,7 +125,14 @@ from mammodp.privacy.grad_sampler import (
     layer_norm_grads,
     linear_io,
 )
-from mammodp.privacy.per_sample import LOW_PRECISION, LossFn, clip_factors, exact_arithmetic, tf32_products
+from mammodp.privacy.per_sample import (
+    LOW_PRECISION,
+    LossFn,
+    clip_factors,
+    exact_arithmetic,
+    row_norms,
+    tf32_products,
+)
 from mammodp.runtime import to_device
 
 ROUTES = ("mixed", "ghost")
@@ -316,7 +323,7 @@ class MixedClipper:
                 v = store[name] + v
             store[name] = v
             if store is mats:
-                norms_of[name] = torch.linalg.vector_norm(v, dim=1)  # one fused pass
+                norms_of[name] = row_norms(v)  # while hot; accurate for long rows
 
         def sink(call: LayerCall, g: torch.Tensor) -> None:
             if call.kind == "window_attention":
@@ -356,7 +363,7 @@ class MixedClipper:
             small_names = list(small)
             joined = torch.cat([small.pop(k) for k in small_names], 1) if small_names else None
             if joined is not None:
-                sq += torch.linalg.vector_norm(joined, dim=1).square_()
+                sq += row_norms(joined).square_()
             if norms_of:
                 sq += torch.stack(list(norms_of.values())).square_().sum(0)
             for calls in ghosts.values():
