@@ -41,7 +41,6 @@ Functions over arrays (numpy / scipy / scikit-learn); `DiracCanaryModel` is a to
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
