@@ -120,6 +120,7 @@ from mammodp.privacy.grad_sampler import (
     HookPerSample,
     LayerCall,
     Recorder,
+    as_multiplied,
     bias_table_grads,
     f32,
     layer_norm_grads,
@@ -166,8 +167,8 @@ def _product_operands(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, t
     under autocast (bf16 / fp16, as autocast ran the layer's matmul), else float32. Exact for
     DP: the record's norm is taken of that rounded product, and that product is what is added.
     (A ghost layer's book-keeping product is float32 always: its norm comes from the Grams.)"""
-    if g.dtype in (torch.bfloat16, torch.float16):
-        return g, a.to(g.dtype)
+    if g.dtype in LOW_PRECISION:
+        return g, as_multiplied(a, g)
     return f32(g), f32(a)
 
 
@@ -253,6 +254,10 @@ class MixedClipper:
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Samples, or frozen features computed once without autograd."""
         return self.recorder.prepare(x)
+
+    def _tf32(self, g: torch.Tensor) -> bool:
+        """Whether a ghost layer with output gradient `g` takes the exact TF32 path (autocast)."""
+        return self.tf32 and g.dtype in LOW_PRECISION
 
     def _flat_views(self, out: dict[str, torch.Tensor], names: list[str], slot: int = 0) -> list[torch.Tensor]:
         """Flat views of `out[name]`; reused while the caller passes the same tensors (the
@@ -342,11 +347,8 @@ class MixedClipper:
             d_in, d_out = a.shape[-1], g.shape[-1]
             if name in ghosts or (name not in mats and name not in small
                                   and use_ghost(a.shape[1] * pack.per_record, d_in, d_out, self.route)):
-                if self.tf32 and g.dtype in LOW_PRECISION and a.dtype != g.dtype:
-                    # Under autocast the layer multiplied its input rounded to g's dtype (a
-                    # LayerNorm's float32 output, the image): its gradient is that of the
-                    # rounded input, and the Grams and the product then take TF32 numbers only.
-                    a = a.to(g.dtype)
+                if self._tf32(g):
+                    a = as_multiplied(a, g)  # the Grams and the product then take TF32 numbers only
                 ghosts.setdefault(name, []).append((a, g))  # kept for the book-keeping product
                 self.choices[call.key] = "ghost"
             else:
@@ -370,10 +372,10 @@ class MixedClipper:
                 a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
                 g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
                 # Autocast's bf16 / fp16 activations and gradients: exact TF32 products.
-                with tf32_products() if self.tf32 and g.dtype in LOW_PRECISION else contextlib.nullcontext():
+                with tf32_products() if self._tf32(g) else contextlib.nullcontext():
                     sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
             norms = sq.sqrt_()
-            tf32 = self.tf32 and any(g.dtype in LOW_PRECISION for calls in ghosts.values() for _, g in calls)
+            tf32 = any(self._tf32(g) for calls in ghosts.values() for _, g in calls)
             factors = clip_factors(norms * (1 + TF32_MARGIN) if tf32 else norms, max_grad_norm)
             # sum_r c_r G_r: (P, R) @ (R,), in place into the caller's buffers
             if joined is not None:
@@ -396,7 +398,7 @@ class MixedClipper:
                     else:
                         a2, g2 = f32(a), g * c
                     g2, a2 = g2.reshape(-1, g2.shape[-1]).t(), a2.reshape(-1, a2.shape[-1])  # (d_out, nT), (nT, d_in)
-                    if not (self.tf32 and g.dtype in LOW_PRECISION):
+                    if not self._tf32(g):
                         target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
                         continue
                     # Autocast: the unscaled operand holds bf16 / fp16 values, the scaled one is

@@ -381,6 +381,14 @@ def bias_table_grads(call: LayerCall, g: torch.Tensor, n: int) -> torch.Tensor:
     return dt.transpose(1, 2).contiguous()  # the copy a flattening reshape would make anyway
 
 
+def as_multiplied(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A layer's recorded input as its matmul took it: under autocast (g, the output's
+    gradient, in bf16 / fp16) rounded to g's dtype, as autocast rounded it (a LayerNorm's
+    float32 output, the image); else as recorded. The layer's gradient is that of this
+    input, and its values are TF32 numbers (`per_sample.tf32_products`)."""
+    return a.to(g.dtype) if g.dtype in LOW_PRECISION and a.dtype != g.dtype else a
+
+
 def per_sample_rule(call: LayerCall, g: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
     """Per-sample gradients of one call of one layer: {param name: (n, *shape)} (float32)."""
     if call.kind == "window_attention":
@@ -389,9 +397,7 @@ def per_sample_rule(call: LayerCall, g: torch.Tensor, n: int) -> dict[str, torch
         return layer_norm_grads(call, g, n)
     a, g = linear_io(call, g, n)
     low = g.dtype in LOW_PRECISION
-    if low and a.dtype != g.dtype:
-        a = a.to(g.dtype)  # under autocast the layer multiplied its input rounded to g's dtype
-    a, g = f32(a), f32(g)
+    a, g = f32(as_multiplied(a, g)), f32(g)
     res: dict[str, torch.Tensor] = {}
     if "weight" in call.own:
         # Under autocast, operands of bf16 / fp16 values: exact TF32 products, the float32 result
@@ -442,5 +448,5 @@ class HookPerSample:
         return {k: out[k] for k in self.names}, losses
 
 
-__all__ = ["HookPerSample", "LayerCall", "Recorder", "f32", "frozen_features", "frozen_split", "per_sample_rule",
+__all__ = ["HookPerSample", "LayerCall", "Recorder", "as_multiplied", "f32", "frozen_features", "frozen_split", "per_sample_rule",
            "supports"]
