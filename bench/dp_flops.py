@@ -207,7 +207,8 @@ def report(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], un
         wr = sum(c.written.values())
         calls = sum(c.calls.values())
         print(f"| {name} | {c.flops['model'] / 1e9:.4g} | {c.flops['rules'] / 1e9:.4g} | {c.flops['clip'] / 1e9:.4g} "
-              f"| {tot / tot_plain:.2f}x | {c.flops['IEEE'] / 1e9:.4g} | {c.flops['TF32'] / 1e9:.4g} | {wr / 2**30:.1f} ({wr / wr_plain:.2f}x) | {calls} ({calls / calls_plain:.2f}x) |")
+              f"| {tot / tot_plain:.2f}x | {c.flops['IEEE'] / 1e9:.4g} | {c.flops['TF32'] / 1e9:.4g} "
+              f"| {wr / 2**30:.1f} ({wr / wr_plain:.2f}x) | {calls} ({calls / calls_plain:.2f}x) |")
     for name in routes:
         c = counts[name]
         print(f"# {name}: GEMM work in IEEE float32 = {c.flops['IEEE'] / tot_plain:.0%}, in exact TF32 = "

@@ -281,8 +281,9 @@ class MixedClipper:
             pos = None
             if ok:
                 start = base.storage_offset()
-                pos = to_device(torch.cat([torch.arange(t.storage_offset() - start, t.storage_offset() - start + t.numel())
-                                           for t in tensors]), base.device)
+                offsets = [t.storage_offset() - start for t in tensors]
+                pos = to_device(torch.cat([torch.arange(o, o + t.numel()) for o, t in zip(offsets, tensors)]),
+                                base.device)
             self._scatter = cached = (tensors, base if ok else None, pos)
         _, base, pos = cached
         if base is not None:
