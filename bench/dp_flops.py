@@ -1,10 +1,11 @@
 """Device work of one training step, plain vs DP-SGD routes, counted without a GPU.
 
     python bench/dp_flops.py [--preset swin_tiny] [--batch 128] [--grad-chunk N] [--amp bf16]
-                             [--routes mixed,ghost,hooks,mixed-ieee] [--unit patch|patient]
+                             [--routes mixed,ghost,hooks,mixed-ieee,mixed-bf16] [--unit patch|patient]
 
 (`mixed-ieee`: mixed with its clipping products in IEEE float32 under autocast, as before
-2026-12-05.)
+2026-12-05; `mixed-bf16`: those products as bf16 GEMMs with float32 output,
+`MixedClipper.bf16_gemm`.)
 
 Runs one step of each variant on PyTorch's `meta` device (shapes only: no memory is
 allocated and nothing is computed, so Swin-T at 224 px and batch 128 takes seconds on a
@@ -22,7 +23,9 @@ CPU) and counts what a GPU would execute:
   way"): `IEEE` products run without TF32 (on an H100 / H200 at about 1/15 of the bf16
   rate: what a bf16 run pays for exactness), `TF32` ones on tensor cores with operands
   that TF32 does not round (`per_sample.tf32_products`: bf16 activations and gradients,
-  and three-part splits of the scaled operand, so three products where IEEE takes one).
+  and three-part splits of the scaled operand, so three products where IEEE takes one);
+  `bf16 in, float32 out` ones are the same products as bf16 GEMMs with float32 output
+  (`per_sample.bf16_product`: twice the TF32 rate, no float32 copies of the operands).
 - bytes written by operators (outputs of non-view ops, in-place results included): a
   proxy of memory traffic, which bounds the elementwise kernels;
 - operator calls (aten, the dispatcher's count: about the number of kernels a GPU
@@ -60,7 +63,8 @@ from mammodp.models.swin import PRESETS, create_classifier, trainable_parameters
 from mammodp.privacy import ghost, grad_sampler, per_sample  # noqa: E402
 
 LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-ROUTES = ("mixed", "ghost", "hooks", "mixed-ieee", "ghost-ieee")  # -ieee: MixedClipper.tf32 = False
+# -ieee: MixedClipper.tf32 = False; -bf16: MixedClipper.bf16_gemm = True
+ROUTES = ("mixed", "ghost", "hooks", "mixed-ieee", "ghost-ieee", "mixed-bf16", "ghost-bf16")
 _aten = torch.ops.aten
 # In-place and matrix-vector products that torch's flop registry does not list.
 _INPLACE = {_aten.addmm_: _aten.addmm, _aten.baddbmm_: _aten.baddbmm}
@@ -109,6 +113,8 @@ class Counter(TorchDispatchMode):
             if factor.dtype == torch.float32:
                 tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
                 self.flops["TF32" if tf32 else "IEEE"] += flops
+            elif isinstance(out, torch.Tensor) and out.dtype == torch.float32:  # bf16 in, float32 out
+                self.flops["BF16-F32"] += flops
         if not _is_view(func):
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
@@ -176,10 +182,12 @@ def count(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], uni
     for p in trainable_parameters(model):
         p.grad = None
     for route in routes:
-        method = route.removesuffix("-ieee")
+        method = route.removesuffix("-ieee").removesuffix("-bf16")
         obj = per_sample.make_route(model, LOSS, None, method)
         if route.endswith("-ieee"):
             obj.tf32 = False  # clipping products in IEEE float32 (the path before 2026-12-05)
+        if route.endswith("-bf16"):
+            obj.bf16_gemm = True  # clipping products as bf16 GEMMs with float32 output
         c = Counter()
         with _phases(c), c:
             per_sample.clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1.0, record_ids=rec,
@@ -196,8 +204,8 @@ def report(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], un
           f"one pack of {grad_chunk}, privacy unit {unit}, model in {str(amp or torch.float32)[6:]}; "
           "meta device: counts, not time")
     print("| variant | GEMM GFLOP: model | rules | clip | total vs plain | of all: IEEE float32 | exact TF32 "
-          "| GiB written (vs plain) | operator calls (vs plain) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| bf16 in, float32 out | GiB written (vs plain) | operator calls (vs plain) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     base = counts["plain"]
     tot_plain = base.flops["model"]
     wr_plain = sum(base.written.values())
@@ -208,6 +216,7 @@ def report(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], un
         calls = sum(c.calls.values())
         print(f"| {name} | {c.flops['model'] / 1e9:.4g} | {c.flops['rules'] / 1e9:.4g} | {c.flops['clip'] / 1e9:.4g} "
               f"| {tot / tot_plain:.2f}x | {c.flops['IEEE'] / 1e9:.4g} | {c.flops['TF32'] / 1e9:.4g} "
+              f"| {c.flops['BF16-F32'] / 1e9:.4g} "
               f"| {wr / 2**30:.1f} ({wr / wr_plain:.2f}x) | {calls} ({calls / calls_plain:.2f}x) |")
     for name in routes:
         c = counts[name]

@@ -14,7 +14,8 @@ follow a step of their own kind; block 1: the older protocol), one optimiser ste
   `ghost`, `hooks` (materialised per-sample gradients) and torch.func `vmap` routes
   (--routes; on CUDA only auto and hooks by default; `auto-ieee`: auto with its clipping
   products in IEEE float32 under --amp, as before 2026-12-05, for a side-by-side A/B of the
-  exact TF32 products);
+  exact TF32 products; `auto-bf16`: auto with those products as bf16 GEMMs with float32
+  output, `MixedClipper.bf16_gemm`);
 - plain training of the head on a frozen backbone vs head-only DP-SGD (same engine), and
   vs Opacus' own GradSampleModule + DPOptimizer on the head (backbone features computed
   without gradients), the one Opacus route that runs on a Swin.
@@ -160,12 +161,15 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
             engine = make_private(private, private_opt, record_ids=records, expected_batch_size=batch, delta=1e-5,
                                   epochs=1, max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp",
                                   privacy_unit="patch", sampler_seed=0, grad_chunk=grad_chunk,
-                                  physical_batch_size=batch, per_sample_method=method.removesuffix("-ieee"),
+                                  physical_batch_size=batch,
+                                  per_sample_method=method.removesuffix("-ieee").removesuffix("-bf16"),
                                   autocast_dtype=amp)
-            if method.endswith("-ieee"):  # the clipping products in IEEE float32 under autocast (A/B)
+            if method.endswith(("-ieee", "-bf16")):  # the clipping products' A/B (under --amp)
                 route = engine._route_for(LOSS)
-                if hasattr(route, "tf32"):
+                if method.endswith("-ieee") and hasattr(route, "tf32"):  # IEEE float32
                     route.tf32 = False
+                if method.endswith("-bf16") and hasattr(route, "bf16_gemm"):  # bf16 GEMMs, float32 output
+                    route.bf16_gemm = True
 
             def dp_step(engine=engine, opt=private_opt):
                 idx = engine.sample_batch()  # q = 1: all B samples, in order (x[idx] is x: no copy)

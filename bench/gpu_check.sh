@@ -2,7 +2,8 @@
 # GPU check in one call (about 4 minutes on one H200, every part under its own timeout): the
 # CUDA-only tests, the DP overhead benchmark of Swin-T at 224 px (batch 32 in float32 and batch
 # 128 under bf16 autocast with the default route, the same with its clipping products in IEEE
-# float32 (auto-ieee: the exact TF32 products' A/B) and the hooks route; batch 128 in float32
+# float32 (auto-ieee: the exact TF32 products' A/B; auto-bf16: the same products as bf16 GEMMs
+# with float32 output) and the hooks route; batch 128 in float32
 # with the default route), and three epochs of the paper plan (full-model and head-only DP beside plain
 # training).
 #
@@ -35,7 +36,7 @@ timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, float32 (default route only)"
 timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --routes auto || { echo "dp_overhead FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, bf16 autocast (as the paper plan trains)"
-timeout 150 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 --routes auto,auto-ieee,hooks || { echo "dp_overhead FAILED"; status=1; }
+timeout 180 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 --routes auto,auto-ieee,auto-bf16,hooks || { echo "dp_overhead FAILED"; status=1; }
 echo "== three epochs of the paper plan"
 timeout 150 $PY bench/gpu_train_check.py --patients 400 || { echo "gpu_train_check FAILED"; status=1; }
 exit $status

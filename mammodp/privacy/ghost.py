@@ -102,6 +102,13 @@ batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tab
   float32; bias sums no longer copy a bf16 gradient to float32 first (written bytes 61.9 ->
   59.0 GiB, plain's 37.2). The float32 CPU step is unchanged (1.16x plain). Not yet timed
   on a GPU (`bench/dp_overhead.py --amp bf16 --routes auto,auto-ieee` is the A/B).
+- 2026-12-05 (last; still no GPU): the same exact products as bf16 GEMMs with float32
+  output (`MixedClipper.bf16_gemm`, `per_sample.bf16_product`; torch's `out_dtype`, CUDA
+  only): counted at batch 128 bf16, the clipping block's bytes written 15.4 -> 6.8 GiB (the
+  float32 copies of bf16 operands gone; the step 59.0 -> 50.5 GiB, plain's 37.2) and its
+  2610 GFLOP at twice the TF32 rate. Off by default until timed and its sums' bound checked
+  on a device (`bench/dp_overhead.py --amp bf16 --routes auto,auto-bf16`; the `-m gpu`
+  tests); on the CPU the switch multiplies float32 copies (same values).
 
 Records with several samples (privacy unit `patient`): a record's gradient sums its
 samples', so ghost Grams run over the concatenated tokens of each record (zero-padded to
@@ -129,6 +136,7 @@ from mammodp.privacy.grad_sampler import (
 from mammodp.privacy.per_sample import (
     LOW_PRECISION,
     LossFn,
+    bf16_product,
     clip_factors,
     exact_arithmetic,
     row_norms,
@@ -152,13 +160,20 @@ def use_ghost(tokens: int, d_in: int, d_out: int, route: str) -> bool:
     return 2 * tokens * tokens < d_in * d_out
 
 
-def ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """|sum_t g_bt a_bt^T|_F^2 per row b: (B,) from a (B, T, d_in), g (B, T, d_out) (float32)."""
-    a, g = f32(a), f32(g)
+def ghost_sq_norms(a: torch.Tensor, g: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """|sum_t g_bt a_bt^T|_F^2 per row b: (B,) from a (B, T, d_in), g (B, T, d_out) (float32).
+    `bf16`: a and g are bf16 tensors, their Grams float32 products of bf16 numbers
+    (`per_sample.bf16_product`: no float32 copies on CUDA)."""
     if a.shape[1] == 1:  # one token: |g a^T| = |g| |a|
+        a, g = f32(a), f32(g)
         return a.square().sum((1, 2)) * g.square().sum((1, 2))
-    gram_a = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
-    gram_g = torch.bmm(g, g.transpose(1, 2))
+    if bf16:
+        gram_a = bf16_product(a, a.transpose(1, 2))  # (B, T, T), float32
+        gram_g = bf16_product(g, g.transpose(1, 2))
+    else:
+        a, g = f32(a), f32(g)
+        gram_a = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
+        gram_g = torch.bmm(g, g.transpose(1, 2))
     return gram_a.mul_(gram_g).sum((1, 2))
 
 
@@ -172,9 +187,9 @@ def _product_operands(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, t
     return f32(g), f32(a)
 
 
-def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_bf16(x: torch.Tensor, as_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three float32 tensors of bf16 values whose exact sum is `x` (float32; overwritten: it
-    becomes the third).
+    becomes the third); `as_bf16`: the three parts as bf16 tensors (the same values).
 
     Each rounding to bf16 (round to nearest) takes at least the next 8 significant bits of
     what is left, and what is left is exact in float32 (the difference of a number and its
@@ -183,9 +198,12 @@ def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     from 2^-110 (below, the last part falls under float32's normal range: an error under
     2^-126 a number) up to bf16's largest number, which a clip factor <= 1 times a bf16 /
     fp16 value never exceeds."""
-    hi = x.to(torch.bfloat16).float()
-    mid = x.sub_(hi).to(torch.bfloat16).float()
-    return hi, mid, x.sub_(mid)
+    hi = x.to(torch.bfloat16)
+    mid = x.sub_(hi).to(torch.bfloat16)  # float32 minus bf16: computed (exactly) in float32
+    x.sub_(mid)
+    if as_bf16:
+        return hi, mid, x.to(torch.bfloat16)
+    return hi.float(), mid.float(), x
 
 
 class _Pack:
@@ -236,6 +254,13 @@ class MixedClipper:
     before 2026-12-05, kept for side-by-side benchmarks: `bench/dp_overhead.py --amp bf16
     --routes auto,auto-ieee`; the materialised layers and the fallback for a record larger
     than a pass are the same in both). Both add what the norm measured.
+
+    Attribute `bf16_gemm` (default False; an A/B switch until timed on a GPU): under bf16
+    autocast with `tf32`, those products run as bf16 GEMMs with float32 output instead
+    (`per_sample.bf16_product`): the same exact products of bf16 numbers with float32 sums,
+    on CUDA at twice the TF32 rate and without the float32 copies of the operands (the
+    scaled operand's three parts are bf16 tensors); the same clip margin. Elsewhere (CPU)
+    the products fall back to float32 copies: the same values.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, autocast_dtype: torch.dtype | None,
@@ -244,6 +269,7 @@ class MixedClipper:
             raise ValueError(f"unknown clipping route {route!r}; known: {', '.join(ROUTES)}")
         self.route = route
         self.tf32 = True
+        self.bf16_gemm = False
         self.recorder = Recorder(model, loss_fn, autocast_dtype)
         self.names = self.recorder.names
         self.choices: dict[str, str] = {}  # layer key -> "ghost" | "materialise" (last pass; for reports)
@@ -258,6 +284,10 @@ class MixedClipper:
     def _tf32(self, g: torch.Tensor) -> bool:
         """Whether a ghost layer with output gradient `g` takes the exact TF32 path (autocast)."""
         return self.tf32 and g.dtype in LOW_PRECISION
+
+    def _bf16(self, g: torch.Tensor) -> bool:
+        """Whether it takes them as bf16 GEMMs with float32 output (`bf16_gemm`, bf16 autocast)."""
+        return self.bf16_gemm and g.dtype == torch.bfloat16 and self._tf32(g)
 
     def _flat_views(self, out: dict[str, torch.Tensor], names: list[str], slot: int = 0) -> list[torch.Tensor]:
         """Flat views of `out[name]`; reused while the caller passes the same tensors (the
@@ -372,9 +402,10 @@ class MixedClipper:
             for calls in ghosts.values():
                 a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
                 g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
-                # Autocast's bf16 / fp16 activations and gradients: exact TF32 products.
+                # Autocast's bf16 / fp16 activations and gradients: exact TF32 products (or
+                # bf16 GEMMs with float32 output).
                 with tf32_products() if self._tf32(g) else contextlib.nullcontext():
-                    sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g))
+                    sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g), bf16=self._bf16(g))
             norms = sq.sqrt_()
             tf32 = any(self._tf32(g) for calls in ghosts.values() for _, g in calls)
             factors = clip_factors(norms * (1 + TF32_MARGIN) if tf32 else norms, max_grad_norm)
@@ -394,10 +425,11 @@ class MixedClipper:
                     # bounded by no single record (tests/privacy/test_routes.py).
                     c = per_sample.view(-1, 1, 1)  # each token times its record's factor,
                     scale_a = a.shape[-1] < g.shape[-1]  # on the smaller operand: a float32 product
+                    bf16 = self._bf16(g)  # the unscaled operand stays bf16 (no float32 copy)
                     if scale_a:  # (bf16 / fp16 times float32 promotes: no float32 copy first)
-                        a2, g2 = a * c, f32(g)
+                        a2, g2 = a * c, (g if bf16 else f32(g))
                     else:
-                        a2, g2 = f32(a), g * c
+                        a2, g2 = (a if bf16 else f32(a)), g * c
                     g2, a2 = g2.reshape(-1, g2.shape[-1]).t(), a2.reshape(-1, a2.shape[-1])  # (d_out, nT), (nT, d_in)
                     if not self._tf32(g):
                         target.addmm_(g2, a2)  # (c . g)^T a: one plain-size product, in place
@@ -406,6 +438,10 @@ class MixedClipper:
                     # split into three bf16-valued parts that sum to it exactly: three exact TF32
                     # products instead of one IEEE float32 product (on an H100 / H200 about 7x
                     # slower than TF32; this block was a third of a bf16 step's GEMM work).
+                    if bf16:  # the same three exact products, as bf16 GEMMs with float32 output
+                        for part in _split_bf16(a2 if scale_a else g2, as_bf16=True):
+                            target.add_(bf16_product(g2, part) if scale_a else bf16_product(part, a2))
+                        continue
                     with tf32_products():
                         for part in _split_bf16(a2 if scale_a else g2):
                             if scale_a:

@@ -379,6 +379,58 @@ def tf32_products():
             backend.allow_tf32 = before
 
 
+_BF16_F32_GEMMS: dict[str, bool] = {}  # device type -> whether bf16 GEMMs with float32 output run there
+
+
+def bf16_f32_gemms(device: torch.device) -> bool:
+    """Whether matrix products of bf16 tensors with a float32 result (`out_dtype`, torch >=
+    2.8) run on this kind of device: CUDA (and the meta device, for counting); not the CPU.
+    Checked once per device type."""
+    kind = device.type
+    if kind not in _BF16_F32_GEMMS:
+        ok = False
+        if kind in ("cuda", "meta"):
+            try:
+                t = torch.zeros(1, 1, 1, device=device, dtype=torch.bfloat16)
+                ok = torch.bmm(t, t, out_dtype=torch.float32).dtype == torch.float32
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _BF16_F32_GEMMS[kind] = ok
+    return _BF16_F32_GEMMS[kind]
+
+
+@contextlib.contextmanager
+def _float32_reductions():
+    """cuBLAS may not reduce bf16 GEMMs' partial sums in reduced precision (restored after)."""
+    backend = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    try:
+        before = backend.allow_bf16_reduced_precision_reduction
+    except (AttributeError, RuntimeError):
+        yield
+        return
+    backend.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        backend.allow_bf16_reduced_precision_reduction = before
+
+
+def bf16_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y (matrices, or batches of them) of two bf16 tensors, as float32: every product
+    of two bf16 numbers (8 significant bits each) is exact in float32 and the sums add in
+    float32, so this is the float32 product of the same values, up to the order and the
+    rounding of its sums (tensor cores' float32 adds, as in `tf32_products`:
+    `ghost.TF32_MARGIN`). Where `bf16_f32_gemms` (CUDA): one bf16 GEMM with float32
+    output, at twice the TF32 rate and without float32 copies of the operands; elsewhere
+    float32 copies multiplied under `tf32_products` (the CPU: IEEE float32, same values)."""
+    mm = torch.bmm if x.dim() == 3 else torch.mm
+    if bf16_f32_gemms(x.device):
+        with _float32_reductions():
+            return mm(x, y, out_dtype=torch.float32)
+    with tf32_products():
+        return mm(x.float(), y.float())
+
+
 _NORM_CHUNK = 4096  # numbers per partial norm in `row_norms`
 
 
@@ -524,6 +576,8 @@ __all__ = [
     "METHODS",
     "LOW_PRECISION",
     "LossFn",
+    "bf16_f32_gemms",
+    "bf16_product",
     "resolve_method",
     "ClippedSum",
     "clip_factors",

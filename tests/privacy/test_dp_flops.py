@@ -52,3 +52,17 @@ def test_counts_split_the_dp_step_and_bf16_runs_clip_without_ieee_float32_produc
         # only the small clipped-sum products of materialised gradients stay in IEEE float32
         assert c.flops["IEEE"] < 0.01 * bf16["plain"].flops["model"], name
     assert bf16["mixed"].written["model"] < f32["mixed"].written["model"]  # bf16 activations
+
+
+def test_bf16_gemm_switch_moves_the_clipping_products_off_float32_copies():
+    """`MixedClipper.bf16_gemm` (route `mixed-bf16`): the ghost layers' Grams and book-keeping
+    products become bf16 GEMMs with float32 output (counted on the meta device, which has
+    them as CUDA does): no TF32 or IEEE float32 clipping products, the same GEMM work, fewer
+    bytes written (no float32 copies of bf16 operands)."""
+    bench = _bench()
+    c = bench.count("swin_micro", 8, 8, ("mixed", "mixed-bf16"), "patient", torch.bfloat16)
+    tf32, low = c["mixed"], c["mixed-bf16"]
+    assert low.flops["BF16-F32"] > 0 and low.flops["TF32"] == 0 and tf32.flops["BF16-F32"] == 0
+    # the same products (the first call also counts the 1 x 1 probe of `bf16_f32_gemms`)
+    assert abs(low.flops["BF16-F32"] - tf32.flops["TF32"]) <= 2 and tf32.flops["TF32"] > 0.99 * tf32.flops["clip"]
+    assert low.written["clip"] < tf32.written["clip"]

@@ -19,7 +19,7 @@ from mammodp.models.swin import create_classifier, trainable_parameters
 from mammodp.privacy import make_private
 from mammodp.privacy.engine import DPSGD
 from mammodp.privacy.ghost import MixedClipper, ghost_sq_norms, use_ghost
-from mammodp.privacy.per_sample import clipped_grad_sum, per_sample_loss_fn, trainable_named_parameters
+from mammodp.privacy.per_sample import clipped_grad_sum, make_route, per_sample_loss_fn, trainable_named_parameters
 
 LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 ROUTES = ["vmap", "hooks", "mixed", "ghost"]
@@ -179,7 +179,7 @@ def test_auto_falls_back_to_vmap_when_the_route_is_broken_and_records_it(monkeyp
     ref, _ = _loop_clipped_sum(model, x, y, torch.arange(6), C=math.inf)
     # A deliberately broken route: ghost norms 50% too large.
     correct = ghost.ghost_sq_norms
-    monkeypatch.setattr(ghost, "ghost_sq_norms", lambda a, g: correct(a, g) * 2.25)
+    monkeypatch.setattr(ghost, "ghost_sq_norms", lambda a, g, **kw: correct(a, g, **kw) * 2.25)
 
     def engine(method):
         m = create_classifier("swin_micro")
@@ -213,7 +213,16 @@ def test_per_sample_losses_of_cross_entropy_skip_vmap_only_when_exact():
     assert torch.allclose(slow(logits, y), torch.stack([weighted(logits[i : i + 1], y[i : i + 1]) for i in range(5)]))
 
 
-def _bf16_route_matches_the_loop(route: str, device: str) -> None:
+def _bf16_clipper(model, route: str, bf16_gemm: bool):
+    """A clipping route for bf16 autocast; `bf16_gemm`: the book-keeping route's clipping
+    products as bf16 GEMMs with float32 output (`MixedClipper.bf16_gemm`)."""
+    obj = make_route(model, LOSS, torch.bfloat16, route)
+    if bf16_gemm:
+        obj.bf16_gemm = True
+    return obj
+
+
+def _bf16_route_matches_the_loop(route: str, device: str, bf16_gemm: bool = False) -> None:
     torch.manual_seed(5)
     model = create_classifier("swin_micro").to(device)
     x, y = _batch(6, seed=5)
@@ -223,7 +232,7 @@ def _bf16_route_matches_the_loop(route: str, device: str) -> None:
     C = float(norms.median())
     ref, norms = _loop_clipped_sum(model, x, y, records.cpu(), C=C, autocast_dtype=torch.bfloat16)
     res = clipped_grad_sum(model, LOSS, x, y, max_grad_norm=C, record_ids=records, grad_chunk=4,
-                           autocast_dtype=torch.bfloat16, method=route)
+                           route=_bf16_clipper(model, route, bf16_gemm))
     # bf16 rounds differently in a batched and a one-sample forward: compare loosely.
     assert torch.allclose(res.norms, norms, rtol=3e-2)
     for name, r in ref.items():
@@ -240,12 +249,23 @@ def test_every_route_under_bf16_autocast_on_cuda_matches_the_loop(route):
     _bf16_route_matches_the_loop(route, "cuda")
 
 
-@pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
-def test_hook_routes_under_bf16_autocast_on_cpu_match_the_loop(route):
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("route", ["mixed", "ghost"])
+def test_bf16_gemm_clipping_products_on_cuda_match_the_loop(route):
+    from mammodp.privacy.per_sample import bf16_f32_gemms
+
+    assert bf16_f32_gemms(torch.device("cuda")), "bf16 GEMMs with float32 output need torch >= 2.8"
+    _bf16_route_matches_the_loop(route, "cuda", bf16_gemm=True)
+
+
+@pytest.mark.parametrize("route,bf16_gemm", [("hooks", False), ("mixed", False), ("ghost", False),
+                                             ("mixed", True), ("ghost", True)])
+def test_hook_routes_under_bf16_autocast_on_cpu_match_the_loop(route, bf16_gemm):
     # The low-precision products (autocast's dtype) also run under CPU autocast: checked here
     # without a GPU (vmap cannot differentiate CPU bf16 autocast); the CUDA test above covers
-    # every route.
-    _bf16_route_matches_the_loop(route, "cpu")
+    # every route. bf16_gemm on the CPU: its bf16 parts and operands, float32 products.
+    _bf16_route_matches_the_loop(route, "cpu", bf16_gemm)
 
 
 @pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
@@ -327,7 +347,7 @@ def test_the_recorder_pauses_the_cyclic_collector_only_for_its_pass(was_enabled)
 
 def _clipped_excess(route: str, device: str, autocast_dtype, *, precision: str | None = None, mode: str = "full",
                     per_record: int = 1, grad_chunk: int = 32, outer_autocast: bool = False,
-                    preset: str = "swin_micro") -> float:
+                    preset: str = "swin_micro", bf16_gemm: bool = False) -> float:
     """Largest relative excess over C of single clipped records' contributions (6 records of
     `per_record` samples each, one record per call)."""
     torch.manual_seed(6)
@@ -335,6 +355,10 @@ def _clipped_excess(route: str, device: str, autocast_dtype, *, precision: str |
     x, y = _batch(6 * per_record, seed=6, size=model.img_size)
     x, y = x.to(device), y.to(device)
     C = 1e-3
+    obj = None
+    if bf16_gemm:
+        obj = make_route(model, LOSS, autocast_dtype, route)
+        obj.bf16_gemm = True
     before = torch.get_float32_matmul_precision()
     if precision is not None:
         torch.set_float32_matmul_precision(precision)
@@ -345,7 +369,8 @@ def _clipped_excess(route: str, device: str, autocast_dtype, *, precision: str |
             rec = torch.full((per_record,), 7 + i) if per_record > 1 else None
             with torch.autocast(device, dtype=torch.bfloat16, enabled=outer_autocast):
                 results.append(clipped_grad_sum(model, LOSS, x[sl], y[sl], max_grad_norm=C, record_ids=rec,
-                                                grad_chunk=grad_chunk, autocast_dtype=autocast_dtype, method=route))
+                                                grad_chunk=grad_chunk, autocast_dtype=autocast_dtype, method=route,
+                                                route=obj))
         if precision is not None:
             assert torch.get_float32_matmul_precision() == precision  # the clipping block restored it
     finally:
@@ -376,6 +401,55 @@ def test_a_clipped_record_adds_at_most_C_under_bf16_autocast(route, case):
     case = {"autocast_dtype": torch.bfloat16, **case}
     excess = _clipped_excess(route, "cpu", **case)
     assert excess <= 1e-5, f"clipped contributions exceed C by up to {excess:.2e}"
+
+
+@pytest.mark.parametrize("per_record", [1, 3])
+@pytest.mark.parametrize("route", ["mixed", "ghost"])
+def test_bf16_gemm_passes_clip_with_the_tf32_margin(route, per_record):
+    """`MixedClipper.bf16_gemm` (bf16 parts and operands, float32 products; on the CPU by
+    float32 copies): a clipped record adds C / (1 + TF32_MARGIN), as on the TF32 path."""
+    excess = _clipped_excess(route, "cpu", torch.bfloat16, per_record=per_record, bf16_gemm=True)
+    assert excess == pytest.approx(1 / (1 + ghost.TF32_MARGIN) - 1, abs=1e-5)
+
+
+def test_bf16_products_are_float32_products_of_the_same_values():
+    """`per_sample.bf16_product`: bf16 operands (strided too), a float32 result equal to the
+    float32 product of their values; on the CPU no bf16 GEMM with float32 output exists
+    (the meta device has one: what bench/dp_flops.py counts)."""
+    from mammodp.privacy.per_sample import bf16_f32_gemms, bf16_product
+
+    assert not bf16_f32_gemms(torch.device("cpu")) and bf16_f32_gemms(torch.device("meta"))
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 40, 24, generator=g).bfloat16()
+    b = torch.randn(3, 30, 40, generator=g).bfloat16().transpose(1, 2)  # (3, 40, 30), strided
+    got = bf16_product(a.transpose(1, 2), b)  # (3, 24, 30)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, torch.bmm(a.transpose(1, 2).float(), b.float()))
+    assert torch.equal(bf16_product(a[0].t(), b[0]), got[0])  # matrices
+    # the products of bf16 numbers are exact: only the sums round (float32, 40 terms)
+    ref = torch.bmm(a.transpose(1, 2).double(), b.double())
+    assert float((got.double() - ref).abs().max()) <= 40 * 2**-24 * float(
+        torch.bmm(a.transpose(1, 2).double().abs(), b.double().abs()).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_products_on_cuda_sum_in_float32():
+    """On CUDA `bf16_product` is one bf16 GEMM with float32 output: exact products, float32
+    sums (not rounded to bf16), at a Gram of Swin-T's widest layer (3072 numbers a token)."""
+    from mammodp.privacy.per_sample import bf16_f32_gemms, bf16_product
+
+    assert bf16_f32_gemms(torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4, 196, 3072, device="cuda", generator=g).bfloat16()
+    got = bf16_product(x, x.transpose(1, 2))  # (4, 196, 196)
+    ref = torch.bmm(x.double(), x.double().transpose(1, 2))
+    bound = float(torch.bmm(x.double().abs(), x.double().abs().transpose(1, 2)).max())
+    err = float((got.double() - ref).abs().max())
+    assert got.dtype == torch.float32 and err <= 3072 * 2**-23 * bound, err
+    ones = torch.ones(1, 1, 4097, device="cuda", dtype=torch.bfloat16)
+    # 4097 is exact in float32 whatever the order of the sums; bf16 would give 4096
+    assert bf16_product(ones, ones.transpose(1, 2)).item() == 4097.0
 
 
 @pytest.mark.parametrize("route", ["hooks", "mixed", "ghost"])
@@ -425,12 +499,13 @@ def test_a_clipped_record_adds_at_most_C_on_cuda_with_tf32_allowed(route, autoca
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("route", ["mixed", "hooks"])
-def test_a_clipped_record_adds_at_most_C_at_swin_t_size_under_bf16(route):
+@pytest.mark.parametrize("route,bf16_gemm", [("mixed", False), ("hooks", False), ("mixed", True)])
+def test_a_clipped_record_adds_at_most_C_at_swin_t_size_under_bf16(route, bf16_gemm):
     # The TF32 products' float32 sums are longest at Swin-T's sizes (3072-wide layers, 196-
     # and 49-token windows of records of two patches): any bias of tensor cores' rounding
-    # toward zero shows here first, and must stay inside TF32_MARGIN.
-    excess = _clipped_excess(route, "cuda", torch.bfloat16, per_record=2, preset="swin_tiny")
+    # toward zero shows here first, and must stay inside TF32_MARGIN. The same for the bf16
+    # GEMMs with float32 output (`MixedClipper.bf16_gemm`).
+    excess = _clipped_excess(route, "cuda", torch.bfloat16, per_record=2, preset="swin_tiny", bf16_gemm=bf16_gemm)
     assert excess <= 1e-5, f"clipped contributions exceed C by up to {excess:.2e}"
 
 
@@ -445,6 +520,8 @@ def test_the_bf16_split_of_a_float32_tensor_is_exact():
     parts = ghost._split_bf16(x.clone())
     assert all(p.dtype == torch.float32 and torch.equal(p, p.bfloat16().float()) for p in parts)
     assert torch.equal(sum(p.double() for p in parts), x.double())
+    low = ghost._split_bf16(x.clone(), as_bf16=True)  # the same parts as bf16 tensors
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p.float(), q) for p, q in zip(low, parts))
     two = parts[0].double() + parts[1].double()
     assert not torch.equal(two, x.double())  # the third part is needed (the test can fail)
     assert _is_tf32_number(parts[2]) and not _is_tf32_number(x)
@@ -499,6 +576,36 @@ def test_tf32_clipping_products_take_only_tf32_numbers(route, per_record, low):
         assert spy.tf32_calls > 0
         for t in spy.tf32_operands:
             assert _is_tf32_number(t), "a TF32 operand would be rounded"
+
+
+@pytest.mark.parametrize("route", ["mixed", "ghost"])
+def test_bf16_gemm_switch_multiplies_bf16_numbers_only(route, monkeypatch):
+    """`MixedClipper.bf16_gemm` under bf16 autocast: every clipping product of the ghost layers
+    goes through `bf16_product` with bf16 operands (the CPU then multiplies their float32
+    copies with TF32 allowed: TF32 numbers only, checked by the spy); patient records."""
+    from mammodp.privacy import per_sample
+
+    torch.manual_seed(8)
+    model = create_classifier("swin_micro")
+    x, y = _batch(6, seed=8)
+    seen = []
+    original = per_sample.bf16_product
+
+    def spy_product(a, b):
+        seen.append((a.dtype, b.dtype))
+        return original(a, b)
+
+    spy = _ProductSpy()
+    route = _bf16_clipper(model, route, bf16_gemm=True)
+    monkeypatch.setattr(ghost, "bf16_product", spy_product)
+    with spy:
+        clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1e-3, record_ids=torch.arange(6) // 3, route=route)
+    n_ghost = sum(v == "ghost" for v in route.choices.values())
+    # per ghost layer: two Grams (a one-token layer takes none) and three book-keeping products
+    assert n_ghost > 0 and len(seen) >= 3 * n_ghost
+    assert all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    assert spy.tf32_calls >= len(seen)
+    assert all(_is_tf32_number(t) for t in spy.tf32_operands)
 
 
 def test_the_ieee_switch_of_the_bookkeeping_route_allows_tf32_nowhere():
