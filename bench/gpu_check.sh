@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check in one call (about 4 minutes on one H200, every part under its own timeout): the
+# GPU check in one call (about 5 minutes on one H200, every part under its own timeout): the
 # CUDA-only tests, the DP overhead benchmark of Swin-T at 224 px (batch 32 in float32 and batch
 # 128 under bf16 autocast with the default route, the same with its clipping products in IEEE
 # float32 (auto-ieee: the exact TF32 products' A/B; auto-bf16: the same products as bf16 GEMMs
