@@ -94,6 +94,26 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
+def _cast_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Where autocast is on at the call, a Linear / patchifier call's float32 input cast to
+    autocast's dtype before the call, as autocast would cast it inside the layer (the same
+    rounding, the same graph): the layer then saves this very tensor for its backward, and
+    the recorder holds that one, not the float32 original beside autocast's copy. On CUDA
+    (LayerNorms autocast to float32) those are the LayerNorm outputs feeding the attention
+    and MLP layers, and the image: the DP step's peak memory at Swin-T under bf16 (CPU with
+    CUDA's LayerNorm policy, batch 4) 1.44x -> 1.29x plain's."""
+    inp = args[0] if args else next(iter(kwargs.values()))
+    if inp.dtype != torch.float32:
+        return args, kwargs
+    kind = inp.device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return args, kwargs
+    low = inp.to(torch.get_autocast_dtype(kind))
+    if args:
+        return (low, *args[1:]), kwargs
+    return args, {**kwargs, next(iter(kwargs)): low}
+
+
 def supports(model: nn.Module) -> bool:
     """True when every trainable parameter sits in a supported layer of an opted-in model."""
     if not getattr(model, "dp_sample_major", False):
@@ -224,6 +244,8 @@ class Recorder:
             fire(i, False, grads[nr])
 
         def record(key: str, mod: nn.Module, kind: str, own: list[str], original, *args, **kwargs):
+            if kind == "linear" or kind == "patchify":
+                args, kwargs = _cast_input(args, kwargs)
             output = original(*args, **kwargs)
             inp = _first_input(args, kwargs)
             stats = None
