@@ -25,7 +25,7 @@ CPU) and counts what a GPU would execute:
   that TF32 does not round (`per_sample.tf32_products`: bf16 activations and gradients,
   and three-part splits of the scaled operand, so three products where IEEE takes one);
   `bf16 in, float32 out` ones are the same products as bf16 GEMMs with float32 output
-  (`per_sample.bf16_product`: twice the TF32 rate, no float32 copies of the operands).
+  (`per_sample.bf16_product`: twice TF32's peak rate, no float32 copies of the operands).
 - bytes written by operators (outputs of non-view ops, in-place results included): a
   proxy of memory traffic, which bounds the elementwise kernels;
 - operator calls (aten, the dispatcher's count: about the number of kernels a GPU

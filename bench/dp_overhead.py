@@ -13,7 +13,8 @@ follow a step of their own kind; block 1: the older protocol), one optimiser ste
   clipping with book-keeping, checked against vmap on the first step), and with the
   `ghost`, `hooks` (materialised per-sample gradients) and torch.func `vmap` routes
   (--routes; on CUDA only auto and hooks by default; `auto-ieee`: auto with its clipping
-  products in IEEE float32 under --amp, as before 2026-12-05, for a side-by-side A/B of the
+  products in IEEE float32 under --amp, as before 2026-12-05 (on the recorded inputs as
+  autocast rounded them), for a side-by-side A/B of the
   exact TF32 products; `auto-bf16`: auto with those products as bf16 GEMMs with float32
   output, `MixedClipper.bf16_gemm`);
 - plain training of the head on a frozen backbone vs head-only DP-SGD (same engine), and
@@ -64,7 +65,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mammodp.models.swin import PRESETS, create_classifier, trainable_parameters  # noqa: E402
-from mammodp.privacy import make_private  # noqa: E402
+from mammodp.privacy import make_private, per_sample  # noqa: E402
 
 LOSS = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 ROUTES = ("auto", "ghost", "hooks", "vmap")  # full-model DP routes measured on CPU by default
@@ -170,6 +171,9 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
                     route.tf32 = False
                 if method.endswith("-bf16") and hasattr(route, "bf16_gemm"):  # bf16 GEMMs, float32 output
                     route.bf16_gemm = True
+                    native = per_sample.bf16_f32_gemms(device)
+                    print(f"# {method}: bf16 GEMMs with float32 output on {device.type}: "
+                          + ("yes" if native else "no (float32 copies multiplied instead)"))
 
             def dp_step(engine=engine, opt=private_opt):
                 idx = engine.sample_batch()  # q = 1: all B samples, in order (x[idx] is x: no copy)

@@ -36,7 +36,7 @@ timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, float32 (default route only)"
 timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --routes auto || { echo "dp_overhead FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, bf16 autocast (as the paper plan trains)"
-timeout 180 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 --routes auto,auto-ieee,auto-bf16,hooks || { echo "dp_overhead FAILED"; status=1; }
+timeout 200 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 --routes auto,auto-ieee,auto-bf16,hooks || { echo "dp_overhead FAILED"; status=1; }
 echo "== three epochs of the paper plan"
 timeout 150 $PY bench/gpu_train_check.py --patients 400 || { echo "gpu_train_check FAILED"; status=1; }
 exit $status

@@ -106,7 +106,7 @@ batch 32, 1 CPU thread; `bench/dp_overhead.py --profile` prints the operator tab
   output (`MixedClipper.bf16_gemm`, `per_sample.bf16_product`; torch's `out_dtype`, CUDA
   only): counted at batch 128 bf16, the clipping block's bytes written 15.4 -> 6.8 GiB (the
   float32 copies of bf16 operands gone; the step 59.0 -> 50.5 GiB, plain's 37.2) and its
-  2610 GFLOP at twice the TF32 rate. Off by default until timed and its sums' bound checked
+  2610 GFLOP at twice TF32's peak rate. Off by default until timed and its sums' bound checked
   on a device (`bench/dp_overhead.py --amp bf16 --routes auto,auto-bf16`; the `-m gpu`
   tests); on the CPU the switch multiplies float32 copies (same values).
 
@@ -250,15 +250,16 @@ class MixedClipper:
 
     Attribute `tf32` (default True): under autocast, run the ghost layers' Grams and
     book-keeping products as exact TF32 products (`_split_bf16`; clip factors with
-    TF32_MARGIN); False: IEEE float32 on the float32 layer inputs (the ghost layers' path
-    before 2026-12-05, kept for side-by-side benchmarks: `bench/dp_overhead.py --amp bf16
+    TF32_MARGIN); False: IEEE float32 products of float32 copies (the ghost layers' products
+    as before 2026-12-05, though on the recorded inputs as autocast rounded them since the
+    recorder casts them: `grad_sampler._cast_input`), kept for side-by-side benchmarks: `bench/dp_overhead.py --amp bf16
     --routes auto,auto-ieee`; the materialised layers and the fallback for a record larger
     than a pass are the same in both). Both add what the norm measured.
 
     Attribute `bf16_gemm` (default False; an A/B switch until timed on a GPU): under bf16
     autocast with `tf32`, those products run as bf16 GEMMs with float32 output instead
     (`per_sample.bf16_product`): the same exact products of bf16 numbers with float32 sums,
-    on CUDA at twice the TF32 rate and without the float32 copies of the operands (the
+    on CUDA at twice TF32's peak rate and without the float32 copies of the operands (the
     scaled operand's three parts are bf16 tensors); the same clip margin. Elsewhere (CPU)
     the products fall back to float32 copies: the same values.
     """

@@ -94,11 +94,23 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
+def _stock_matmul(module: nn.Module) -> bool:
+    """A Linear / Conv2d whose forward is torch's own (one `F.linear` / convolution under the
+    caller's autocast): `_cast_input` may then cast its input as autocast would. A subclass
+    with its own forward (one that switches autocast off, or upcasts) is left alone."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    if isinstance(module, nn.Conv2d):
+        return type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward
+    return False
+
+
 def _cast_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Where autocast is on at the call, a Linear / patchifier call's float32 input cast to
-    autocast's dtype before the call, as autocast would cast it inside the layer (the same
-    rounding, the same graph): the layer then saves this very tensor for its backward, and
-    the recorder holds that one, not the float32 original beside autocast's copy. On CUDA
+    """Where autocast is on at the call, the float32 input of a Linear / patchifier with
+    torch's own forward (`_stock_matmul`) cast to autocast's dtype before the call, as
+    autocast would cast it inside the layer (the same rounding, the same graph): the layer
+    then saves this very tensor for its backward, and the recorder holds that one, not the
+    float32 original beside autocast's copy. On CUDA
     (LayerNorms autocast to float32) those are the LayerNorm outputs feeding the attention
     and MLP layers, and the image: the DP step's peak memory at Swin-T under bf16 (CPU with
     CUDA's LayerNorm policy, batch 4) 1.44x -> 1.29x plain's."""
@@ -243,8 +255,8 @@ class Recorder:
         def fire_pre(i: int, nr: int, grads):
             fire(i, False, grads[nr])
 
-        def record(key: str, mod: nn.Module, kind: str, own: list[str], original, *args, **kwargs):
-            if kind == "linear" or kind == "patchify":
+        def record(key: str, mod: nn.Module, kind: str, own: list[str], cast: bool, original, *args, **kwargs):
+            if cast:
                 args, kwargs = _cast_input(args, kwargs)
             output = original(*args, **kwargs)
             inp = _first_input(args, kwargs)
@@ -296,7 +308,8 @@ class Recorder:
                            functools.partial(bias, key, module, own, module._get_rel_pos_bias, batch))
                     shadow(module, "forward", functools.partial(attention, batch, module.forward))
                 else:
-                    shadow(module, "forward", functools.partial(record, key, module, kind, own, module.forward))
+                    shadow(module, "forward",
+                           functools.partial(record, key, module, kind, own, _stock_matmul(module), module.forward))
             yield
         finally:
             for module, name, before in reversed(patched):

@@ -393,26 +393,10 @@ def bf16_f32_gemms(device: torch.device) -> bool:
             try:
                 t = torch.zeros(1, 1, 1, device=device, dtype=torch.bfloat16)
                 ok = torch.bmm(t, t, out_dtype=torch.float32).dtype == torch.float32
-            except (RuntimeError, TypeError, NotImplementedError):
-                ok = False
+            except (TypeError, NotImplementedError):  # torch < 2.8, or no kernel for this device
+                ok = False  # (any other error is raised: not cached as "unsupported")
         _BF16_F32_GEMMS[kind] = ok
     return _BF16_F32_GEMMS[kind]
-
-
-@contextlib.contextmanager
-def _float32_reductions():
-    """cuBLAS may not reduce bf16 GEMMs' partial sums in reduced precision (restored after)."""
-    backend = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
-    try:
-        before = backend.allow_bf16_reduced_precision_reduction
-    except (AttributeError, RuntimeError):
-        yield
-        return
-    backend.allow_bf16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        backend.allow_bf16_reduced_precision_reduction = before
 
 
 def bf16_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -421,12 +405,13 @@ def bf16_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     float32, so this is the float32 product of the same values, up to the order and the
     rounding of its sums (tensor cores' float32 adds, as in `tf32_products`:
     `ghost.TF32_MARGIN`). Where `bf16_f32_gemms` (CUDA): one bf16 GEMM with float32
-    output, at twice the TF32 rate and without float32 copies of the operands; elsewhere
-    float32 copies multiplied under `tf32_products` (the CPU: IEEE float32, same values)."""
+    output (cuBLAS computes it in float32; torch's reduced-precision bf16 reduction setting
+    concerns bf16 outputs), at twice TF32's peak rate and without float32 copies of the
+    operands; elsewhere float32 copies multiplied under `tf32_products` (the CPU: IEEE
+    float32, same values)."""
     mm = torch.bmm if x.dim() == 3 else torch.mm
     if bf16_f32_gemms(x.device):
-        with _float32_reductions():
-            return mm(x, y, out_dtype=torch.float32)
+        return mm(x, y, out_dtype=torch.float32)
     with tf32_products():
         return mm(x.float(), y.float())
 

@@ -413,9 +413,10 @@ def test_bf16_gemm_passes_clip_with_the_tf32_margin(route, per_record):
 
 
 def test_bf16_products_are_float32_products_of_the_same_values():
-    """`per_sample.bf16_product`: bf16 operands (strided too), a float32 result equal to the
-    float32 product of their values; on the CPU no bf16 GEMM with float32 output exists
-    (the meta device has one: what bench/dp_flops.py counts)."""
+    """`per_sample.bf16_product` on the CPU, i.e. its fallback (no bf16 GEMM with float32
+    output exists there; the meta device has one, which bench/dp_flops.py counts): bf16
+    operands (strided too), a float32 result, the float32 product of their values. The
+    CUDA kernel is checked by the `gpu` test below."""
     from mammodp.privacy.per_sample import bf16_f32_gemms, bf16_product
 
     assert not bf16_f32_gemms(torch.device("cpu")) and bf16_f32_gemms(torch.device("meta"))
@@ -728,3 +729,43 @@ def test_under_autocast_the_recorder_holds_what_the_layers_multiplied(route, mon
     monkeypatch.setattr(grad_sampler, "_cast_input", lambda args, kwargs: (args, kwargs))  # as before
     before = _peak_bytes(step)
     assert now < 0.95 * before, (now, before)
+
+
+class _Float32Linear(nn.Linear):
+    """A Linear that runs in float32 whatever the autocast around it (its own forward)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("route", ["hooks", "mixed"])
+def test_the_recorder_casts_no_input_of_a_layer_with_its_own_forward(route, monkeypatch):
+    """The recorder's autocast cast is for torch's own Linear / Conv2d forward only: a
+    subclass that switches autocast off keeps its float32 input (cast, F.linear would fail
+    on bf16 input and float32 weights), and its gradients agree with the per-sample loop."""
+    from mammodp.privacy import grad_sampler
+
+    torch.manual_seed(5)
+    model = _cuda_layer_norm_policy(create_classifier("swin_micro"))
+    old = model.head[0]
+    model.head[0] = _Float32Linear(old.in_features, old.out_features)
+    model.head[0].load_state_dict(old.state_dict())
+    x, y = _batch(4, seed=5)
+    ref, norms = _loop_clipped_sum(model, x, y, torch.arange(4), C=math.inf, autocast_dtype=torch.bfloat16)
+    seen = {}
+    run = grad_sampler.Recorder.run
+
+    def spying_run(self, x, y, sink):
+        def spy(call, g):
+            if call.kind == "linear":
+                seen[call.key] = call.a.dtype
+            sink(call, g)
+        return run(self, x, y, spy)
+
+    monkeypatch.setattr(grad_sampler.Recorder, "run", spying_run)
+    res = clipped_grad_sum(model, LOSS, x, y, max_grad_norm=math.inf, autocast_dtype=torch.bfloat16, method=route)
+    assert seen["head.0."] == torch.float32 and seen["head.2."] == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(res.grads["head.0.weight"].flatten(),
+                                                ref["head.0.weight"].flatten(), dim=0)
+    assert cos > 0.99
