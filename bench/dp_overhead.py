@@ -123,11 +123,22 @@ def _opacus_held(params: list[torch.nn.Parameter]) -> Callable[[], int]:
     return lambda: _tensor_bytes([getattr(p, a, None) for p in params for a in ("grad_sample", "summed_grad")])
 
 
+def _layernorm_fp32(model: torch.nn.Module) -> None:
+    """CUDA autocast's LayerNorm policy, imposed on any device: every LayerNorm runs in float32
+    (CUDA autocast casts its input up; CPU autocast runs it in its input's dtype, bf16 after
+    the first bf16 layer), so the Linear layers after LayerNorms take float32 inputs that
+    autocast casts, as in a bf16 run on a GPU."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.register_forward_pre_hook(lambda mod, args: (args[0].float(), *args[1:]))
+
+
 def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, size: int,
-              routes: tuple[str, ...] = ROUTES, amp: torch.dtype | None = None):
+              routes: tuple[str, ...] = ROUTES, amp: torch.dtype | None = None, layernorm_fp32: bool = False):
     """name -> step function, name -> DP engine, and name -> bytes held between steps, for
     one preset. Every model starts from the same weights. `amp`: the forward of every variant
-    under autocast to that dtype (as `train.amp` runs it), else float32."""
+    under autocast to that dtype (as `train.amp` runs it), else float32; `layernorm_fp32`:
+    every variant with `_layernorm_fp32`."""
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -144,6 +155,8 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
     head_routes = tuple(r for r in ("auto", "vmap") if r in routes) or ("auto",)
     for mode, tag, methods in (("full", "full", routes), ("frozen_backbone", "head", head_routes)):
         base = create_classifier(preset, mode=mode).to(device).train()
+        if layernorm_fp32:
+            _layernorm_fp32(base)
 
         plain = copy.deepcopy(base)
         plain_opt = torch.optim.AdamW(trainable_parameters(plain), lr=1e-4)
@@ -257,12 +270,13 @@ def _time_interleaved(steps: dict[str, Callable[[], None]], reps: int, device: t
 
 
 def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int, profile: bool = False,
-          routes: tuple[str, ...] | None = None, amp: torch.dtype | None = None, block: int = 5) -> None:
+          routes: tuple[str, ...] | None = None, amp: torch.dtype | None = None, block: int = 5,
+          layernorm_fp32: bool = False) -> None:
     """Measure and print the ratios for one preset on one device."""
     size = PRESETS[preset]["img_size"]
     routes = routes or (ROUTES if device.type == "cpu" else CUDA_ROUTES)
     routes = ("auto",) + tuple(r for r in routes if r != "auto")  # the default route is always measured
-    steps, engines, held = _variants(preset, device, batch, grad_chunk, size, routes, amp)
+    steps, engines, held = _variants(preset, device, batch, grad_chunk, size, routes, amp, layernorm_fp32)
     for fn in steps.values():  # warm-up: lazy imports, vmap set-up, the auto check, cuDNN autotuning
         fn()
         fn()
@@ -286,6 +300,8 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
     time_how = "CPU time (process_time)" if cpu else "wall time"
     n_full = sum(p.numel() for p in create_classifier(preset).parameters())
     precision = f"autocast {str(amp).removeprefix('torch.')}" if amp is not None else "float32"
+    if layernorm_fp32:
+        precision += " (LayerNorms in float32, as on CUDA)"
     print(f"# {preset} ({n_full / 1e6:.2f}M params) on {device} ({torch.get_num_threads()} CPU threads), "
           f"batch {batch}, grad_chunk {grad_chunk}, {size} px, {precision}, median of {max(1, reps // block) * block} steps "
           f"interleaved in rounds of {block} per variant; "
@@ -339,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"{','.join(CUDA_ROUTES)} on CUDA)")
     ap.add_argument("--amp", choices=("bf16",), default=None,
                     help="every variant's forward under bf16 autocast (as train.amp runs it on CUDA)")
+    ap.add_argument("--layernorm-fp32", action="store_true",
+                    help="with --amp on the CPU: LayerNorms in float32, as CUDA's autocast runs them (CPU "
+                         "autocast runs them in bf16 after the first bf16 layer): the GPU's bf16 memory picture")
     ap.add_argument("--allocator", choices=("keep", "default"), default="keep",
                     help="keep: glibc keeps freed memory, as `mammodp train` sets it on CPU "
                          "(runtime.keep_freed_memory), for every variant alike; default: glibc's defaults")
@@ -359,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     for preset, device in runs:
         routes = tuple(r for r in args.routes.split(",") if r) if args.routes else None
         amp = torch.bfloat16 if args.amp == "bf16" else None
-        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes, amp, args.block)
+        bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes, amp, args.block,
+              args.layernorm_fp32)
 
 
 if __name__ == "__main__":
