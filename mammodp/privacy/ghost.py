@@ -251,10 +251,11 @@ class MixedClipper:
     Attribute `tf32` (default True): under autocast, run the ghost layers' Grams and
     book-keeping products as exact TF32 products (`_split_bf16`; clip factors with
     TF32_MARGIN); False: IEEE float32 products of float32 copies (the ghost layers' products
-    as before 2026-12-05, though on the recorded inputs as autocast rounded them since the
-    recorder casts them: `grad_sampler._cast_input`), kept for side-by-side benchmarks: `bench/dp_overhead.py --amp bf16
-    --routes auto,auto-ieee`; the materialised layers and the fallback for a record larger
-    than a pass are the same in both). Both add what the norm measured.
+    as before 2026-12-05, though of the recorded inputs as autocast rounded them, since the
+    recorder casts them: `grad_sampler._cast_input`), kept for side-by-side benchmarks
+    (`bench/dp_overhead.py --amp bf16 --routes auto,auto-ieee`; the materialised layers and
+    the fallback for a record larger than a pass are the same in both). Both add what the
+    norm measured.
 
     Attribute `bf16_gemm` (default False; an A/B switch until timed on a GPU): under bf16
     autocast with `tf32`, those products run as bf16 GEMMs with float32 output instead

@@ -110,10 +110,11 @@ def _cast_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     torch's own forward (`_stock_matmul`) cast to autocast's dtype before the call, as
     autocast would cast it inside the layer (the same rounding, the same graph): the layer
     then saves this very tensor for its backward, and the recorder holds that one, not the
-    float32 original beside autocast's copy. On CUDA
-    (LayerNorms autocast to float32) those are the LayerNorm outputs feeding the attention
-    and MLP layers, and the image: the DP step's peak memory at Swin-T under bf16 (CPU with
-    CUDA's LayerNorm policy, batch 4) 1.44x -> 1.29x plain's."""
+    float32 original beside autocast's copy. On CUDA (LayerNorms autocast to float32) those
+    are the LayerNorm outputs feeding the attention and MLP layers, and the image: the DP
+    step's peak memory at Swin-T 224 under bf16 (CPU with CUDA's LayerNorm policy,
+    `bench/dp_overhead.py --layernorm-fp32`) 1.44x -> 1.29x plain's at batch 4, 1.28x ->
+    1.10x at batch 16."""
     inp = args[0] if args else next(iter(kwargs.values()))
     if inp.dtype != torch.float32:
         return args, kwargs

@@ -406,8 +406,9 @@ def bf16_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     rounding of its sums (tensor cores' float32 adds, as in `tf32_products`:
     `ghost.TF32_MARGIN`). Where `bf16_f32_gemms` (CUDA): one bf16 GEMM with float32
     output (accumulated in float32, as torch documents its `out_dtype` GEMMs; a `gpu` test
-    checks it), at twice TF32's peak rate and without float32 copies of the operands; elsewhere float32 copies multiplied under `tf32_products` (the CPU: IEEE
-    float32, same values)."""
+    checks it), at twice TF32's peak rate and without float32 copies of the operands;
+    elsewhere float32 copies multiplied under `tf32_products` (the CPU: IEEE float32, the
+    same values)."""
     mm = torch.bmm if x.dim() == 3 else torch.mm
     if bf16_f32_gemms(x.device):
         return mm(x, y, out_dtype=torch.float32)
