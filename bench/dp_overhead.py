@@ -34,10 +34,15 @@ Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the memory held bef
 step. On CPU PyTorch keeps no allocator peak, so the CPU figure is the peak of live tensor
 bytes reconstructed from `torch.profiler(profile_memory=True)` allocation events (op
 granularity: a transient buffer allocated and freed inside one kernel is not seen). RSS or
-tracemalloc deltas are not used: the CPU allocator caches and tracemalloc misses it. What a
-variant keeps between steps was allocated before the measured step, so its bytes are added
-to the peak: the DP engine's fp32 clipped-sum buffers (one per trainable parameter), and
-Opacus' per-sample and summed gradients left on the parameters until the next zero_grad.
+tracemalloc deltas are not used: the CPU allocator caches and tracemalloc misses it. Every
+variant zeroes its gradients at the end of its step (`zero_grad(set_to_none=True)`: what a
+loop that zeroes before its next forward frees before it), so plain training and Opacus keep
+nothing between steps; what the DP engine keeps for the whole run (its float32 clipped-sum
+buffer and the noisy-gradient buffer whose views are `.grad`) was allocated before the
+measured step, so its bytes are added to the peak. (Until 2026-12-05 the noisy-gradient
+buffer was left out, and Opacus zeroed after its frozen backbone's forward, so its per-sample
+gradients of the previous step were counted at that forward's peak: Opacus' memory was
+overstated by about them, ~4% at swin_micro.)
 
 Batches are the same for every variant: q = 1 over B records, so each Poisson batch holds
 all B samples and the DP step does exactly the work of a B-sample step.
@@ -114,13 +119,9 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _engine_held(engine) -> Callable[[], int]:
-    """Bytes the DP engine keeps between steps (its fp32 clipped-sum buffers)."""
-    return lambda: _tensor_bytes([getattr(engine, "_flat", None)])
-
-
-def _opacus_held(params: list[torch.nn.Parameter]) -> Callable[[], int]:
-    """Bytes Opacus keeps between steps: per-sample and summed gradients left on the parameters."""
-    return lambda: _tensor_bytes([getattr(p, a, None) for p in params for a in ("grad_sample", "summed_grad")])
+    """Bytes the DP engine keeps between steps: its float32 clipped-sum buffer and the
+    noisy-gradient buffer whose views are `.grad`."""
+    return lambda: _tensor_bytes([getattr(engine, "_flat", None), getattr(engine, "_grad_flat", None)])
 
 
 def _layernorm_fp32(model: torch.nn.Module) -> None:
@@ -162,11 +163,11 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
         plain_opt = torch.optim.AdamW(trainable_parameters(plain), lr=1e-4)
 
         def plain_step(model=plain, opt=plain_opt):
-            opt.zero_grad(set_to_none=True)
             with autocast():
                 logits = model(x)
             LOSS(logits.float(), y).backward()
             opt.step()
+            opt.zero_grad(set_to_none=True)
 
         steps[f"{tag}/plain"] = plain_step
         for method in methods:
@@ -212,16 +213,15 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
             def opacus_step(model=op_model, gsm=gsm, opt=op_opt):
                 with torch.no_grad(), autocast():
                     feats = model.backbone(model.preprocess(x))  # frozen: no graph
-                opt.zero_grad(set_to_none=True)
                 with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients"
                     warnings.simplefilter("ignore", UserWarning)
                     with autocast():  # the head in the same precision as ours
                         logits = gsm(feats)
                     LOSS(logits.float(), y).backward()
                 opt.step()
+                opt.zero_grad(set_to_none=True)  # per-sample, summed and noisy gradients freed
 
             steps["head/opacus"] = opacus_step
-            held["head/opacus"] = _opacus_held(list(gsm.parameters()))
     return steps, engines, held
 
 
@@ -292,8 +292,8 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
         w, c = _time_interleaved({k: steps[k] for k in group}, reps, device, block)
         med_wall.update({k + (tag if k.endswith("plain") else ""): v for k, v in w.items()})
         med.update({k + (tag if k.endswith("plain") else ""): v for k, v in (c if cpu else w).items()})
-    # The step's own peak plus what the variant held before it started (allocated by the
-    # previous step, so the profiler cannot see it; plain training holds nothing: .grad is None).
+    # The step's own peak plus what the DP engine holds for the run (allocated before the step,
+    # so the profiler cannot see it; plain training and Opacus hold nothing: they zero at the end).
     peak = {k: held[k]() + _peak_bytes(fn, device) if k in held else _peak_bytes(fn, device)
             for k, fn in steps.items()}
     mem_how = "torch.cuda.max_memory_allocated" if not cpu else "torch.profiler live-tensor peak"
