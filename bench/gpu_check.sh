@@ -22,6 +22,15 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD
 fi
+if ! $PY -c "import opacus, pydicom, timm" 2>/dev/null; then
+  echo "opacus, pydicom or timm missing: run 'make gpu-wheels' here and carry .whl/ with the working tree" >&2
+  exit 2
+fi
+# One deadline for the whole check (a device call may run 600 s): each part gets its own cap
+# or what is left before DEADLINE seconds, whichever is less, so a slow part cannot starve
+# the ones after it of their whole time.
+DEADLINE=${GPU_CHECK_DEADLINE:-570}
+cap() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 10 ? left : 10)) || echo "$1"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 $PY - <<'PYEOF'
 import timm, torch
@@ -30,13 +39,13 @@ print("torch", torch.__version__, "timm", timm.__version__, "cuda", torch.cuda.i
 PYEOF
 status=0
 echo "== pytest -m gpu"
-timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/privacy tests/models || { echo "pytest -m gpu FAILED"; status=1; }
+timeout $(cap 240) $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/privacy tests/models || { echo "pytest -m gpu FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 32, float32"
-timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 32 || { echo "dp_overhead FAILED"; status=1; }
+timeout $(cap 120) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 32 || { echo "dp_overhead FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, float32 (default route only)"
-timeout 120 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --routes auto || { echo "dp_overhead FAILED"; status=1; }
+timeout $(cap 120) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --routes auto || { echo "dp_overhead FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, bf16 autocast (as the paper plan trains)"
-timeout 200 $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 --routes auto,auto-ieee,auto-bf16,hooks || { echo "dp_overhead FAILED"; status=1; }
+timeout $(cap 200) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 --routes auto,auto-ieee,auto-bf16,hooks || { echo "dp_overhead FAILED"; status=1; }
 echo "== three epochs of the paper plan"
-timeout 150 $PY bench/gpu_train_check.py --patients 400 || { echo "gpu_train_check FAILED"; status=1; }
+timeout $(cap 150) $PY bench/gpu_train_check.py --patients 400 || { echo "gpu_train_check FAILED"; status=1; }
 exit $status
