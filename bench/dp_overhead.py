@@ -37,9 +37,9 @@ granularity: a transient buffer allocated and freed inside one kernel is not see
 tracemalloc deltas are not used: the CPU allocator caches and tracemalloc misses it. Every
 variant zeroes its gradients at the end of its step (`zero_grad(set_to_none=True)`: what a
 loop that zeroes before its next forward frees before it), so plain training and Opacus keep
-nothing between steps; what the DP engine keeps for the whole run (its float32 clipped-sum
-buffer and the noisy-gradient buffer whose views are `.grad`) was allocated before the
-measured step, so its bytes are added to the peak. (Until 2026-12-05 the noisy-gradient
+nothing between steps; what the DP engine still holds before a step (its float32
+clipped-sum buffer and the noisy-gradient buffer whose views are `.grad`, as far as it has not
+given their memory back) is added where the step's peak cannot show it (`_engine_held`). (Until 2026-12-05 the noisy-gradient
 buffer was left out, and Opacus zeroed after its frozen backbone's forward, so its per-sample
 gradients of the previous step were counted at that forward's peak: Opacus' memory was
 overstated by about them, ~4% at swin_micro.)
@@ -118,10 +118,23 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _engine_held(engine) -> Callable[[], int]:
-    """Bytes the DP engine keeps between steps: its float32 clipped-sum buffer and the
-    noisy-gradient buffer whose views are `.grad`."""
-    return lambda: _tensor_bytes([getattr(engine, "_flat", None), getattr(engine, "_grad_flat", None)])
+def _engine_held(engine, device: torch.device) -> Callable[[], int]:
+    """Bytes the DP engine holds before a step that the step's own peak does not show: its
+    float32 clipped-sum buffer and its noisy-gradient buffer (views: `.grad`), as far as they
+    still have memory (the engine gives it back between steps). On CUDA the peak is taken
+    above the memory allocated before the step, so all of it is added back; on the CPU the
+    profiler sees neither those allocations nor their release, so only what stays allocated
+    through the step: the noisy-gradient buffer, if a `.grad` still holds its view (the
+    engine releases it when a step begins otherwise; the clipped sums are made in the step)."""
+    def held() -> int:
+        flat, grad = getattr(engine, "_flat", None), getattr(engine, "_grad_flat", None)
+        nbytes = [0 if t is None else t.untyped_storage().nbytes() for t in (flat, grad)]
+        if device.type == "cuda":
+            return sum(nbytes)
+        views = getattr(engine, "_grad_views", {})
+        kept = any(p.grad is views.get(name) for name, p in engine._params.items())
+        return nbytes[1] if kept else 0
+    return held
 
 
 def _layernorm_fp32(model: torch.nn.Module) -> None:
@@ -197,7 +210,7 @@ def _variants(preset: str, device: torch.device, batch: int, grad_chunk: int, si
 
             steps[f"{tag}/dp-{method}"] = dp_step
             engines[f"{tag}/dp-{method}"] = engine
-            held[f"{tag}/dp-{method}"] = _engine_held(engine)
+            held[f"{tag}/dp-{method}"] = _engine_held(engine, device)
 
         if mode == "frozen_backbone":
             import warnings

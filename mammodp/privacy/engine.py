@@ -65,6 +65,28 @@ log = logging.getLogger(__name__)
 PRIVACY_UNITS = ("patch", "patient")
 
 
+class _OnDemand(dict):
+    """The run's clipped-sum views (name -> view of one flat buffer); `ready()` makes the
+    buffer's memory and zeroes it when a route first writes (`per_sample.ready`)."""
+
+    __slots__ = ("ready",)
+
+
+def _release(t: torch.Tensor | None) -> None:
+    """Give a run buffer's memory back; its views stay (metadata) until `_regrow`."""
+    if t is not None and t.untyped_storage().nbytes():
+        t.untyped_storage().resize_(0)
+
+
+def _regrow(t: torch.Tensor) -> bool:
+    """Memory for a released run buffer again (its views valid again); True if it had none."""
+    storage = t.untyped_storage()
+    if storage.nbytes():
+        return False
+    storage.resize_(t.numel() * t.element_size())
+    return True
+
+
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max |got - ref| / max |ref| (inf for NaN)."""
     err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
@@ -134,10 +156,16 @@ class DPSGD:
         self._verify_route = per_sample_method == "auto" and self.per_sample_method != "vmap"
         self.method_note = ""
         self._route = None  # (method, loss_fn, route object): built once, reused every step
-        self._flat: torch.Tensor | None = None  # all clipped sums, fp32, zeroed in place per step
-        self._sums: dict[str, torch.Tensor] = {}  # per-parameter views of it
+        # All clipped sums, fp32, one flat buffer: made when the step's clipping first writes
+        # and released when the step has turned it into the noisy gradient (off the memory peak
+        # of the forward / backward, which for head-only DP is the frozen backbone's forward).
+        self._flat: torch.Tensor | None = None
+        self._sums = _OnDemand()  # per-parameter views of it
+        self._sums.ready = self._ready_sums
         self._sizes: list[int] = []  # numel of each parameter, in the buffer's order
-        self._grad_flat: torch.Tensor | None = None  # the noisy mean gradient; its views are `.grad`
+        # The noisy mean gradient; its views are `.grad`. Released when a step begins and no
+        # parameter's `.grad` holds its view any longer (zero_grad(set_to_none=True)).
+        self._grad_flat: torch.Tensor | None = None
         self._grad_views: dict[str, torch.Tensor] = {}
         self.steps_taken = 0
         self._last: tuple | None = None  # (samples, records, clipped: int or device tensor) of the last step
@@ -237,6 +265,9 @@ class DPSGD:
         records = torch.from_numpy(self.sampler.record_of_sample[idx])  # (B,) record of each sample
 
         if self.private:
+            if self._grad_flat is not None and not any(
+                    p.grad is self._grad_views.get(name) for name, p in self._params.items()):
+                _release(self._grad_flat)  # nobody holds last step's gradient: not on this step's peak
             priv, n_samples, n_records, loss_sum, clipped = self._private_sum(inputs, targets, loss_fn, records, device)
             stats = (n_samples, n_records, loss_sum, clipped)
             if self.reduce is None:
@@ -247,6 +278,7 @@ class DPSGD:
                 noisy = dict(self._noisy_mean(priv, 1.0, add_noise=self.adds_noise))
                 noisy, stats = self.reduce(noisy, stats)
                 grads = {n: g / self.expected_batch_size for n, g in noisy.items()}
+            _release(self._flat)  # the clipped sums are in the noisy gradient now
             n_samples, n_records, loss_sum, clipped = stats
             divisor = self.expected_batch_size
         else:
@@ -291,7 +323,9 @@ class DPSGD:
         run's flat gradient buffer, whose per-parameter views become `.grad`: the noise is
         drawn straight into it (one draw per coordinate per step), then the sum is added and
         the result divided, in place. The buffer and its views are made once per run (81 views
-        a step cost ~0.2 ms at swin_micro); a `.grad` kept past the next step is overwritten."""
+        a step cost ~0.2 ms at swin_micro); its memory is given back between steps when no
+        `.grad` holds it (see `step`): a `.grad` kept past the next step is overwritten, or,
+        if the optimizer had let go of it, left without memory (reading it raises)."""
         std = self.noise_multiplier * self.max_grad_norm if add_noise else 0.0
         gen = self.noise_generator
         flat = self._flat
@@ -299,6 +333,8 @@ class DPSGD:
             self._grad_flat = torch.empty_like(flat)
             pieces = self._grad_flat.split(self._sizes)
             self._grad_views = {name: piece.view(sums[name].shape) for name, piece in zip(sums, pieces)}
+        else:
+            _regrow(self._grad_flat)  # overwritten below: no zeroing needed
         out = self._grad_flat
         if std > 0 and flat.device == gen.device:
             out.normal_(0.0, std, generator=gen).add_(flat)
@@ -364,20 +400,25 @@ class DPSGD:
             log.warning("per-sample gradients: %s", self.method_note)
 
     def _buffers(self) -> dict[str, torch.Tensor]:
-        """The run's fp32 clipped-sum buffers: views of one flat tensor, allocated on the first
-        step and zeroed in place (one op) on every later one."""
+        """The run's fp32 clipped-sum buffers: views of one flat tensor, made on the first step
+        and kept (the routes cache them), with no memory until the step's clipping first writes
+        (`_ready_sums`): whatever an interrupted step left is dropped here."""
         if self._flat is None:
             sizes = [p.numel() for p in self._params.values()]
             first = next(iter(self._params.values()))
-            self._flat = torch.zeros(sum(sizes), dtype=torch.float32, device=first.device)
+            self._flat = torch.empty(sum(sizes), dtype=torch.float32, device=first.device)
             start = 0
             self._sizes = sizes
             for (name, p), size in zip(self._params.items(), sizes):
                 self._sums[name] = self._flat[start : start + size].view(p.shape)
                 start += size
-        else:
-            self._flat.zero_()
+        _release(self._flat)
         return self._sums
+
+    def _ready_sums(self) -> None:
+        """Memory for the clipped sums, zeroed: once a step, when a route first writes."""
+        if _regrow(self._flat):
+            self._flat.zero_()
 
     def _private_sum(self, inputs, targets, loss_fn, records, device):
         """Sum of per-record clipped gradients over physical chunks that keep records whole,
@@ -410,6 +451,7 @@ class DPSGD:
             n_records += res.n_records
             clipped = clipped + (res.norms > self.max_grad_norm).sum()
             loss_sum = loss_sum + res.loss_sum
+        total.ready()  # zeros if no record was drawn (Poisson batches may be empty)
         return total, n_samples, n_records, loss_sum, clipped
 
     def _plain_sum(self, inputs, targets, loss_fn, device, chunk):

@@ -139,6 +139,7 @@ from mammodp.privacy.per_sample import (
     bf16_product,
     clip_factors,
     exact_arithmetic,
+    ready,
     row_norms,
     tf32_products,
 )
@@ -411,6 +412,7 @@ class MixedClipper:
             norms = sq.sqrt_()
             tf32 = any(self._tf32(g) for calls in ghosts.values() for _, g in calls)
             factors = clip_factors(norms * (1 + TF32_MARGIN) if tf32 else norms, max_grad_norm)
+            ready(out)  # the caller's buffers, made now if made on demand (after backward's peak)
             # sum_r c_r G_r: (P, R) @ (R,), in place into the caller's buffers
             if joined is not None:
                 self._scatter_add(out, small_names, torch.mv(joined.t(), factors))

@@ -416,6 +416,15 @@ def bf16_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return mm(x.float(), y.float())
 
 
+def ready(out) -> None:
+    """Call before the first write into a caller's clipped-sum buffers `out`: buffers whose
+    memory the caller makes only when it is needed (the engine's: `DPSGD._buffers`, off the
+    forward / backward memory peak) say so with a `ready()` method, which makes and zeroes it."""
+    hook = getattr(out, "ready", None)
+    if hook is not None:
+        hook()
+
+
 _NORM_CHUNK = 4096  # numbers per partial norm in `row_norms`
 
 
@@ -547,6 +556,7 @@ def clipped_grad_sum(
             with exact_arithmetic(x.device.type):
                 norms = record_norms(grads)  # (n_rec,)
                 factors = clip_factors(norms, max_grad_norm)
+                ready(total)
                 for name, g in grads.items():
                     # sum_r factor_r * g_r as one matrix-vector product, in place: (P, R) @ (R,)
                     total[name].view(-1).addmv_(g.reshape(n_rec, -1).float().t(), factors)
@@ -570,6 +580,7 @@ __all__ = [
     "make_route",
     "per_sample_gradients",
     "per_sample_loss_fn",
+    "ready",
     "record_norms",
     "row_norms",
     "tf32_products",

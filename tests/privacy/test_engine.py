@@ -126,6 +126,74 @@ def test_the_run_buffer_never_hands_out_a_stale_gradient():
             assert err < 1e-4, (step, name, err)
 
 
+@pytest.mark.parametrize("mode", ["full", "frozen_backbone"])
+def test_between_steps_the_engine_holds_no_buffer_memory_its_caller_let_go(mode, monkeypatch):
+    """The clipped sums get memory when the step's clipping first writes and give it back
+    when they are the noisy gradient; the noisy gradient (`.grad`'s views) gives it back when a
+    step begins and no `.grad` holds it (zero_grad(set_to_none=True)): neither is on the memory
+    peak of the step's forward / backward (head-only: the frozen backbone's forward, where
+    they made it 1.0025x Opacus'). Kept while the caller keeps `.grad` (set_to_none=False)."""
+    from mammodp.privacy import grad_sampler
+
+    x, y = _data(6, seed=3)
+    model, _ = _setup(mode)
+    ref_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    dp = _engine(model, opt, np.arange(6), per_sample_method="mixed", grad_chunk=6, physical_batch_size=6)
+    held = []  # at each step's forward (one pass a step)
+    run = grad_sampler.Recorder.run
+
+    def spying_run(self, *args):
+        held.append([t.untyped_storage().nbytes() for t in (dp._flat, dp._grad_flat) if t is not None])
+        return run(self, *args)
+
+    monkeypatch.setattr(grad_sampler.Recorder, "run", spying_run)
+    for set_to_none in (True, True, False, False):
+        idx = dp.sample_batch()
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+        assert dp._flat.untyped_storage().nbytes() == 0  # the sums are the gradient now
+        ref_model.zero_grad()
+        LOSS(ref_model(x), y).backward()
+        for (name, p), r in zip(model.named_parameters(), ref_model.parameters()):
+            if p.requires_grad:  # relative to the largest entry
+                assert float((p.grad - r.grad).abs().max() / r.grad.abs().max()) < 1e-4, name
+        opt.zero_grad(set_to_none=set_to_none)
+    # forward of step 1: the sums' views made, without memory, no gradient buffer yet; steps
+    # 2-3: the caller let go of .grad (set_to_none); step 4: it kept .grad (zeroed in place)
+    assert held == [[0], [0, 0], [0, 0], [0, dp._grad_flat.numel() * 4]]
+
+
+def test_an_interrupted_step_leaves_nothing_in_the_next_one(monkeypatch):
+    """A step that fails after its clipping wrote part of the sums (its second physical chunk
+    here) leaves them in the buffer: the next step must start from zero."""
+    from mammodp.privacy import engine as engine_mod
+
+    x, y = _data(6, seed=3)
+    model, _ = _setup()
+    ref_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    dp = _engine(model, opt, np.arange(6), per_sample_method="hooks")  # physical chunks of 4: two
+    calls = []
+    real = engine_mod.clipped_grad_sum
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "clipped_grad_sum", failing_second)
+    idx = dp.sample_batch()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    assert dp._flat.untyped_storage().nbytes() > 0 and float(dp._flat.abs().sum()) > 0  # partial sums
+    monkeypatch.setattr(engine_mod, "clipped_grad_sum", real)
+    dp.step(x[idx], y[idx], LOSS, record_idx=idx)  # the same batch, again
+    LOSS(ref_model(x[idx]), y[idx]).backward()
+    for (name, p), r in zip(model.named_parameters(), ref_model.parameters()):
+        assert float((p.grad - r.grad).abs().max() / r.grad.abs().max()) < 1e-4, name  # not twice a chunk
+
+
 def test_public_samples_mix_in_like_a_plain_step_on_the_union_batch():
     x, y = _data(6)
     xp, yp = _data(3, seed=9)
