@@ -307,8 +307,10 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
         med.update({k + (tag if k.endswith("plain") else ""): v for k, v in (c if cpu else w).items()})
     # The step's own peak plus what the DP engine holds for the run (allocated before the step,
     # so the profiler cannot see it; plain training and Opacus hold nothing: they zero at the end).
-    peak = {k: held[k]() + _peak_bytes(fn, device) if k in held else _peak_bytes(fn, device)
-            for k, fn in steps.items()}
+    peak = {}
+    for k, fn in steps.items():
+        before = held[k]() if k in held else 0  # read before the step runs (it changes what is held)
+        peak[k] = before + _peak_bytes(fn, device)
     mem_how = "torch.cuda.max_memory_allocated" if not cpu else "torch.profiler live-tensor peak"
     time_how = "CPU time (process_time)" if cpu else "wall time"
     n_full = sum(p.numel() for p in create_classifier(preset).parameters())

@@ -73,9 +73,13 @@ class _OnDemand(dict):
 
 
 def _release(t: torch.Tensor | None) -> None:
-    """Give a run buffer's memory back; its views stay (metadata) until `_regrow`."""
-    if t is not None and t.untyped_storage().nbytes():
-        t.untyped_storage().resize_(0)
+    """Give a run buffer's memory back; its views stay (metadata) until `_regrow`. A buffer
+    whose storage cannot be resized (a CPU tensor that `.numpy()` has shared with numpy,
+    say) keeps its memory: nothing else changes."""
+    if t is not None:
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.resizable():
+            storage.resize_(0)
 
 
 def _regrow(t: torch.Tensor) -> bool:
@@ -162,6 +166,7 @@ class DPSGD:
         self._flat: torch.Tensor | None = None
         self._sums = _OnDemand()  # per-parameter views of it
         self._sums.ready = self._ready_sums
+        self._sums_zeroed = False  # in this step
         self._sizes: list[int] = []  # numel of each parameter, in the buffer's order
         # The noisy mean gradient; its views are `.grad`. Released when a step begins and no
         # parameter's `.grad` holds its view any longer (zero_grad(set_to_none=True)).
@@ -265,10 +270,15 @@ class DPSGD:
         records = torch.from_numpy(self.sampler.record_of_sample[idx])  # (B,) record of each sample
 
         if self.private:
-            if self._grad_flat is not None and not any(
-                    p.grad is self._grad_views.get(name) for name, p in self._params.items()):
+            if self._grad_flat is not None and not any(self._holds_grad(p) for p in self._params.values()):
                 _release(self._grad_flat)  # nobody holds last step's gradient: not on this step's peak
-            priv, n_samples, n_records, loss_sum, clipped = self._private_sum(inputs, targets, loss_fn, records, device)
+            try:
+                priv, n_samples, n_records, loss_sum, clipped = self._private_sum(
+                    inputs, targets, loss_fn, records, device)
+            except BaseException:
+                if self._grad_flat is not None:  # a reference the caller kept must not point at nothing
+                    _regrow(self._grad_flat)
+                raise
             stats = (n_samples, n_records, loss_sum, clipped)
             if self.reduce is None:
                 grads = self._noisy_mean(priv, self.expected_batch_size)
@@ -323,9 +333,10 @@ class DPSGD:
         run's flat gradient buffer, whose per-parameter views become `.grad`: the noise is
         drawn straight into it (one draw per coordinate per step), then the sum is added and
         the result divided, in place. The buffer and its views are made once per run (81 views
-        a step cost ~0.2 ms at swin_micro); its memory is given back between steps when no
-        `.grad` holds it (see `step`): a `.grad` kept past the next step is overwritten, or,
-        if the optimizer had let go of it, left without memory (reading it raises)."""
+        a step cost ~0.2 ms at swin_micro); its memory is given back while a step computes
+        its clipped sums when no parameter's `.grad` holds it (see `step`). A reference to a
+        `.grad` kept past the next step therefore sees that step's gradient once the step
+        returns (as before), and must not be used from inside the step (a hook)."""
         std = self.noise_multiplier * self.max_grad_norm if add_noise else 0.0
         gen = self.noise_generator
         flat = self._flat
@@ -413,12 +424,20 @@ class DPSGD:
                 self._sums[name] = self._flat[start : start + size].view(p.shape)
                 start += size
         _release(self._flat)
+        self._sums_zeroed = False
         return self._sums
 
     def _ready_sums(self) -> None:
         """Memory for the clipped sums, zeroed: once a step, when a route first writes."""
-        if _regrow(self._flat):
+        if not self._sums_zeroed:
+            _regrow(self._flat)
             self._flat.zero_()
+            self._sums_zeroed = True
+
+    def _holds_grad(self, p: torch.Tensor) -> bool:
+        """Whether `p.grad` is (a view of) the run's gradient buffer."""
+        g = p.grad
+        return g is not None and g.untyped_storage().data_ptr() == self._grad_flat.untyped_storage().data_ptr()
 
     def _private_sum(self, inputs, targets, loss_fn, records, device):
         """Sum of per-record clipped gradients over physical chunks that keep records whole,

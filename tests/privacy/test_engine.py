@@ -163,9 +163,32 @@ def test_between_steps_the_engine_holds_no_buffer_memory_its_caller_let_go(mode,
     assert held == [[0], [0, 0], [0, 0], [0, dp._grad_flat.numel() * 4]]
 
 
+def test_a_gradient_shared_with_numpy_keeps_its_memory_and_the_run_goes_on():
+    """`.numpy()` on a CPU tensor makes its storage unresizable: the run's gradient buffer then
+    keeps its memory (it cannot be given back), and every later step is still right."""
+    x, y = _data(6, seed=3)
+    model, _ = _setup()
+    ref_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    dp = _engine(model, opt, np.arange(6), per_sample_method="mixed")
+    for _ in range(3):
+        idx = dp.sample_batch()
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+        norms = [np.linalg.norm(p.grad.numpy()) for p in model.parameters()]  # a logging line
+        assert all(np.isfinite(norms))
+        opt.zero_grad(set_to_none=True)
+    assert dp._grad_flat.untyped_storage().nbytes() > 0
+    idx = dp.sample_batch()
+    dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    LOSS(ref_model(x[idx]), y[idx]).backward()
+    for (name, p), r in zip(model.named_parameters(), ref_model.parameters()):
+        assert float((p.grad - r.grad).abs().max() / r.grad.abs().max()) < 1e-4, name
+
+
 def test_an_interrupted_step_leaves_nothing_in_the_next_one(monkeypatch):
     """A step that fails after its clipping wrote part of the sums (its second physical chunk
-    here) leaves them in the buffer: the next step must start from zero."""
+    here) leaves them in the buffer: the next step must start from zero; and a `.grad` a caller
+    kept from the step before is not left without memory."""
     from mammodp.privacy import engine as engine_mod
 
     x, y = _data(6, seed=3)
@@ -178,15 +201,20 @@ def test_an_interrupted_step_leaves_nothing_in_the_next_one(monkeypatch):
 
     def failing_second(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 4:  # the second step's second chunk
             raise RuntimeError("interrupted")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine_mod, "clipped_grad_sum", failing_second)
     idx = dp.sample_batch()
+    dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+    kept = [p.grad for p in model.parameters()]  # references a caller kept past the step
+    opt.zero_grad(set_to_none=True)  # the engine may give the gradient's memory back
+    idx = dp.sample_batch()
     with pytest.raises(RuntimeError, match="interrupted"):
         dp.step(x[idx], y[idx], LOSS, record_idx=idx)
     assert dp._flat.untyped_storage().nbytes() > 0 and float(dp._flat.abs().sum()) > 0  # partial sums
+    assert all(k.untyped_storage().nbytes() > 0 for k in kept)  # memory again, not a dangling view
     monkeypatch.setattr(engine_mod, "clipped_grad_sum", real)
     dp.step(x[idx], y[idx], LOSS, record_idx=idx)  # the same batch, again
     LOSS(ref_model(x[idx]), y[idx]).backward()
