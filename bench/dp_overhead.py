@@ -114,10 +114,6 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 def _engine_held(engine, device: torch.device) -> Callable[[], int]:
     """Bytes the DP engine holds before a step that the step's own peak does not show: its
     float32 clipped-sum buffer and its noisy-gradient buffer (views: `.grad`), as far as they

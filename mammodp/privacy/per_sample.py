@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.torch_version import TorchVersion
 
 from mammodp.runtime import to_device
 
@@ -379,24 +380,14 @@ def tf32_products():
             backend.allow_tf32 = before
 
 
-_BF16_F32_GEMMS: dict[str, bool] = {}  # device type -> whether bf16 GEMMs with float32 output run there
+_BF16_F32_GEMMS = TorchVersion(torch.__version__) >= (2, 8)  # torch's mm / bmm `out_dtype`
 
 
 def bf16_f32_gemms(device: torch.device) -> bool:
     """Whether matrix products of bf16 tensors with a float32 result (`out_dtype`, torch >=
-    2.8) run on this kind of device: CUDA (and the meta device, for counting); not the CPU.
-    Checked once per device type."""
-    kind = device.type
-    if kind not in _BF16_F32_GEMMS:
-        ok = False
-        if kind in ("cuda", "meta"):
-            try:
-                t = torch.zeros(1, 1, 1, device=device, dtype=torch.bfloat16)
-                ok = torch.bmm(t, t, out_dtype=torch.float32).dtype == torch.float32
-            except (TypeError, NotImplementedError):  # torch < 2.8, or no kernel for this device
-                ok = False  # (any other error is raised: not cached as "unsupported")
-        _BF16_F32_GEMMS[kind] = ok
-    return _BF16_F32_GEMMS[kind]
+    2.8) run on this kind of device: CUDA (and the meta device, for counting); not the CPU,
+    which has no such kernel."""
+    return _BF16_F32_GEMMS and device.type in ("cuda", "meta")
 
 
 def bf16_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
