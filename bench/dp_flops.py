@@ -68,6 +68,7 @@ ROUTES = ("mixed", "ghost", "hooks", "mixed-ieee", "ghost-ieee", "mixed-bf16", "
 _aten = torch.ops.aten
 # In-place and matrix-vector products that torch's flop registry does not list.
 _INPLACE = {_aten.addmm_: _aten.addmm, _aten.baddbmm_: _aten.baddbmm}
+_SCATTERS = {_aten.index_add_, _aten.index_copy_, _aten.scatter_add_}  # (self, dim, index, source)
 _MATVEC = {_aten.mv: 0, _aten.addmv: 1, _aten.addmv_: 1}  # position of the matrix argument
 
 
@@ -93,6 +94,7 @@ class Counter(TorchDispatchMode):
         self.flops: collections.Counter = collections.Counter()
         self.written: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
+        self.ops: collections.Counter = collections.Counter()  # (phase, operator) -> calls
 
     @contextlib.contextmanager
     def within(self, phase: str):
@@ -106,6 +108,7 @@ class Counter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.calls[self.phase] += 1
+        self.ops[self.phase, str(func.overloadpacket)] += 1
         flops = _gemm_flops(func, args, kwargs, out)
         if flops:
             self.flops[self.phase] += flops
@@ -115,7 +118,10 @@ class Counter(TorchDispatchMode):
                 self.flops["TF32" if tf32 else "IEEE"] += flops
             elif isinstance(out, torch.Tensor) and out.dtype == torch.float32:  # bf16 in, float32 out
                 self.flops["BF16-F32"] += flops
-        if not _is_view(func):
+        if func.overloadpacket in _SCATTERS:  # in place into a (large) buffer: writes its source's size
+            src = args[3]
+            self.written[self.phase] += src.numel() * src.element_size()
+        elif not _is_view(func):
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
                     self.written[self.phase] += t.numel() * t.element_size()
@@ -188,10 +194,20 @@ def count(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], uni
             obj.tf32 = False  # clipping products in IEEE float32 (the path before 2026-12-05)
         if route.endswith("-bf16"):
             obj.bf16_gemm = True  # clipping products as bf16 GEMMs with float32 output
+        # Into one flat float32 buffer whose views are made once and which is zeroed once a
+        # step, as the engine's step does (fresh per-parameter zeros each step would add a
+        # fill per parameter: 175 calls at Swin-T, counted here before 2026-12-05's last day).
+        params = per_sample.trainable_named_parameters(model)
+        flat = torch.empty(sum(p.numel() for p in params.values()), device=dev)
+        sums, start = {}, 0
+        for name, p in params.items():
+            sums[name] = flat[start : start + p.numel()].view(p.shape)
+            start += p.numel()
         c = Counter()
         with _phases(c), c:
+            flat.zero_()
             per_sample.clipped_grad_sum(model, LOSS, x, y, max_grad_norm=1.0, record_ids=rec,
-                                        grad_chunk=grad_chunk, route=obj)
+                                        grad_chunk=grad_chunk, route=obj, out=sums)
         out[route] = c
     return out
 

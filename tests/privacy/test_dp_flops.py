@@ -66,3 +66,21 @@ def test_bf16_gemm_switch_moves_the_clipping_products_off_float32_copies():
     # the same products
     assert abs(low.flops["BF16-F32"] - tf32.flops["TF32"]) <= 2 and tf32.flops["TF32"] > 0.99 * tf32.flops["clip"]
     assert low.written["clip"] < tf32.written["clip"]
+
+
+def test_the_dp_count_accumulates_as_the_engine_does():
+    """The engine accumulates every step into one flat buffer whose views it made once: the
+    count must not charge the step a fill per parameter (it did: 175 calls at Swin-T), and an
+    index_add into that buffer writes its source, not the whole buffer."""
+    bench = _bench()
+    c = bench.count("swin_micro", 4, 4, ("mixed",), "patch")["mixed"]
+    n_params = len(per_sample.trainable_named_parameters(
+        bench.create_classifier("swin_micro", mode="full")))
+    fills = sum(v for (phase, op), v in c.ops.items() if op in ("aten.zeros_like", "aten.zeros", "aten.zero_"))
+    assert fills < n_params // 4, fills
+    base = torch.zeros(1000, device="meta")
+    src, idx = torch.ones(10, device="meta"), torch.arange(10, device="meta")
+    k = bench.Counter()
+    with k:
+        base.index_add_(0, idx, src)
+    assert k.written["model"] == 10 * 4
