@@ -67,6 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mammodp.errors import ConfigError, WeightsError
+from mammodp.runtime import to_device
 
 N_CLASSES = 2  # label 1 = malignant, 0 = benign
 EMBED_DIM = 50  # label embedding size (paper)
@@ -254,12 +255,12 @@ def real_targets(n: int, label_range: tuple[float, float], device: torch.device,
     """One-sided label smoothing: real targets drawn from U(lo, hi) (paper: U(0.7, 1.2))."""
     lo, hi = label_range
     u = torch.rand(n, generator=generator)
-    return (lo + (hi - lo) * u).to(device)
+    return to_device(lo + (hi - lo) * u, device)
 
 
 def random_labels(n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform class labels for fake samples (never the real batch's labels: see module doc)."""
-    return torch.randint(0, N_CLASSES, (n,), generator=generator).to(device)
+    return to_device(torch.randint(0, N_CLASSES, (n,), generator=generator), device)
 
 
 def discriminator_step(
@@ -273,7 +274,7 @@ def discriminator_step(
     scaler: torch.amp.GradScaler | None = None,
     autocast: bool = False,
     generator: torch.Generator | None = None,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One NON-private discriminator update (the paper's DCGAN step; DP: `PairedDiscriminator`).
 
     Args:
@@ -289,11 +290,13 @@ def discriminator_step(
 
     Returns:
         `loss_d` (mean real term + mean fake term), `loss_d_real`, `loss_d_fake`, `d_real`,
-        `d_fake` (mean sigmoid outputs; NaN for an empty batch).
+        `d_fake` (mean sigmoid outputs; NaN for an empty batch), as 0-d float32 tensors on
+        the device, not read here (`read_stats` reads them: on CUDA a read waits for the
+        device, so the loop reads a step's values once the next step is queued).
     """
     device = real.device
     n = real.shape[0]
-    z = torch.randn(n, G.spec.latent_dim, generator=generator).to(device)
+    z = to_device(torch.randn(n, G.spec.latent_dim, generator=generator), device)
     fake_labels = random_labels(n, device, generator)
     targets = torch.cat([real_targets(n, label_range, device, generator), torch.zeros(n, device=device)])
     with torch.no_grad():
@@ -312,14 +315,27 @@ def discriminator_step(
         loss.backward()
         optimizer.step()
     probs = torch.sigmoid(out.detach())
-    nan = float("nan")
+    if not n:
+        nan = torch.full((), float("nan"), device=device)
+        return dict.fromkeys(("loss_d", "loss_d_real", "loss_d_fake", "d_real", "d_fake"), nan)
     return {
-        "loss_d": float(loss_real.detach() + loss_fake.detach()) if n else nan,
-        "loss_d_real": float(loss_real.detach()) if n else nan,
-        "loss_d_fake": float(loss_fake.detach()) if n else nan,
-        "d_real": float(probs[:n].mean()) if n else nan,
-        "d_fake": float(probs[n:].mean()) if n else nan,
+        "loss_d": loss.detach(),
+        "loss_d_real": loss_real.detach(),
+        "loss_d_fake": loss_fake.detach(),
+        "d_real": probs[:n].mean(),
+        "d_fake": probs[n:].mean(),
     }
+
+
+def read_stats(stats: dict[str, Any]) -> dict[str, float]:
+    """A step's statistics as floats, in one read from the device (one wait on CUDA, not one
+    per value); floats pass through."""
+    keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in stats.items() if k not in keys}
+    if keys:
+        values = torch.stack([stats[k].detach().float().reshape(()) for k in keys]).tolist()
+        out |= dict(zip(keys, values))
+    return {k: out[k] for k in stats}
 
 
 # --------------------------------------------------------------------------- DP discriminator
@@ -424,11 +440,14 @@ def dp_batch(G: Generator, real: torch.Tensor, labels: torch.Tensor, draws: Samp
     Returns:
         (inputs (B, 4, S, S), targets (B, 2) = [t_real, 0]).
     """
-    real = torch.where(draws.flip_h.to(real.device)[:, None, None, None], real.flip(-1), real)
-    real = torch.where(draws.flip_v.to(real.device)[:, None, None, None], real.flip(-2), real)
-    fake = fakes(G, draws.z.to(device), draws.fake_labels.to(device))
-    inputs = pack_pairs(real.to(device), labels.to(device), fake, draws.fake_labels.to(device))
-    targets = torch.stack([draws.targets, torch.zeros_like(draws.targets)], dim=1).to(device)
+    # Every host tensor reaches the device through `to_device` (pinned: the copy is queued,
+    # the host does not wait for the previous step's kernels).
+    real = torch.where(to_device(draws.flip_h, real.device)[:, None, None, None], real.flip(-1), real)
+    real = torch.where(to_device(draws.flip_v, real.device)[:, None, None, None], real.flip(-2), real)
+    fake_labels = to_device(draws.fake_labels, device)
+    fake = fakes(G, to_device(draws.z, device), fake_labels)
+    inputs = pack_pairs(to_device(real, device), to_device(labels, device), fake, fake_labels)
+    targets = to_device(torch.stack([draws.targets, torch.zeros_like(draws.targets)], dim=1), device)
     return inputs, targets
 
 
@@ -455,7 +474,7 @@ def generator_step(
     real: torch.Tensor | None = None,
     real_labels: torch.Tensor | None = None,
     feature_matching: float = 0.0,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One generator update (non-saturating loss: fakes labelled real).
 
     Without `real` it uses no real data: under DP it is post-processing of the private
@@ -463,13 +482,14 @@ def generator_step(
     training only), `feature_matching` x `feature_matching_loss` between the discriminator's
     `texture_features` of the fakes and of that real batch is added to the loss (`loss_fm`
     reports it unweighted; `loss_g` stays the adversarial term). The gradients it leaves on
-    the discriminator's parameters are cleared.
+    the discriminator's parameters are cleared. Statistics are 0-d tensors on the device, as
+    `discriminator_step`'s.
     """
     optimizer.zero_grad(set_to_none=True)
-    z = torch.randn(batch, G.spec.latent_dim, generator=generator).to(device)
+    z = to_device(torch.randn(batch, G.spec.latent_dim, generator=generator), device)
     fake_labels = random_labels(batch, device, generator)
     matching = feature_matching > 0 and real is not None and real.shape[0] > 1
-    stats: dict[str, float] = {}
+    stats: dict[str, torch.Tensor] = {}
     with torch.autocast(device.type, enabled=autocast):
         fake = G(z, fake_labels)
         out = D(fake, fake_labels).float()
@@ -480,7 +500,7 @@ def generator_step(
                 target = D.texture_features(real, real_labels)
             fm = feature_matching_loss(D.texture_features(fake, fake_labels), target)
             total = loss + feature_matching * fm
-            stats["loss_fm"] = float(fm.detach())
+            stats["loss_fm"] = fm.detach()
     if scaler is not None:
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -488,7 +508,7 @@ def generator_step(
         total.backward()
         optimizer.step()
     D.zero_grad(set_to_none=True)
-    return {"loss_g": float(loss.detach()), **stats}
+    return {"loss_g": loss.detach(), **stats}
 
 
 class GeneratorEMA:

@@ -194,15 +194,15 @@ def _public_warm_start(G, D, images, labels, cfg: Config, dev) -> list[dict[str,
                         generator=torch.Generator().manual_seed(cfg.seed + 6), drop_last=False)
     rows = []
     for epoch in tqdm(range(g.dp.public_epochs), desc="train-gan public warm start", unit="epoch"):
-        sums = {"loss_d": 0.0, "loss_g": 0.0}
+        sums = {"loss_d": 0.0, "loss_g": 0.0}  # summed on the device, read once an epoch
         for x, y in loader:
             x = to_device(random_flips(x, generator=rng), dev)
             stats = mcgan.discriminator_step(D, G, opt_d, x, to_device(y, dev), label_range=g.real_label_range,
                                              generator=rng)
             stats |= mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, generator=rng)
             for k in sums:
-                sums[k] += stats[k]
-        rows.append({"epoch": epoch + 1, **{k: v / len(loader) for k, v in sums.items()}})
+                sums[k] = sums[k] + stats[k]
+        rows.append({"epoch": epoch + 1, **{k: v / len(loader) for k, v in mcgan.read_stats(sums).items()}})
         if not all(math.isfinite(v) for v in rows[-1].values()):
             raise DataError(f"the public warm start diverged at epoch {epoch + 1} ({rows[-1]}); lower gan.lr "
                             "or gan.dp.public_epochs", path=Path(str(g.dp.public_data)))
@@ -578,11 +578,17 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             step_rows: list[tuple[int, dict[str, float]]] = []  # logged once per epoch (one batch)
-            for stats, watched in epoch_steps():
-                step += 1
-                if ema is not None:
-                    ema.update(G)
-                step_rows.append((step, stats))
+            # A step's statistics are device tensors, read one step late: once step s is queued,
+            # reading step s - 1's values lets the host prepare step s + 1 while the device runs
+            # step s (read at once, each step's read made the device idle while the host drew
+            # and copied the next batch). A non-finite loss is so seen one step later; the
+            # epoch's generator is restored either way, and the extra step is accounted.
+            pending = None  # (step, stats, watched) queued, not yet read
+
+            def settle(entry) -> bool:
+                at, raw, watched = entry
+                stats = mcgan.read_stats(raw)
+                step_rows.append((at, stats))
                 for k, v in stats.items():
                     if math.isfinite(v):
                         sums[k] = sums.get(k, 0.0) + v
@@ -593,10 +599,21 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
                     if ema is not None:
                         ema.load_state_dict(good_ema)
                     warn("diverging_loss", f"{bad[0]} became {stats[bad[0]]} at epoch {epoch + 1}, step "
-                                           f"{step}; training stopped, generator of epoch {epoch} kept",
+                                           f"{at}; training stopped, generator of epoch {epoch} kept",
                          epoch + 1)
+                return bool(bad)
+
+            for stats, watched in epoch_steps():
+                step += 1
+                if ema is not None:
+                    ema.update(G)
+                if pending is not None and settle(pending):
                     stopped = True
+                    pending = None
                     break
+                pending = (step, stats, watched)
+            if pending is not None:
+                stopped = settle(pending)
             tracking.log_metric_steps(step_rows)
             if stopped:
                 break

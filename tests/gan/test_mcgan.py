@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from mammodp.errors import ConfigError, WeightsError
 from mammodp.models import mcgan
+from mammodp.runtime import to_device
 
 
 @pytest.mark.parametrize("d_stem", [False, True], ids=["no-stem", "stem"])
@@ -325,7 +326,8 @@ def test_generator_step_adds_the_weighted_feature_matching_term():
         opt = torch.optim.SGD(g.parameters(), lr=1.0)
         stats = mcgan.generator_step(g, D, opt, batch=4, device=torch.device("cpu"),
                                      generator=torch.Generator().manual_seed(3), **kw)
-        return g, stats
+        assert all(isinstance(v, torch.Tensor) and v.shape == () for v in stats.values())  # not read
+        return g, mcgan.read_stats(stats)
 
     plain, s0 = step()
     assert "loss_fm" not in s0
@@ -350,3 +352,47 @@ def test_generator_step_adds_the_weighted_feature_matching_term():
     grads = torch.autograd.grad(loss + lam * fm, list(g.parameters()))
     for p0, p1, gr in zip(G.parameters(), matched.parameters(), grads):
         torch.testing.assert_close(p1, p0 - gr, rtol=1e-5, atol=1e-6)
+
+
+def test_read_stats_reads_a_step_once_and_keeps_its_order():
+    stats = {"loss_g": torch.tensor(0.5), "n": 2.0, "d_real": torch.tensor(0.25, dtype=torch.float64)}
+    assert mcgan.read_stats(stats) == {"loss_g": 0.5, "n": 2.0, "d_real": 0.25}
+    assert list(mcgan.read_stats(stats)) == ["loss_g", "n", "d_real"]
+    G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4)
+    empty = mcgan.discriminator_step(D, G, torch.optim.SGD(D.parameters(), lr=0.1), torch.zeros(0, 1, 16, 16),
+                                     torch.zeros(0, dtype=torch.long), label_range=(0.7, 1.2))
+    assert all(math.isnan(v) for v in mcgan.read_stats(empty).values())  # an empty batch: NaN, not read
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp-inputs"])
+def test_gan_steps_on_cuda_never_wait_for_the_device(private):
+    """No synchronising call in a warm GAN step (torch's sync debug mode raises on one): the
+    draws and image batches are copied from pinned memory, statistics stay on the device."""
+    dev = torch.device("cuda")
+    G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4, dp=private)
+    G, D = G.to(dev), D.to(dev)
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-4), torch.optim.Adam(D.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    real, labels = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 2, (8,), generator=g)
+    draws = mcgan.draw_per_sample(8, 8, (0.7, 1.2), flips=True, generator=g)
+
+    def step():
+        if private:  # the DP step's inputs (the engine's step is tested in tests/privacy)
+            out = mcgan.dp_batch(G, real, labels, draws, dev)
+            stats = {"pairs": out[0].sum()}
+        else:
+            stats = mcgan.discriminator_step(D, G, opt_d, to_device(real, dev), to_device(labels, dev),
+                                             label_range=(0.7, 1.2), generator=g)
+        return stats | mcgan.generator_step(G, D, opt_g, batch=8, device=dev, generator=g)
+
+    step()  # warm: the first step allocates and loads kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.device.type == "cuda" for v in stats.values())
+    assert all(math.isfinite(v) for v in mcgan.read_stats(stats).values())

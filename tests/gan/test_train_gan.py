@@ -162,7 +162,8 @@ def test_diverging_loss_is_detected_and_logged(gan_project, caplog):
     assert math.isfinite(pd.read_csv(root / "m/history.csv")["loss_d"].iloc[0])
 
 
-def test_non_finite_loss_stops_training_and_keeps_the_last_good_generator(gan_project, monkeypatch):
+@pytest.mark.parametrize("bad_step", [6, 8], ids=["inside-epoch-2", "last-of-epoch-2"])
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_generator(gan_project, monkeypatch, bad_step):
     root, cfg = gan_project
     real = mcgan.generator_step
     calls = {"n": 0}
@@ -170,11 +171,14 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_generator(gan_pr
     def step(*args, **kwargs):
         calls["n"] += 1
         out = real(*args, **kwargs)
-        return {"loss_g": float("nan")} if calls["n"] == 6 else out  # inside epoch 2
+        return out | {"loss_g": torch.tensor(float("nan"))} if calls["n"] == bad_step else out
 
     monkeypatch.setattr(mcgan, "generator_step", step)
     info = train_gan.run(cfg, out=root / "m")
-    assert info["epochs"] == 1 and any("became nan" in w for w in info["warnings"])
+    # 4 steps an epoch; a step's values are read once the next is queued: one step more runs
+    # when the bad one is not the epoch's last
+    assert info["epochs"] == 1 and any(f"became nan at epoch 2, step {bad_step};" in w for w in info["warnings"])
+    assert info["steps"] == min(bad_step + 1, 8)
     G, _ = mcgan.load_generator(root / "m/generator.pt")
     assert all(torch.isfinite(p).all() for p in G.state_dict().values())
 
@@ -448,3 +452,72 @@ def test_feature_matching_reads_real_batches_only_without_dp(gan_project, monkey
     other = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, feature_matching=1.0))
     with pytest.raises(ConfigError, match=r"gan\.feature_matching"):
         train_gan.run(other, out=root / "fm", resume=True)
+
+
+def _from_torch_optim() -> bool:
+    """Called from torch.optim: Adam reads its step count, a host tensor also on CUDA (not
+    `capturable`), which is no wait for the device."""
+    import sys
+
+    f = sys._getframe(2)
+    while f is not None:
+        if "torch/optim/" in f.f_code.co_filename.replace("\\", "/"):
+            return True
+        f = f.f_back
+    return False
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["non-private", "dp"])
+def test_gan_steps_read_no_value_back_and_the_loop_reads_each_step_once_the_next_is_queued(
+        gan_project, monkeypatch, private):
+    """On CUDA, reading a value (float(), .item(), .tolist() ...) makes the host wait for every
+    queued kernel. A GAN step (its draws, copies, the discriminator's private or plain step and
+    the generator's) reads nothing; the loop reads a step's statistics, in one read, only once
+    the next step is queued, so the host prepares a step while the device runs the last."""
+    root, cfg = gan_project
+    if private:
+        cfg = _dp(cfg)
+    events: list[tuple[str, int]] = []
+    state = {"in_step": False, "steps": 0, "ids": {}}
+    real_first = mcgan.draw_per_sample if private else mcgan.discriminator_step
+    real_gen, real_read = mcgan.generator_step, mcgan.read_stats
+
+    def first(*args, **kwargs):  # a step begins
+        state["in_step"] = True
+        return real_first(*args, **kwargs)
+
+    def gen(*args, **kwargs):  # and ends
+        out = real_gen(*args, **kwargs)
+        state["in_step"] = False
+        state["steps"] += 1
+        state["ids"][id(out["loss_g"])] = state["steps"]
+        events.append(("queued", state["steps"]))
+        return out
+
+    def read(stats):
+        if "loss_g" in stats and id(stats["loss_g"]) in state["ids"]:
+            events.append(("read", state["ids"][id(stats["loss_g"])]))
+        return real_read(stats)
+
+    def refuse(name, original):
+        def wrapped(self, *args, **kwargs):
+            # the engine's first step checks its route once against vmap (values read)
+            if state["in_step"] and state["steps"] >= 1 and not _from_torch_optim():
+                raise AssertionError(f"a GAN step read a value back: Tensor.{name} of {tuple(self.shape)}")
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(mcgan, "draw_per_sample" if private else "discriminator_step", first)
+    monkeypatch.setattr(mcgan, "generator_step", gen)
+    monkeypatch.setattr(mcgan, "read_stats", read)
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name, getattr(torch.Tensor, name)))
+    info = train_gan.run(cfg, out=root / "m")
+    n = info["steps"]
+    assert n == 8 == state["steps"]
+    reads = [k for kind, k in events if kind == "read"]
+    assert reads == list(range(1, n + 1))  # every step read once, in order
+    for k in range(1, n + 1):
+        at = events.index(("read", k))
+        # read after the next step was queued, except an epoch's last step (read at its end)
+        assert ("queued", k + 1) in events[:at] or k % 4 == 0, (k, events)
