@@ -194,14 +194,14 @@ def _public_warm_start(G, D, images, labels, cfg: Config, dev) -> list[dict[str,
                         generator=torch.Generator().manual_seed(cfg.seed + 6), drop_last=False)
     rows = []
     for epoch in tqdm(range(g.dp.public_epochs), desc="train-gan public warm start", unit="epoch"):
-        sums = {"loss_d": 0.0, "loss_g": 0.0}  # summed on the device, read once an epoch
+        sums = {"loss_d": 0.0, "loss_g": 0.0}  # summed on the device (float64), read once an epoch
         for x, y in loader:
             x = to_device(random_flips(x, generator=rng), dev)
             stats = mcgan.discriminator_step(D, G, opt_d, x, to_device(y, dev), label_range=g.real_label_range,
                                              generator=rng)
             stats |= mcgan.generator_step(G, D, opt_g, batch=g.batch_size, device=dev, generator=rng)
             for k in sums:
-                sums[k] = sums[k] + stats[k]
+                sums[k] = sums[k] + torch.as_tensor(stats[k], dtype=torch.float64)
         rows.append({"epoch": epoch + 1, **{k: v / len(loader) for k, v in mcgan.read_stats(sums).items()}})
         if not all(math.isfinite(v) for v in rows[-1].values()):
             raise DataError(f"the public warm start diverged at epoch {epoch + 1} ({rows[-1]}); lower gan.lr "
@@ -393,9 +393,14 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
     # DP: Adam's betas from gan.dp.betas (why: config.GanDPConfig.betas), and the
     # discriminator's optimiser by gan.dp.optimizer (why SGD: config.GanDPConfig.optimizer).
     betas = g.dp.betas if private else g.betas
-    opt_g = torch.optim.Adam(G.parameters(), lr=g.lr, betas=betas)
+    amp = bool(g.amp and dev.type == "cuda" and not private)  # per-sample gradients stay fp32
+    # Under AMP, fused Adam: GradScaler.step then hands it the inf check on the device; with
+    # any other optimiser it reads the check back (`.item()`), a wait for the device per step.
+    fused = True if amp else None
+    opt_g = torch.optim.Adam(G.parameters(), lr=g.lr, betas=betas, fused=fused)
     opt_d = (torch.optim.SGD(D.parameters(), lr=g.dp.lr, momentum=g.dp.momentum)
-             if private and g.dp.optimizer == "sgd" else torch.optim.Adam(D.parameters(), lr=g.lr, betas=betas))
+             if private and g.dp.optimizer == "sgd"
+             else torch.optim.Adam(D.parameters(), lr=g.lr, betas=betas, fused=fused))
 
     ckpt = None
     if resume:
@@ -438,7 +443,6 @@ def _train(cfg: Config, out: Path, resume: bool, dev) -> dict:
         loader = DataLoader(TensorDataset(images, labels), batch_size=g.batch_size, shuffle=True,
                             generator=loader_gen, drop_last=False)
     secret = private and not g.dp.reproducible_noise
-    amp = bool(g.amp and dev.type == "cuda" and not private)  # per-sample gradients stay fp32
     scaler = torch.amp.GradScaler("cuda") if amp else None
     # Non-private: one stream for z, fake labels, targets, flips. DP: per-sample draws for every
     # training sample at every step (independent of the Poisson draw), and a separate public

@@ -366,14 +366,20 @@ def test_read_stats_reads_a_step_once_and_keeps_its_order():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp-inputs"])
-def test_gan_steps_on_cuda_never_wait_for_the_device(private):
+@pytest.mark.parametrize(("private", "amp"), [(False, False), (False, True), (True, False)],
+                         ids=["plain", "plain-amp", "dp-inputs"])
+def test_gan_steps_on_cuda_never_wait_for_the_device(private, amp):
     """No synchronising call in a warm GAN step (torch's sync debug mode raises on one): the
-    draws and image batches are copied from pinned memory, statistics stay on the device."""
+    draws and image batches are copied from pinned memory, statistics stay on the device;
+    under AMP, train-gan's fused Adam takes the scaler's inf check on the device (with any
+    other optimiser GradScaler.step reads it back)."""
     dev = torch.device("cuda")
     G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4, dp=private)
     G, D = G.to(dev), D.to(dev)
-    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-4), torch.optim.Adam(D.parameters(), lr=1e-4)
+    fused = True if amp else None  # as train-gan builds them
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, fused=fused)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, fused=fused)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
     g = torch.Generator().manual_seed(0)
     real, labels = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 2, (8,), generator=g)
     draws = mcgan.draw_per_sample(8, 8, (0.7, 1.2), flips=True, generator=g)
@@ -384,8 +390,11 @@ def test_gan_steps_on_cuda_never_wait_for_the_device(private):
             stats = {"pairs": out[0].sum()}
         else:
             stats = mcgan.discriminator_step(D, G, opt_d, to_device(real, dev), to_device(labels, dev),
-                                             label_range=(0.7, 1.2), generator=g)
-        return stats | mcgan.generator_step(G, D, opt_g, batch=8, device=dev, generator=g)
+                                             label_range=(0.7, 1.2), generator=g, scaler=scaler, autocast=amp)
+        stats |= mcgan.generator_step(G, D, opt_g, batch=8, device=dev, generator=g, scaler=scaler, autocast=amp)
+        if scaler is not None:
+            scaler.update()
+        return stats
 
     step()  # warm: the first step allocates and loads kernels
     torch.cuda.synchronize()

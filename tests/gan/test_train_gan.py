@@ -168,10 +168,15 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_generator(gan_pr
     real = mcgan.generator_step
     calls = {"n": 0}
 
-    def step(*args, **kwargs):
+    def step(G, *args, **kwargs):
         calls["n"] += 1
-        out = real(*args, **kwargs)
-        return out | {"loss_g": torch.tensor(float("nan"))} if calls["n"] == bad_step else out
+        out = real(G, *args, **kwargs)
+        if calls["n"] != bad_step:
+            return out
+        with torch.no_grad():  # the generator itself diverged
+            for p in G.parameters():
+                p.fill_(float("nan"))
+        return out | {"loss_g": torch.tensor(float("nan"))}
 
     monkeypatch.setattr(mcgan, "generator_step", step)
     info = train_gan.run(cfg, out=root / "m")
@@ -467,31 +472,37 @@ def _from_torch_optim() -> bool:
     return False
 
 
-@pytest.mark.parametrize("private", [False, True], ids=["non-private", "dp"])
+@pytest.mark.parametrize("case", ["non-private", "dp", "dp-public-warm-start"])
 def test_gan_steps_read_no_value_back_and_the_loop_reads_each_step_once_the_next_is_queued(
-        gan_project, monkeypatch, private):
+        gan_project, public_set, monkeypatch, case):
     """On CUDA, reading a value (float(), .item(), .tolist() ...) makes the host wait for every
     queued kernel. A GAN step (its draws, copies, the discriminator's private or plain step and
-    the generator's) reads nothing; the loop reads a step's statistics, in one read, only once
-    the next step is queued, so the host prepares a step while the device runs the last."""
+    the generator's; the public warm start's too) reads nothing; the loop reads a step's
+    statistics, in one read, only once the next step is queued, so the host prepares a step
+    while the device runs the last; each step is logged once, at its own step number."""
     root, cfg = gan_project
-    if private:
+    if case == "dp":
         cfg = _dp(cfg)
+    elif case == "dp-public-warm-start":
+        cfg = _dp(cfg, public_data=public_set(), public_epochs=2)
     events: list[tuple[str, int]] = []
-    state = {"in_step": False, "steps": 0, "ids": {}}
-    real_first = mcgan.draw_per_sample if private else mcgan.discriminator_step
+    state = {"kind": None, "count": {}, "queued": 0, "ids": {}, "warm": False, "warm_reads": 0}
+    real_draw, real_disc = mcgan.draw_per_sample, mcgan.discriminator_step
     real_gen, real_read = mcgan.generator_step, mcgan.read_stats
 
-    def first(*args, **kwargs):  # a step begins
-        state["in_step"] = True
-        return real_first(*args, **kwargs)
+    def begins(kind, real):  # a step begins: a private one by its draws, a plain one by D's step
+        def wrapped(*args, **kwargs):
+            state["kind"] = kind
+            state["count"][kind] = state["count"].get(kind, 0) + 1
+            return real(*args, **kwargs)
+        return wrapped
 
     def gen(*args, **kwargs):  # and ends
         out = real_gen(*args, **kwargs)
-        state["in_step"] = False
-        state["steps"] += 1
-        state["ids"][id(out["loss_g"])] = state["steps"]
-        events.append(("queued", state["steps"]))
+        state["kind"] = None
+        state["queued"] += 1
+        state["ids"][id(out["loss_g"])] = state["queued"]
+        events.append(("queued", state["queued"]))
         return out
 
     def read(stats):
@@ -501,23 +512,45 @@ def test_gan_steps_read_no_value_back_and_the_loop_reads_each_step_once_the_next
 
     def refuse(name, original):
         def wrapped(self, *args, **kwargs):
-            # the engine's first step checks its route once against vmap (values read)
-            if state["in_step"] and state["steps"] >= 1 and not _from_torch_optim():
+            # the first step of a kind may read (the engine checks its route once against vmap)
+            kind = state["kind"]
+            if kind is not None and state["count"][kind] > 1 and not _from_torch_optim():
                 raise AssertionError(f"a GAN step read a value back: Tensor.{name} of {tuple(self.shape)}")
+            if kind is None and state["warm"] and self.is_floating_point():  # not the loader's indices
+                state["warm_reads"] += 1
             return original(self, *args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(mcgan, "draw_per_sample" if private else "discriminator_step", first)
+    monkeypatch.setattr(mcgan, "draw_per_sample", begins("private", real_draw))
+    monkeypatch.setattr(mcgan, "discriminator_step", begins("plain", real_disc))
     monkeypatch.setattr(mcgan, "generator_step", gen)
     monkeypatch.setattr(mcgan, "read_stats", read)
+    real_warm = train_gan._public_warm_start
+
+    def warm(*args, **kwargs):
+        state["warm"] = True
+        try:
+            return real_warm(*args, **kwargs)
+        finally:
+            state["warm"] = False
+
+    monkeypatch.setattr(train_gan, "_public_warm_start", warm)
     for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name, getattr(torch.Tensor, name)))
     info = train_gan.run(cfg, out=root / "m")
     n = info["steps"]
-    assert n == 8 == state["steps"]
+    assert n == 8
+    if case == "dp-public-warm-start":
+        assert state["count"]["plain"] > 1 and info["public_data"]["epochs"] == 2  # the warm start ran
+        assert state["warm_reads"] == 2  # between its steps: its losses read once an epoch, not once a step
+    first = state["queued"] - n + 1  # the training loop's steps (after any warm start's)
     reads = [k for kind, k in events if kind == "read"]
-    assert reads == list(range(1, n + 1))  # every step read once, in order
-    for k in range(1, n + 1):
+    assert reads == list(range(first, first + n))  # every step read once, in order
+    for k in reads:
         at = events.index(("read", k))
         # read after the next step was queued, except an epoch's last step (read at its end)
-        assert ("queued", k + 1) in events[:at] or k % 4 == 0, (k, events)
+        assert ("queued", k + 1) in events[:at] or (k - first + 1) % 4 == 0, (k, events)
+    import mlflow
+
+    logged = mlflow.MlflowClient().get_metric_history(info["run_id"], "loss_g")
+    assert sorted(m.step for m in logged) == list(range(1, n + 1))  # once each, at its own step
