@@ -50,7 +50,10 @@ all B samples and the DP step does exactly the work of a B-sample step.
 --profile prints torch.profiler's top operators of the plain and the default DP step (and of
 the hooks route when it is measured): self CPU time on CPU, the profile that guided the mixed
 route (see `mammodp/privacy/ghost.py`); on CUDA self GPU time, with the GPU time and the
-number of device events (kernels, memcpy, memset) per step.
+number of device events (kernels, memcpy, memset) per step. --device-time (CUDA) prints, per
+variant, the wall time, the host time (until the step returned, i.e. its kernels were queued)
+and the device's busy time per step: a step whose device is busy for much less than its wall
+time is bound by the host (Python, dispatch, launches) or by a read-back, not by the GPU.
 """
 
 from __future__ import annotations
@@ -266,21 +269,41 @@ def _time_interleaved(steps: dict[str, Callable[[], None]], reps: int, device: t
     Benchmark)."""
     wall: dict[str, list[float]] = {k: [] for k in steps}
     proc: dict[str, list[float]] = {k: [] for k in steps}
+    host: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(max(1, reps // block)):
         for name, fn in steps.items():
             for _ in range(block):
                 _sync(device)
                 t, c = time.perf_counter(), time.process_time()
                 fn()
+                host[name].append(time.perf_counter() - t)  # until the step returned (CUDA: queued)
                 _sync(device)
                 wall[name].append(time.perf_counter() - t)
                 proc[name].append(time.process_time() - c)
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in proc.items()})
+    med = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
+    return med(wall), med(proc), med(host)
+
+
+def _device_busy(steps: dict[str, Callable[[], None]], device: torch.device, n: int = 3) -> dict[str, float]:
+    """Seconds per step the GPU spends in kernels, copies and fills (torch.profiler's device
+    events over `n` steps of each variant; one stream, so nothing overlaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    busy = {}
+    for name, fn in steps.items():
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            _sync(device)
+        busy[name] = sum(e.device_time_total for e in prof.key_averages()
+                         if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e6
+    return busy
 
 
 def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: int, profile: bool = False,
           routes: tuple[str, ...] | None = None, amp: torch.dtype | None = None, block: int = 5,
-          layernorm_fp32: bool = False) -> None:
+          layernorm_fp32: bool = False, device_time: bool = False) -> None:
     """Measure and print the ratios for one preset on one device."""
     size = PRESETS[preset]["img_size"]
     routes = routes or (ROUTES if device.type == "cpu" else CUDA_ROUTES)
@@ -297,10 +320,12 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
     others = [k for k in steps if k not in main]
     med_wall: dict[str, float] = {}
     med: dict[str, float] = {}
+    med_host: dict[str, float] = {}
     for group, tag in ((main, ""), (["full/plain", "head/plain", *others] if others else [], "2")):
-        w, c = _time_interleaved({k: steps[k] for k in group}, reps, device, block)
+        w, c, h = _time_interleaved({k: steps[k] for k in group}, reps, device, block)
         med_wall.update({k + (tag if k.endswith("plain") else ""): v for k, v in w.items()})
         med.update({k + (tag if k.endswith("plain") else ""): v for k, v in (c if cpu else w).items()})
+        med_host.update({k + (tag if k.endswith("plain") else ""): v for k, v in h.items()})
     # The step's own peak plus what the DP engine holds for the run (allocated before the step,
     # so the profiler cannot see it; plain training and Opacus hold nothing: they zero at the end).
     peak = {}
@@ -341,6 +366,16 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
         line(f"full-model DP ({route} route)", f"full/dp-{route}", "full/plain2", "full/plain")
     if "head/dp-vmap" in steps:
         line("head-only DP (vmap route)", "head/dp-vmap", "head/plain2", "head/plain")
+    if device_time and not cpu:
+        # Where a CUDA step's time goes: a device busy for less than the wall time idled, waiting
+        # for the host (which queued the step's kernels for `host` ms) or for a read-back.
+        busy = _device_busy(steps, device)
+        print("# CUDA, per step: wall (synchronised) / host (until the step returned: its kernels queued) / "
+              "device busy (kernels, copies, fills; torch.profiler, 3 steps) / busy share of wall")
+        for k in steps:
+            w = med_wall.get(k, med_wall.get(k + "2"))
+            h = med_host.get(k, med_host.get(k + "2"))
+            print(f"#   {k}: {w * 1e3:.1f} / {h * 1e3:.1f} / {busy[k] * 1e3:.1f} ms / {busy[k] / w:.0%}")
     if profile:
         names = ["full/plain", "full/dp-auto"] + (["full/dp-hooks"] if "full/dp-hooks" in steps else [])
         _profile(steps, names, device)
@@ -361,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 gives steadier CPU timings on a shared machine)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables (plain vs DP)")
+    ap.add_argument("--device-time", action="store_true",
+                    help="CUDA: also print each variant's host (queueing) time and device busy time per step: "
+                         "whether a step is bound by the GPU or by the host")
     ap.add_argument("--routes", default=None,
                     help=f"comma-separated DP routes to measure beside auto (default: {','.join(ROUTES)} on CPU, "
                          f"{','.join(CUDA_ROUTES)} on CUDA)")
@@ -390,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         routes = tuple(r for r in args.routes.split(",") if r) if args.routes else None
         amp = torch.bfloat16 if args.amp == "bf16" else None
         bench(preset, device, args.steps, args.batch, args.grad_chunk, args.profile, routes, amp, args.block,
-              args.layernorm_fp32)
+              args.layernorm_fp32, args.device_time)
 
 
 if __name__ == "__main__":

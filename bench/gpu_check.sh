@@ -41,11 +41,11 @@ status=0
 echo "== pytest -m gpu"
 timeout $(cap 240) $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/privacy tests/models || { echo "pytest -m gpu FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 32, float32"
-timeout $(cap 120) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 32 || { echo "dp_overhead FAILED"; status=1; }
+timeout $(cap 120) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 32 --device-time || { echo "dp_overhead FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, float32 (default route only)"
-timeout $(cap 120) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --routes auto || { echo "dp_overhead FAILED"; status=1; }
+timeout $(cap 120) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --routes auto --device-time || { echo "dp_overhead FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, bf16 autocast (as the paper plan trains)"
-timeout $(cap 200) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 --routes auto,auto-ieee,auto-bf16,hooks || { echo "dp_overhead FAILED"; status=1; }
+timeout $(cap 200) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 128 --grad-chunk 128 --amp bf16 --routes auto,auto-ieee,auto-bf16,hooks --device-time || { echo "dp_overhead FAILED"; status=1; }
 echo "== three epochs of the paper plan"
 timeout $(cap 150) $PY bench/gpu_train_check.py --patients 400 || { echo "gpu_train_check FAILED"; status=1; }
 exit $status

@@ -773,3 +773,33 @@ def test_the_recorder_casts_no_input_of_a_layer_with_its_own_forward(route, monk
     cos = torch.nn.functional.cosine_similarity(res.grads["head.0.weight"].flatten(),
                                                 ref["head.0.weight"].flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_overhead_bench_times_the_host_part_of_each_step():
+    """dp_overhead's timing loop reports, beside the wall time, the time until a step returned
+    (on CUDA: its kernels queued), which `--device-time` compares with the device's busy time."""
+    import time
+
+    bench = _overhead_bench()
+
+    def slow():
+        time.sleep(0.01)
+
+    wall, proc, host = bench._time_interleaved({"slow": slow}, 4, torch.device("cpu"), block=2)
+    assert set(wall) == set(proc) == set(host) == {"slow"}
+    assert 0.009 < host["slow"] <= wall["slow"] and proc["slow"] < 0.005  # sleeping takes no CPU time
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overhead_bench_measures_device_busy_time_on_cuda():
+    bench = _overhead_bench()
+    x = torch.randn(2048, 2048, device="cuda")
+
+    def step():
+        for _ in range(8):
+            x @ x
+
+    wall, _, host = bench._time_interleaved({"mm": step}, 4, torch.device("cuda"), block=2)
+    busy = bench._device_busy({"mm": step}, torch.device("cuda"))
+    assert 0 < busy["mm"] <= 1.2 * wall["mm"] and host["mm"] <= wall["mm"]
