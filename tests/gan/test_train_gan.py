@@ -486,7 +486,7 @@ def test_gan_steps_read_no_value_back_and_the_loop_reads_each_step_once_the_next
     elif case == "dp-public-warm-start":
         cfg = _dp(cfg, public_data=public_set(), public_epochs=2)
     events: list[tuple[str, int]] = []
-    state = {"kind": None, "count": {}, "queued": 0, "ids": {}, "warm": False, "warm_reads": 0}
+    state = {"kind": None, "count": {}, "queued": 0, "ids": {}, "alive": [], "warm": False, "warm_reads": 0}
     real_draw, real_disc = mcgan.draw_per_sample, mcgan.discriminator_step
     real_gen, real_read = mcgan.generator_step, mcgan.read_stats
 
@@ -502,6 +502,7 @@ def test_gan_steps_read_no_value_back_and_the_loop_reads_each_step_once_the_next
         state["kind"] = None
         state["queued"] += 1
         state["ids"][id(out["loss_g"])] = state["queued"]
+        state["alive"].append(out["loss_g"])  # kept alive: no later tensor may reuse its id
         events.append(("queued", state["queued"]))
         return out
 
