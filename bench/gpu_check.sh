@@ -39,7 +39,7 @@ print("torch", torch.__version__, "timm", timm.__version__, "cuda", torch.cuda.i
 PYEOF
 status=0
 echo "== pytest -m gpu"
-timeout $(cap 240) $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/privacy tests/models || { echo "pytest -m gpu FAILED"; status=1; }
+timeout $(cap 240) $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/privacy tests/models tests/gan || { echo "pytest -m gpu FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 32, float32"
 timeout $(cap 120) $PY bench/dp_overhead.py --preset swin_tiny --device cuda --steps 10 --batch 32 --device-time || { echo "dp_overhead FAILED"; status=1; }
 echo "== bench/dp_overhead.py swin_tiny 224 px, batch 128, float32 (default route only)"
