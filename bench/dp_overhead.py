@@ -323,9 +323,8 @@ def bench(preset: str, device: torch.device, reps: int, batch: int, grad_chunk: 
     med_host: dict[str, float] = {}
     for group, tag in ((main, ""), (["full/plain", "head/plain", *others] if others else [], "2")):
         w, c, h = _time_interleaved({k: steps[k] for k in group}, reps, device, block)
-        med_wall.update({k + (tag if k.endswith("plain") else ""): v for k, v in w.items()})
-        med.update({k + (tag if k.endswith("plain") else ""): v for k, v in (c if cpu else w).items()})
-        med_host.update({k + (tag if k.endswith("plain") else ""): v for k, v in h.items()})
+        for into, got in ((med_wall, w), (med, c if cpu else w), (med_host, h)):
+            into.update({k + (tag if k.endswith("plain") else ""): v for k, v in got.items()})
     # The step's own peak plus what the DP engine holds for the run (allocated before the step,
     # so the profiler cannot see it; plain training and Opacus hold nothing: they zero at the end).
     peak = {}

@@ -330,12 +330,9 @@ def discriminator_step(
 def read_stats(stats: dict[str, Any]) -> dict[str, float]:
     """A step's statistics as floats, in one read from the device (one wait on CUDA, not one
     per value); floats pass through."""
-    keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
-    out = {k: float(v) for k, v in stats.items() if k not in keys}
-    if keys:
-        values = torch.stack([stats[k].detach().float().reshape(()) for k in keys]).tolist()
-        out |= dict(zip(keys, values))
-    return {k: out[k] for k in stats}
+    tensors = [v.detach().float().reshape(()) for v in stats.values() if isinstance(v, torch.Tensor)]
+    values = iter(torch.stack(tensors).tolist() if tensors else ())
+    return {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in stats.items()}
 
 
 # --------------------------------------------------------------------------- DP discriminator
