@@ -115,7 +115,7 @@ def _cast_input(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     step's peak memory at Swin-T 224 under bf16 (CPU with CUDA's LayerNorm policy,
     `bench/dp_overhead.py --layernorm-fp32`) 1.44x -> 1.29x plain's at batch 4, 1.28x ->
     1.10x at batch 16."""
-    inp = args[0] if args else next(iter(kwargs.values()))
+    inp = _first_input(args, kwargs)
     if inp.dtype != torch.float32:
         return args, kwargs
     kind = inp.device.type
