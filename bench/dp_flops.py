@@ -29,8 +29,10 @@ CPU) and counts what a GPU would execute:
   (`per_sample.bf16_product`: twice TF32's peak rate, no float32 copies of the operands).
 - bytes written by operators (outputs of non-view ops, in-place results included): a
   proxy of memory traffic, which bounds the elementwise kernels;
-- operator calls (aten, the dispatcher's count: about the number of kernels a GPU
-  launches).
+- operator calls (aten, the dispatcher's count: host work, each a trip through
+  torch's dispatcher), and of them the kernels: calls that do device work (not views,
+  not bare allocations, not calls on host tensors only; about the number of kernels a GPU
+  launches, each costing the host a launch however small the kernel).
 
 Plain is forward + backward of the mean loss with weight gradients; a DP variant is
 `per_sample.clipped_grad_sum` (forward, backward, per-record clipping, clipped sum) with
@@ -86,6 +88,22 @@ def _is_view(func) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
+# Allocations without a fill, and a view that its schema does not mark as one: no kernel.
+_NO_KERNEL = {_aten.empty, _aten.empty_strided, _aten.new_empty, _aten.new_empty_strided, _aten.empty_like,
+              _aten._unsafe_view}
+
+
+def _launches(func, args, kwargs, out) -> bool:
+    """Whether an operator call is device work (about one kernel a GPU launches): not a view,
+    not a bare allocation, and on the device (the meta device stands in for it; a call on host
+    tensors only, e.g. the engine's record book-keeping, launches nothing)."""
+    if _is_view(func) or func.overloadpacket in _NO_KERNEL:
+        return False
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta"
+               for t in (*args, *kwargs.values(), *outs))
+
+
 class Counter(TorchDispatchMode):
     """Tallies GEMM flops, bytes written and operator calls per phase (`self.phase`)."""
 
@@ -96,6 +114,7 @@ class Counter(TorchDispatchMode):
         self.written: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
         self.ops: collections.Counter = collections.Counter()  # (phase, operator) -> calls
+        self.kernels: collections.Counter = collections.Counter()  # device work calls (`_launches`)
 
     @contextlib.contextmanager
     def within(self, phase: str):
@@ -110,6 +129,8 @@ class Counter(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.calls[self.phase] += 1
         self.ops[self.phase, str(func.overloadpacket)] += 1
+        if _launches(func, args, kwargs, out):
+            self.kernels[self.phase] += 1
         flops = _gemm_flops(func, args, kwargs, out)
         if flops:
             self.flops[self.phase] += flops
@@ -225,20 +246,23 @@ def report(preset: str, batch: int, grad_chunk: int, routes: tuple[str, ...], un
           f"one pack of {grad_chunk}, privacy unit {unit}, model in {str(amp or torch.float32)[6:]}; "
           "meta device: counts, not time")
     print("| variant | GEMM GFLOP: model | rules | clip | total vs plain | of all: IEEE float32 | exact TF32 "
-          "| bf16 in, float32 out | GiB written (vs plain) | operator calls (vs plain) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| bf16 in, float32 out | GiB written (vs plain) | operator calls (vs plain) | of them kernels (vs plain) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = counts["plain"]
     tot_plain = base.flops["model"]
     wr_plain = sum(base.written.values())
     calls_plain = sum(base.calls.values())
+    kernels_plain = sum(base.kernels.values())
     for name, c in counts.items():
         tot = sum(v for k, v in c.flops.items() if k in ("model", "rules", "clip"))
         wr = sum(c.written.values())
         calls = sum(c.calls.values())
+        kernels = sum(c.kernels.values())
         print(f"| {name} | {c.flops['model'] / 1e9:.4g} | {c.flops['rules'] / 1e9:.4g} | {c.flops['clip'] / 1e9:.4g} "
               f"| {tot / tot_plain:.2f}x | {c.flops['IEEE'] / 1e9:.4g} | {c.flops['TF32'] / 1e9:.4g} "
               f"| {c.flops['BF16-F32'] / 1e9:.4g} "
-              f"| {wr / 2**30:.1f} ({wr / wr_plain:.2f}x) | {calls} ({calls / calls_plain:.2f}x) |")
+              f"| {wr / 2**30:.1f} ({wr / wr_plain:.2f}x) | {calls} ({calls / calls_plain:.2f}x) "
+              f"| {kernels} ({kernels / kernels_plain:.2f}x) |")
     for name in routes:
         c = counts[name]
         print(f"# {name}: GEMM work in IEEE float32 = {c.flops['IEEE'] / tot_plain:.0%}, in exact TF32 = "

@@ -95,3 +95,20 @@ def test_a_route_is_counted_at_its_steady_step():
     assert c.ops.get(("clip", "aten.arange"), 0) == 0, dict(c.ops)
     assert c.ops.get(("clip", "aten.mv"), 0) == 1  # the small gradients' clipped sum: the step was counted
     assert c.ops.get(("clip", "aten.index_add_"), 0) == 1
+
+
+def test_kernels_are_the_calls_that_do_device_work():
+    """Views, bare allocations and calls on host tensors only launch nothing on a GPU; the
+    rest are counted as kernels (operator calls count them all)."""
+    bench = _bench()
+    x = torch.empty(4, 6, device="meta")
+    k = bench.Counter()
+    with k:
+        x.view(-1), x.t(), x[1:], x.unsqueeze(0), x.reshape(24)  # views
+        torch.empty(3, device="meta"), torch.empty_like(x)  # no fill
+        torch.arange(10).sum()  # the host's
+        torch.ops.aten._unsafe_view(x, (24,))
+        x.t().reshape(24)  # a copy
+        x + 1, torch.zeros(3, device="meta")  # an elementwise kernel, a fill
+    assert k.kernels["model"] == 3, dict(k.ops)
+    assert k.calls["model"] > 3
