@@ -146,7 +146,12 @@ from mammodp.privacy.per_sample import (
 from mammodp.runtime import to_device
 
 ROUTES = ("mixed", "ghost")
-_SMALL = 1024  # a per-record gradient of at most this many numbers is joined with the others
+# A per-record gradient of at most this many numbers is joined with the others (one norm and
+# one product for all of them, after one copy): a bias, a LayerNorm's parameters, a bias table
+# (Swin-T's largest 4056; each kept apart costs a norm and a product: ~50 kernel launches a
+# step at Swin-T). A materialised weight only up to _SMALL_WEIGHT: joining larger ones costs
+# their copy (measured slower on the CPU at swin_micro).
+_SMALL, _SMALL_WEIGHT = 4096, 1024
 # Relative margin of the clip factors of a pass whose ghost layers ran on TF32 tensor cores
 # (under autocast): records are clipped to C / (1 + 2^-12), so that float32 sums rounded
 # toward zero (an error of float32's unit per addition, biased: ~1e-4 relative at worst over
@@ -351,13 +356,13 @@ class MixedClipper:
         # up front would sit on top of the activation peak, +0.1x memory at swin_micro).
         mats: dict[str, torch.Tensor] = {}  # weights: their norms (R,) are taken while hot
         norms_of: dict[str, torch.Tensor] = {}
-        small: dict[str, torch.Tensor] = {}  # <= _SMALL numbers a record (biases, LayerNorm, ...): joined
+        small: dict[str, torch.Tensor] = {}  # few numbers a record (biases, LayerNorm, ...): joined
         ghosts: dict[str, list] = {}  # weight name -> [(a, g) per call], tokens per sample
 
-        def keep(name: str, v: torch.Tensor) -> None:
+        def keep(name: str, v: torch.Tensor, limit: int = _SMALL) -> None:
             if v.dim() != 2:
                 v = v.reshape(n_records, -1)
-            store = small if v.shape[1] <= _SMALL else mats
+            store = small if v.shape[1] <= limit else mats
             if name in store:  # a layer called twice: its gradient sums its calls
                 v = store[name] + v
             store[name] = v
@@ -387,29 +392,33 @@ class MixedClipper:
                 self.choices[call.key] = "ghost"
             else:
                 ga, aa = _product_operands(g, a)
-                keep(name, pack.to_records(f32(torch.bmm(ga.transpose(1, 2), aa))))  # (n, d_out, d_in)
+                keep(name, pack.to_records(f32(torch.bmm(ga.transpose(1, 2), aa))), _SMALL_WEIGHT)  # (n, d_out, d_in)
                 self.choices[call.key] = "materialise"
 
         losses = self.recorder.run(x, y, sink)
         # No graph (the stored activations belong to it), no autocast, float32 products in full
         # float32: a clipped record must add exactly what its norm measured (`exact_arithmetic`).
         with exact_arithmetic(x.device.type):
-            sq = torch.zeros(n_records, device=x.device, dtype=torch.float32)
+            # Each record's squared norm, part by part (R,) each, summed once at the end: one
+            # kernel instead of an add per ghost layer (a GPU step launches ~1.7x plain's kernels).
+            parts: list[torch.Tensor] = []
             # The many small gradients side by side (~32 KiB a record at swin_micro): one norm, one product.
             small_names = list(small)
             joined = torch.cat([small.pop(k) for k in small_names], 1) if small_names else None
             if joined is not None:
-                sq += row_norms(joined).square_()
-            if norms_of:
-                sq += torch.stack(list(norms_of.values())).square_().sum(0)
+                parts.append(row_norms(joined))
+            parts.extend(norms_of.values())
+            parts = [torch.stack(parts).square_()] if parts else []  # (k, R)
             for calls in ghosts.values():
                 a = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]  # tokens of all calls
                 g = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
                 # Autocast's bf16 / fp16 activations and gradients: exact TF32 products (or
                 # bf16 GEMMs with float32 output).
                 with tf32_products() if self._tf32(g) else contextlib.nullcontext():
-                    sq += ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g), bf16=self._bf16(g))
-            norms = sq.sqrt_()
+                    parts.append(ghost_sq_norms(pack.pad_tokens(a), pack.pad_tokens(g), bf16=self._bf16(g))[None])
+            if not parts:  # no trainable layer reached: zero norms
+                parts.append(torch.zeros(1, n_records, device=x.device, dtype=torch.float32))
+            norms = (parts[0] if len(parts) == 1 else torch.cat(parts)).sum(0).sqrt_()
             tf32 = any(self._tf32(g) for calls in ghosts.values() for _, g in calls)
             factors = clip_factors(norms * (1 + TF32_MARGIN) if tf32 else norms, max_grad_norm)
             ready(out)  # the caller's buffers, made now if made on demand (after backward's peak)

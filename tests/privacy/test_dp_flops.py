@@ -112,3 +112,16 @@ def test_kernels_are_the_calls_that_do_device_work():
         x + 1, torch.zeros(3, device="meta")  # an elementwise kernel, a fill
     assert k.kernels["model"] == 3, dict(k.ops)
     assert k.calls["model"] > 3
+
+
+def test_the_clipping_block_launches_a_fixed_few_kernels_beside_its_layers():
+    """Swin-T's record norms are summed once (no add per ghost layer), and every gradient but
+    the materialised weights (biases, LayerNorms, bias tables up to 4056 numbers a record)
+    joins the one norm and product: one product per materialised weight, none per bias."""
+    bench = _bench()
+    c = bench.count("swin_tiny", 2, 2, ("mixed",), "patch")["mixed"]
+    assert c.ops.get(("clip", "aten.add_"), 0) == 0, dict(c.ops)
+    products = c.ops.get(("clip", "aten.addmv_"), 0)
+    materialised = c.ops.get(("rules", "aten.bmm"), 0)  # a materialised weight's per-sample product
+    assert materialised > 0 and products == materialised, (products, materialised)
+    assert c.ops.get(("clip", "aten.mv"), 0) == 1  # the joined ones
