@@ -250,8 +250,8 @@ def _profile(steps: dict[str, Callable[[], None]], names: list[str], device: tor
         avg = prof.key_averages()
         print(f"## torch.profiler, {name}, 3 steps (profiler overhead inflates small ops)")
         if cuda:  # GPU kernels' time, and the kernel count (launch-bound steps have many small ones)
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            busy = sum(e.device_time_total for e in avg if e.device_type == torch.autograd.DeviceType.CUDA)
+            kernels = _device_events(prof.events())
+            busy = sum(e.device_time_total for e in _device_events(avg))
             print(f"# {len(kernels) // 3} device events (kernels, memcpy, memset) per step, {busy / 3e3:.1f} ms of "
                   "device time per step")
         print(avg.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
@@ -284,6 +284,14 @@ def _time_interleaved(steps: dict[str, Callable[[], None]], reps: int, device: t
     return med(wall), med(proc), med(host)
 
 
+def _device_events(events) -> list:
+    """The profiler's device events that are device work (kernels, copies, fills): not the GPU
+    copies of `record_function` ranges (every optimizer step is one), which span the kernels
+    inside them and the idle gaps between (torch's own tables leave them out too)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
 def _device_busy(steps: dict[str, Callable[[], None]], device: torch.device, n: int = 3) -> dict[str, float]:
     """Seconds per step the GPU spends in kernels, copies and fills (torch.profiler's device
     events over `n` steps of each variant; one stream, so nothing overlaps)."""
@@ -296,8 +304,7 @@ def _device_busy(steps: dict[str, Callable[[], None]], device: torch.device, n: 
             for _ in range(n):
                 fn()
             _sync(device)
-        busy[name] = sum(e.device_time_total for e in prof.key_averages()
-                         if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e6
+        busy[name] = sum(e.device_time_total for e in _device_events(prof.key_averages())) / n / 1e6
     return busy
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import mammodp.privacy.engine as engine_mod
 import mammodp.privacy.ghost as ghost
 from mammodp.models.swin import create_classifier, trainable_parameters
 from mammodp.privacy import make_private
@@ -201,6 +202,38 @@ def test_auto_falls_back_to_vmap_when_the_route_is_broken_and_records_it(monkeyp
     assert summary["per_sample_method"] == "vmap"
     assert "mixed disagreed with vmap" in summary["per_sample_method_note"]
     _assert_close(grads, ref)  # the first step already used the fallback
+
+
+@pytest.mark.parametrize("error", [RuntimeError("some op the route does not support"), torch.cuda.OutOfMemoryError("CUDA out of memory")])
+def test_the_route_check_falls_back_on_a_failing_route_but_not_on_out_of_memory(monkeypatch, error):
+    """A route that fails its one-off check sends the run to vmap; a device out of memory
+    there is the run's problem (vmap would need more memory) and is raised."""
+    x, y = _batch(6)
+    model = create_classifier("swin_micro")
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    dp = make_private(model, opt, record_ids=np.arange(6), expected_batch_size=6, delta=1e-4, epochs=1,
+                      max_grad_norm=1.0, noise_multiplier=0.0, accountant="rdp", sampler_seed=0,
+                      per_sample_method="auto")
+    real = engine_mod.clipped_grad_sum
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the check's call
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "clipped_grad_sum", failing_once)
+    idx = dp.sample_batch()
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+        assert dp.per_sample_method != "vmap"
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)  # stepped again: the check is run then
+        assert len(calls) == 3 and dp.per_sample_method == "mixed" and not dp.method_note
+    else:
+        dp.step(x[idx], y[idx], LOSS, record_idx=idx)
+        assert dp.per_sample_method == "vmap" and "RuntimeError" in dp.method_note
 
 
 def test_per_sample_losses_of_cross_entropy_skip_vmap_only_when_exact():
@@ -803,3 +836,37 @@ def test_overhead_bench_measures_device_busy_time_on_cuda():
     wall, _, host = bench._time_interleaved({"mm": step}, 4, torch.device("cuda"), block=2)
     busy = bench._device_busy({"mm": step}, torch.device("cuda"))
     assert 0 < busy["mm"] <= 1.2 * wall["mm"] and host["mm"] <= wall["mm"]
+
+    # A host-bound step inside an optimizer step (a record_function range, which the profiler
+    # also shows as a device event spanning its kernels and the gaps between): busy is the
+    # kernels' time only, far below the wall time.
+    import time
+
+    p = torch.nn.Parameter(torch.zeros(16, device="cuda"))
+    opt = torch.optim.SGD([p], lr=0.1)
+
+    def host_bound():
+        p.grad = torch.ones_like(p)
+        with torch.profiler.record_function("annotated"):
+            for _ in range(5):
+                x.add_(1.0)
+                time.sleep(0.002)
+        opt.step()
+
+    wall, _, _ = bench._time_interleaved({"h": host_bound}, 4, torch.device("cuda"), block=2)
+    busy = bench._device_busy({"h": host_bound}, torch.device("cuda"))
+    assert 0 < busy["h"] < 0.5 * wall["h"], (busy, wall)
+
+
+def test_overhead_bench_counts_device_work_not_annotated_ranges():
+    """The profiler lists a record_function range (every optimizer step) also as a device
+    event over its kernels and gaps: the busy time and kernel count leave it out."""
+    from types import SimpleNamespace
+
+    bench = _overhead_bench()
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(device_type=cuda, is_user_annotation=False, name="gemm"),
+              SimpleNamespace(device_type=cuda, is_user_annotation=True, name="Optimizer.step#SGD.step"),
+              SimpleNamespace(device_type=cpu, is_user_annotation=False, name="aten::mm"),
+              SimpleNamespace(device_type=cuda, name="memcpy")]  # averaged events may lack the flag
+    assert [e.name for e in bench._device_events(events)] == ["gemm", "memcpy"]
