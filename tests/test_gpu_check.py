@@ -23,7 +23,7 @@ _SMALL = {"--device": "cpu", "--preset": "swin_micro", "--batch": "4", "--grad-c
 def _commands() -> list[tuple[str, list[str]]]:
     out = []
     for line in SCRIPT.read_text().splitlines():
-        m = re.search(r"\$PY (bench/\S+\.py)(.*?)\|\|", line)
+        m = re.search(r"\$PY (bench/\S+\.py)(.*)$", line)
         if m:
             out.append((m.group(1), shlex.split(m.group(2))))
     return out
@@ -59,3 +59,14 @@ def test_each_gpu_check_command_runs_on_the_cpu_scaled_down(script, args, tmp_pa
         assert "full-model DP (auto: mixed)" in res.stdout
         for route in (args[args.index("--routes") + 1].split(",") if "--routes" in args else []):
             assert route == "auto" or f"full-model DP ({route} route)" in res.stdout, route
+
+
+def test_the_gpu_check_stops_at_once_without_cuda():
+    """Without CUDA every GPU test skips (pytest would call that a pass) and every benchmark
+    fails: the check says so and stops before spending a device session's minutes."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("CUDA is available here")
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHON": sys.executable, "HOME": "/tmp"}
+    res = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "CUDA is not available" in res.stderr and "==" not in res.stdout
