@@ -396,6 +396,12 @@ class DPSGD:
         try:
             got = clipped_grad_sum(self.model, loss_fn, x, y, max_grad_norm=c, record_ids=r,
                                    grad_chunk=self.grad_chunk, route=make_route(self.model, loss_fn, None, method))
+        except torch.cuda.OutOfMemoryError:
+            # A device out of memory on 4 samples is the run's problem, not the route's: vmap
+            # (a per-record gradient each) would need more, at minutes a step. The check is
+            # still owed (a caller that frees memory and steps again gets it).
+            self._verify_route = True
+            raise
         except Exception as exc:  # noqa: BLE001 -- any failure of the unchecked route means: use vmap
             problem = f"{method} failed ({type(exc).__name__}: {exc})"
         if not problem:
