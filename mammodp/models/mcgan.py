@@ -330,7 +330,7 @@ def discriminator_step(
 def read_stats(stats: dict[str, Any]) -> dict[str, float]:
     """A step's statistics as floats, in one read from the device (one wait on CUDA, not one
     per value); floats pass through."""
-    tensors = [v.detach().float().reshape(()) for v in stats.values() if isinstance(v, torch.Tensor)]
+    tensors = [v.detach().double().reshape(()) for v in stats.values() if isinstance(v, torch.Tensor)]
     values = iter(torch.stack(tensors).tolist() if tensors else ())
     return {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in stats.items()}
 

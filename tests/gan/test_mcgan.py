@@ -358,6 +358,8 @@ def test_read_stats_reads_a_step_once_and_keeps_its_order():
     stats = {"loss_g": torch.tensor(0.5), "n": 2.0, "d_real": torch.tensor(0.25, dtype=torch.float64)}
     assert mcgan.read_stats(stats) == {"loss_g": 0.5, "n": 2.0, "d_real": 0.25}
     assert list(mcgan.read_stats(stats)) == ["loss_g", "n", "d_real"]
+    # float64 sums (the warm start's, over an epoch) are read in full: 1/3 is not float32's
+    assert mcgan.read_stats({"s": torch.tensor(1 / 3, dtype=torch.float64)}) == {"s": 1 / 3}
     G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4)
     empty = mcgan.discriminator_step(D, G, torch.optim.SGD(D.parameters(), lr=0.1), torch.zeros(0, 1, 16, 16),
                                      torch.zeros(0, dtype=torch.long), label_range=(0.7, 1.2))
@@ -375,7 +377,7 @@ def test_gan_steps_on_cuda_never_wait_for_the_device(private, amp):
     other optimiser GradScaler.step reads it back)."""
     dev = torch.device("cuda")
     G, D, _ = mcgan.create_gan(image_size=16, latent_dim=8, width=4, dp=private)
-    G, D = G.to(dev), D.to(dev)
+    G, D = (m.to(dev, memory_format=torch.channels_last) for m in (G, D))  # as train-gan places them
     fused = True if amp else None  # as train-gan builds them
     opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, fused=fused)
     opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, fused=fused)
