@@ -64,7 +64,9 @@ def test_each_gpu_check_command_runs_on_the_cpu_scaled_down(script, args, tmp_pa
 def test_the_gpu_check_stops_at_once_without_cuda():
     """Without CUDA every GPU test skips (pytest would call that a pass) and every benchmark
     fails: the check says so and stops before spending a device session's minutes."""
-    if __import__("torch").cuda.is_available():
+    import torch
+
+    if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHON": sys.executable, "HOME": "/tmp"}
     res = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
